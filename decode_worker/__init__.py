@@ -1,0 +1,1 @@
+"""Decode service: continuous batching over KV loaded from the store, streaming tokens."""

@@ -1,0 +1,1 @@
+"""Model loading, KV layout, batched execution and sampling. No HTTP, no Redis."""

@@ -1,0 +1,49 @@
+"""The KV block: the unit that moves between engine, store and workers.
+
+One block holds `block_size` consecutive tokens of one sequence, for every layer:
+
+    block: [num_layers, 2, num_kv_heads, block_size, head_dim]     (2 = key, value)
+    many:  [n_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]
+
+Block i of a sequence covers tokens [i * block_size, (i + 1) * block_size). Only full blocks are
+content-addressed in the store; a sequence's partial tail travels as a "tail" tensor of shape
+[num_layers, 2, num_kv_heads, t, head_dim] with t < block_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 64  # tokens; ~1.4 MB per SmolLM2 block in bf16, big enough to amortise I/O
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_config(cls, config, block_size: int, dtype: torch.dtype) -> KVLayout:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+
+    @property
+    def block_nbytes(self) -> int:
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def num_full_blocks(self, num_tokens: int) -> int:
+        return num_tokens // self.block_size

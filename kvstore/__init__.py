@@ -1,0 +1,1 @@
+"""Tiered, content-addressed KV block store (memory, disk, Redis). No HTTP."""

@@ -1,0 +1,1 @@
+"""The `tandem` command line and the plumbing shared by its services."""

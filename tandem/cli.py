@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tandem import cmd_models
+from tandem import cmd_generate, cmd_models, cmd_tokenizer
 
-COMMANDS = [cmd_models]
+COMMANDS = [cmd_models, cmd_generate, cmd_tokenizer]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,7 @@
+"""`tandem generate` (stub, filled in by its owner)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    """Adds no subcommand yet."""

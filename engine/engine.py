@@ -1,0 +1,353 @@
+"""The engine: continuous batching over a slot KV cache, one scheduler iteration per step().
+
+    step():
+      1. retire sequences that finished last step (their KV stayed readable until now)
+      2. admit waiting sequences whose KV is all imported (one token left): they decode now
+      3. compact: decoding sequences into slots [0, n)
+      4. one batched decode forward over slots [0, n), sample, emit
+      5. prefill with a budget of `prefill_chunk` tokens, FIFO; a prompt longer than the budget
+         continues next step, so long prompts never stall running decodes for long
+
+Single-threaded by contract: one owner thread calls every method (see engine/runner.py), so
+there are no locks. Sequence state is counters (see engine/sequence.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
+from engine.forward import Forward
+from engine.kv_layout import DEFAULT_BLOCK_SIZE, KVLayout
+from engine.loader import LoadedModel
+from engine.prefix import check_prefix, trim_prefix
+from engine.sampler import Sampled, prompt_logprobs, sample
+from engine.sampling_params import SamplingParams
+from engine.sequence import SeqRequest, Sequence, TokenEvent, stop_ids_for
+from engine.slots import SlotTable
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MAX_LEN = 8192  # tokens; caps max_model_len by default to bound KV memory
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_slots: int = 32  # sequences holding KV at once
+    max_model_len: int | None = None  # None: min(max_position_embeddings, 8192)
+    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per exported/imported KV block
+    prefill_chunk: int = 512  # prefill tokens per step, across waiting sequences
+    seed: int | None = None  # seeds the draws of rows without their own seed
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Monotonic counters since construction (a metrics exporter can read them)."""
+
+    steps: int = 0
+    prefill_tokens: int = 0  # tokens fed by prefill forwards
+    decode_tokens: int = 0  # tokens fed by batched decode forwards
+    kv_copies: int = 0  # whole-sequence KV copies between slots (compaction, fork)
+
+
+def eos_ids(model: torch.nn.Module) -> frozenset[int]:
+    """EOS ids from the model config and generation_config (each an int, a list or None)."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (model.config, gen):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return frozenset(ids)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.loaded = loaded
+        mcfg = loaded.config
+        max_pos = getattr(mcfg, "max_position_embeddings", None) or _DEFAULT_MAX_LEN
+        self.max_model_len = config.max_model_len or min(max_pos, _DEFAULT_MAX_LEN)
+        self.layout = KVLayout.from_config(mcfg, config.block_size, loaded.dtype)
+        self.eos_token_ids = eos_ids(loaded.model)
+        self._store = SlotKVCache(self.layout, config.max_slots, self.max_model_len, loaded.device)
+        self._slots = SlotTable(self._store)
+        self._fwd = Forward(loaded.model, self._store)
+        self._seqs: dict[str, Sequence] = {}
+        self._waiting: deque[Sequence] = deque()  # FIFO, no slot yet
+        self._prefilling: Sequence | None = None  # mid-prefill across steps (at most one)
+        self._done: list[Sequence] = []  # emitted their last event this step
+        self._pending: dict[str, Sequence] = {}  # fork child id -> parent, until spawned
+        self._stats = EngineStats()
+        self._gen = torch.Generator(device=loaded.device)
+        if config.seed is not None:
+            self._gen.manual_seed(config.seed)
+        else:
+            self._gen.seed()
+        log.info("engine: %s, max_slots=%d, max_model_len=%d, block=%d, prefill_chunk=%d",
+                 loaded.name, config.max_slots, self.max_model_len, config.block_size,
+                 config.prefill_chunk)
+
+    # --- public API ---------------------------------------------------------------------------
+
+    def add(self, req: SeqRequest) -> None:
+        """Queue a sequence. Raises ValueError on a malformed request (nothing is queued).
+
+        The id of a sequence that finished (and is not an unreleased prefill_only) may be reused
+        at once; its KV is dropped then rather than at the next step.
+        """
+        old = self._seqs.get(req.seq_id)
+        if old is not None and old.done and not old.prefill_only:
+            self._drop(old)
+        self._validate(req)
+        p = req.params
+        seq = Sequence(req.seq_id, list(req.token_ids), req.num_prompt_tokens, p,
+                       stop_ids_for(p, self.eos_token_ids), prefill_only=req.prefill_only)
+        if p.prompt_logprobs is not None:
+            seq.prompt_lps = [None]  # needs every prompt position's logits: full prefill
+        elif req.prefix_kv is not None and req.prefix_len > 0:
+            # Keep one token to feed: its logits give the next token.
+            seq.kv_len = min(req.prefix_len, len(seq.token_ids) - 1)
+            seq.held_blocks, seq.held_flat = trim_prefix(
+                req.prefix_kv, req.prefix_tail, seq.kv_len, self.layout)
+        self._seqs[seq.seq_id] = seq
+        self._waiting.append(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One scheduler iteration. Returns the tokens sampled in it, in no promised order."""
+        self._stats.steps += 1
+        self._retire_done()
+        self._admit_imported()
+        decoders = self._slots.compact()
+        events = self._decode(decoders) if decoders else []
+        events += self._prefill_phase(self.config.prefill_chunk)
+        return events
+
+    def has_work(self) -> bool:
+        return any(not s.done for s in self._seqs.values())
+
+    def abort(self, seq_id: str) -> None:
+        """Forget a sequence (any state) and free its slot. Unknown ids are ignored."""
+        parent = self._pending.pop(seq_id, None)
+        if parent is not None:
+            parent.forks = [f for f in parent.forks if f[0] != seq_id]
+            return
+        seq = self._seqs.get(seq_id)
+        if seq is not None:
+            self._drop(seq)
+
+    def release(self, seq_id: str) -> None:
+        """Drop a finished prefill_only sequence and its KV (same as abort)."""
+        self.abort(seq_id)
+
+    @torch.inference_mode()
+    def fork(self, parent_id: str, child_id: str, params: SamplingParams) -> None:
+        """Start child_id as a copy of parent_id's state, sharing its computed KV (copied).
+
+        Before the parent has sampled here, the child is spawned at the parent's next sample
+        and draws its own token from the same logits (the n > 1 case). After, it copies the
+        parent's tokens as they are and continues from there.
+        """
+        parent = self._seqs[parent_id]
+        if child_id in self._seqs or child_id in self._pending:
+            raise ValueError(f"duplicate seq_id {child_id!r}")
+        if parent.sampled or parent.done:
+            self._spawn(parent, child_id, params)
+        else:
+            parent.forks.append((child_id, params))
+            self._pending[child_id] = parent
+
+    def kv_len(self, seq_id: str) -> int:
+        return self._seqs[seq_id].kv_len
+
+    @torch.no_grad()  # not inference_mode: callers get ordinary tensors they may modify
+    def export_kv(self, seq_id: str, start: int, end: int) -> torch.Tensor:
+        """Tokens [start, end) as a new tensor [L, 2, H, end - start, D] on the engine device."""
+        seq = self._seqs[seq_id]
+        assert 0 <= start <= end <= seq.kv_len, (start, end, seq.kv_len)
+        return self._kv_view(seq)[:, :, :, start:end].clone()
+
+    @torch.no_grad()
+    def export_blocks(self, seq_id: str, first: int, count: int) -> torch.Tensor:
+        """Full blocks [first, first + count) as [count, L, 2, H, B, D] on CPU."""
+        seq = self._seqs[seq_id]
+        B = self.layout.block_size
+        assert first >= 0 and (first + count) * B <= seq.kv_len, (first, count, seq.kv_len)
+        flat = self._kv_view(seq)[:, :, :, first * B : (first + count) * B]
+        return flat_to_blocks(flat, B).cpu()
+
+    @property
+    def stats(self) -> EngineStats:
+        self._stats.kv_copies = self._slots.copies
+        return self._stats
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for s in self._seqs.values() if not s.done) - len(self._waiting)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self._store.nbytes
+
+    # --- scheduling ---------------------------------------------------------------------------
+
+    def _retire_done(self) -> None:
+        """Free last step's finished sequences; park unreleased prefill_only ones off-slot."""
+        for seq in self._done:
+            if self._seqs.get(seq.seq_id) is not seq:
+                continue  # aborted or released meanwhile
+            if not seq.prefill_only:
+                self._drop(seq)
+            elif seq.slot >= 0:
+                seq.held_blocks, seq.held_flat = None, self._kv_view(seq).clone()
+                self._slots.free(seq)
+        self._done.clear()
+
+    def _admit_imported(self) -> None:
+        """Waiting sequences with one token left need no prefill: give them slots to decode."""
+        for seq in [s for s in self._waiting if s.todo == 1]:
+            if not self._slots.has_free():
+                return
+            self._place(seq)
+
+    def _place(self, seq: Sequence) -> None:
+        """Move a waiting sequence into a free slot, copying in any KV it holds."""
+        self._waiting.remove(seq)
+        self._slots.alloc(seq)
+        if seq.held_blocks is not None:
+            self._store.write_blocks(seq.slot, seq.held_blocks)
+        if seq.held_flat is not None:
+            blocks = 0 if seq.held_blocks is None else seq.held_blocks.shape[0]
+            self._store.write(seq.slot, blocks * self.layout.block_size, seq.held_flat)
+        seq.held_blocks = seq.held_flat = None
+
+    def _prefill_phase(self, budget: int) -> list[TokenEvent]:
+        """FIFO prefill of up to `budget` tokens, one sequence per forward."""
+        events: list[TokenEvent] = []
+        while budget > 0:
+            seq = self._prefilling or (self._waiting[0] if self._waiting else None)
+            if seq is None:
+                break
+            if seq.slot < 0:
+                if not self._slots.has_free():
+                    break
+                self._place(seq)
+            if seq.todo == 1:
+                continue  # an import: it joins the next decode step
+            n = min(budget, seq.todo)
+            budget -= n
+            logits = self._prefill(seq, n)
+            self._prefilling = seq if seq.todo > 1 else None
+            if logits is not None:
+                events += self._emit([seq], logits)
+        return events
+
+    def _prefill(self, seq: Sequence, n: int) -> torch.Tensor | None:
+        """Feed the next n tokens. Returns last-position logits [1, V] once all are fed."""
+        start, P = seq.kv_len, seq.num_prompt_tokens
+        collect = seq.prompt_lps is not None and start < P - 1
+        logits = self._fwd.prefill(seq.slot, seq.token_ids[start : start + n], start, collect)
+        seq.kv_len += n
+        self._stats.prefill_tokens += n
+        if collect:
+            # positions start.. predict tokens start+1..; only prompt tokens get an entry
+            targets = seq.token_ids[start + 1 : min(start + n, P - 1) + 1]
+            seq.prompt_lps += prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
+        return logits[-1:] if seq.todo == 0 else None
+
+    def _decode(self, decoders: list[Sequence]) -> list[TokenEvent]:
+        ids = [s.token_ids[s.kv_len] for s in decoders]
+        logits = self._fwd.decode(ids, [s.kv_len for s in decoders])  # [n, V]
+        for s in decoders:
+            s.kv_len += 1
+        self._stats.decode_tokens += len(decoders)
+        return self._emit(decoders, logits)
+
+    # --- sampling and bookkeeping -------------------------------------------------------------
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample a token per sequence (and per child forked off it); logits [len(seqs), V]."""
+        rows, src = [], []
+        for i, seq in enumerate(seqs):
+            rows.append(seq)
+            src.append(i)
+            for child_id, params in seq.forks:
+                del self._pending[child_id]
+                rows.append(self._spawn(seq, child_id, params))
+                src.append(i)
+            seq.forks = []
+        if len(rows) != len(seqs):
+            logits = logits[src]
+        outs = sample(logits, [s.sample_row() for s in rows], self._gen)
+        return [self._append(s, o) for s, o in zip(rows, outs, strict=False)]
+
+    def _append(self, seq: Sequence, out: Sampled) -> TokenEvent:
+        seq.token_ids.append(out.token_id)
+        seq.sampled = True
+        reason = seq.finish_check(out.token_id, self.max_model_len)
+        ev = TokenEvent(seq.seq_id, out.token_id, out.logprob, out.top_logprobs, reason)
+        if seq.prompt_lps is not None:
+            ev.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
+        if reason is not None or seq.prefill_only:
+            seq.done, seq.finish_reason = True, reason
+            self._done.append(seq)
+        return ev
+
+    def _spawn(self, parent: Sequence, child_id: str, params: SamplingParams) -> Sequence:
+        """A new sequence with the parent's tokens and a copy of its computed KV."""
+        child = Sequence(child_id, list(parent.token_ids), parent.num_prompt_tokens, params,
+                         stop_ids_for(params, self.eos_token_ids), kv_len=parent.kv_len,
+                         sampled=True)
+        self._seqs[child_id] = child
+        if parent.slot >= 0 and self._slots.has_free():
+            self._slots.alloc(child)
+            self._store.move(parent.slot, child.slot, parent.kv_len)
+            self._slots.copies += 1
+        else:  # no slot now: hold a copy and wait at the front of the queue
+            child.held_flat = self._kv_view(parent).clone()
+            self._waiting.appendleft(child)
+        return child
+
+    def _kv_view(self, seq: Sequence) -> torch.Tensor:
+        """Tokens [0, kv_len) of a sequence, wherever they are: [L, 2, H, kv_len, D]."""
+        if seq.slot >= 0:
+            return self._store.read(seq.slot, 0, seq.kv_len)
+        parts = [blocks_to_flat(seq.held_blocks)] if seq.held_blocks is not None else []
+        if seq.held_flat is not None:
+            parts.append(seq.held_flat)
+        return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self._store.device)
+
+    def _drop(self, seq: Sequence) -> None:
+        del self._seqs[seq.seq_id]
+        if seq.slot >= 0:
+            self._slots.free(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        if self._prefilling is seq:
+            self._prefilling = None
+        for child_id, _ in seq.forks:
+            self._pending.pop(child_id, None)
+        seq.held_blocks = seq.held_flat = None
+
+    def _validate(self, req: SeqRequest) -> None:
+        n = len(req.token_ids)
+        if req.seq_id in self._seqs or req.seq_id in self._pending:
+            raise ValueError(f"duplicate seq_id {req.seq_id!r}")
+        if not 1 <= req.num_prompt_tokens <= n:
+            raise ValueError(f"num_prompt_tokens {req.num_prompt_tokens} not in [1, {n}]")
+        if n >= self.max_model_len:
+            raise ValueError(f"{n} tokens leave no room under max_model_len {self.max_model_len}")
+        vocab = self.loaded.config.vocab_size
+        if min(req.token_ids) < 0 or max(req.token_ids) >= vocab:
+            raise ValueError(f"token id out of range [0, {vocab})")
+        if req.prefix_kv is not None and req.prefix_len > 0:
+            check_prefix(req.prefix_kv, req.prefix_tail, req.prefix_len, n, self.layout)

@@ -1,0 +1,51 @@
+"""Imported prefix KV: checking its shape and trimming it to the tokens a sequence will use.
+
+A prefix arrives as whole blocks [n, L, 2, H, B, D] (from the KV store), optionally followed by
+a partial tail [L, 2, H, t, D] (t < B), or as one concatenated [L, 2, H, T, D] tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kv_layout import KVLayout
+
+
+def _flat_ok(x: torch.Tensor, lay: KVLayout) -> bool:
+    return x.ndim == 5 and (x.shape[0], x.shape[1], x.shape[2], x.shape[4]) == (
+        lay.num_layers, 2, lay.num_kv_heads, lay.head_dim)
+
+
+def check_prefix(
+    prefix: torch.Tensor, tail: torch.Tensor | None, prefix_len: int, num_tokens: int,
+    lay: KVLayout,
+) -> None:
+    """Raise ValueError unless prefix (+ tail) is shaped for `lay` and covers prefix_len."""
+    if prefix.ndim == 6:
+        if tuple(prefix.shape[1:]) != lay.block_shape:
+            raise ValueError(f"prefix blocks {tuple(prefix.shape)} do not match {lay.block_shape}")
+        covered = prefix.shape[0] * lay.block_size
+    elif _flat_ok(prefix, lay):
+        covered = prefix.shape[3]
+    else:
+        raise ValueError(f"prefix_kv shape {tuple(prefix.shape)} does not match the KV layout")
+    if tail is not None:
+        if not _flat_ok(tail, lay):
+            raise ValueError(f"prefix_tail shape {tuple(tail.shape)} does not match the KV layout")
+        covered += tail.shape[3]
+    if not 0 < prefix_len <= min(covered, num_tokens):
+        raise ValueError(f"prefix_len {prefix_len} not in [1, {min(covered, num_tokens)}]")
+
+
+def trim_prefix(
+    prefix: torch.Tensor, tail: torch.Tensor | None, length: int, lay: KVLayout
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(blocks, flat) views covering at least tokens [0, length): the blocks first, then flat."""
+    if prefix.ndim == 5:
+        flat = prefix if tail is None else torch.cat([prefix, tail.to(prefix.device)], dim=3)
+        return None, flat[:, :, :, :length]
+    B = lay.block_size
+    n = min(prefix.shape[0], -(-length // B))  # whole blocks, the last may pass `length`
+    rest = length - n * B
+    flat = tail[:, :, :, :rest] if rest > 0 and tail is not None else None
+    return prefix[:n], flat

@@ -1,0 +1,188 @@
+"""Runs an Engine on one dedicated thread and lets asyncio code stream from it.
+
+The Engine is single-threaded by contract. Everything that touches it (add, abort, step,
+export) happens on the runner's thread; other threads talk to it through a command queue, and
+get results back through per-sequence asyncio queues or concurrent futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.engine import Engine, SeqRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+StepHook = Callable[[Engine, list[TokenEvent]], None]
+EventHook = Callable[[Engine, TokenEvent], Any]
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # of (item, is_last) tuples, or an exception
+    on_event: EventHook | None
+    prefill_only: bool
+
+
+@dataclass(slots=True)
+class RunnerStats:
+    steps: int = 0
+    running: int = 0
+    submitted_total: int = 0
+    aborted_total: int = 0
+    errors_total: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class EngineRunner:
+    """Owns an Engine and its thread. `after_step` hooks run on the engine thread."""
+
+    def __init__(self, engine: Engine, after_step: StepHook | None = None):
+        self.engine = engine
+        self.stats = RunnerStats()
+        self._after_step = after_step
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)  # wake the loop
+        self._thread.join(timeout=10)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._streams)
+
+    async def stream(self, req: SeqRequest, on_event: EventHook | None = None) -> AsyncIterator:
+        """Submit a sequence and yield its events; closing the generator early aborts it.
+
+        `on_event(engine, event)` runs on the engine thread before delivery and its result is
+        yielded instead of the event: the place to export KV while the slot still holds it.
+        A `prefill_only` sequence ends after its first event, and its slot is released.
+        """
+        loop = asyncio.get_running_loop()
+        s = _Stream(loop, asyncio.Queue(), on_event, req.prefill_only)
+        self._commands.put(lambda: self._add(req, s))
+        finished = False
+        try:
+            while not finished:
+                item = await s.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                value, finished = item
+                yield value
+        finally:
+            if not finished:
+                self.abort(req.seq_id)
+
+    def abort(self, seq_id: str) -> None:
+        self._commands.put(lambda: self._abort(seq_id))
+
+    def call(self, fn: Callable[[Engine], Any]) -> Future:
+        """Run fn(engine) on the engine thread between steps."""
+        fut: Future = Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+        self._commands.put(run)
+        return fut
+
+    # --- engine thread only -------------------------------------------------------------------
+
+    def _add(self, req: SeqRequest, s: _Stream) -> None:
+        old = self._streams.pop(req.seq_id, None)
+        if old is not None:
+            # A retried handoff with the same request id supersedes the first attempt, so the
+            # request is never generated twice.
+            self.engine.abort(req.seq_id)
+            self._put(old, RuntimeError(f"{req.seq_id} superseded by a retry"))
+        try:
+            self.engine.add(req)
+        except Exception as e:  # invalid request: report to its caller, keep serving others
+            log.exception("engine rejected %s", req.seq_id)
+            self._put(s, e)
+            return
+        self._streams[req.seq_id] = s
+        self.stats.submitted_total += 1
+
+    def _abort(self, seq_id: str) -> None:
+        if self._streams.pop(seq_id, None) is not None:
+            self.engine.abort(seq_id)
+            self.stats.aborted_total += 1
+
+    def _put(self, s: _Stream, item: Any) -> None:
+        s.loop.call_soon_threadsafe(s.queue.put_nowait, item)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+        except queue.Empty:
+            return
+        cmd()
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.engine.has_work())
+            if not self.engine.has_work():
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:
+                self._fail_all(e)
+                continue
+            self.stats.steps += 1
+            self._deliver(events)
+            if self._after_step is not None:
+                self._after_step(self.engine, events)
+            self.stats.running = len(self._streams)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            s = self._streams.get(ev.seq_id)
+            if s is None:
+                continue
+            last = ev.finish_reason is not None or s.prefill_only
+            try:
+                value = s.on_event(self.engine, ev) if s.on_event else ev
+            except Exception as e:
+                log.exception("event hook failed for %s", ev.seq_id)
+                value, last = e, True
+            if last:
+                del self._streams[ev.seq_id]
+                if s.prefill_only:
+                    self.engine.release(ev.seq_id)
+                elif ev.finish_reason is None:
+                    self.engine.abort(ev.seq_id)
+            self._put(s, value if isinstance(value, BaseException) else (value, last))
+
+    def _fail_all(self, err: Exception) -> None:
+        """A failed step poisons every sequence in flight: fail them, never emit bad tokens."""
+        log.exception("engine step failed; failing %d sequences", len(self._streams))
+        self.stats.errors_total += 1
+        for seq_id, s in list(self._streams.items()):
+            self._put(s, RuntimeError(f"engine step failed: {err}"))
+            self.engine.abort(seq_id)
+        self._streams.clear()

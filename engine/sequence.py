@@ -1,0 +1,104 @@
+"""What goes into the engine (SeqRequest), what comes out (TokenEvent), and a sequence's state.
+
+A sequence's state is counters, not modes:
+
+    token_ids  |p0 p1 p2 p3 p4 p5 g0 g1|     prompt (num_prompt_tokens), then generated
+    kv         |<--- kv_len --->|            tokens whose K/V sit in the slot
+                                 ^^^^^^^^    to feed: token_ids[kv_len:]
+
+Each step feeds `token_ids[kv_len:]` (prefill chunks while more than one token is left, then one
+decode token per step) and samples from the last position's logits. A fresh prompt, a prompt
+with a cached prefix, a prefill-worker handoff (prompt KV + first token) and a failover resume
+are all the same case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.sampler import SampleRow
+from engine.sampling_params import SamplingParams
+
+PromptLogprob = tuple[float, list[tuple[int, float]]]  # (logprob of the token, raw top-k)
+
+
+@dataclass(slots=True)
+class SeqRequest:
+    """A sequence to run. `prefix_kv` covers token_ids[:prefix_len], as blocks
+    [n, L, 2, H, B, D] or concatenated [L, 2, H, T, D]; `prefix_tail` [L, 2, H, t, D] (t < B)
+    optionally follows the blocks. Both may sit on any device; they are copied in at admission.
+    """
+
+    seq_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    prefix_kv: torch.Tensor | None = None
+    prefix_len: int = 0
+    prefill_only: bool = False  # stop after one token; keep the KV until release()
+    prefix_tail: torch.Tensor | None = None
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    seq_id: str
+    token_id: int
+    logprob: float | None = None  # raw logprob of token_id, when params.logprobs is set
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+    finish_reason: str | None = None  # None, "stop" or "length"
+    # First event only, when params.prompt_logprobs is set: one entry per prompt token, the
+    # first None (nothing predicts it).
+    prompt_logprobs: list[PromptLogprob | None] | None = None
+
+
+@dataclass(slots=True, eq=False)  # identity equality: deque.remove must not compare tensors
+class Sequence:
+    seq_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    stop_ids: frozenset[int]  # EOS (unless ignore_eos) + stop_token_ids
+    prefill_only: bool = False
+    kv_len: int = 0
+    slot: int = -1  # -1: no slot (waiting, or parked)
+    # K/V held outside the slots: an import waiting for admission, or a parked prefill.
+    held_blocks: torch.Tensor | None = None  # [n, L, 2, H, B, D], tokens [0, n * B)
+    held_flat: torch.Tensor | None = None  # [L, 2, H, t, D], the tokens right after the blocks
+    finish_reason: str | None = None
+    done: bool = False  # emitted its last event (finished, or a prefill_only's one token)
+    sampled: bool = False  # has sampled in this engine (fork semantics)
+    forks: list[tuple[str, SamplingParams]] = field(default_factory=list)  # pending children
+    prompt_lps: list[PromptLogprob | None] | None = None  # being collected during prefill
+
+    @property
+    def todo(self) -> int:
+        """Tokens still to feed. 1 means the next decode step feeds the last one."""
+        return len(self.token_ids) - self.kv_len
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.slot >= 0 and not self.done and self.todo == 1
+
+    def sample_row(self) -> SampleRow:
+        p = self.params
+        banned = tuple(self.stop_ids) if self.num_generated < p.min_tokens else ()
+        return SampleRow(p, len(self.token_ids), self.token_ids, self.num_prompt_tokens, banned)
+
+    def finish_check(self, token_id: int, max_model_len: int) -> str | None:
+        """After appending token_id: "stop", "length" or None (keep going)."""
+        if token_id in self.stop_ids:
+            return "stop"
+        if self.num_generated >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
+            return "length"
+        return None
+
+
+def stop_ids_for(params: SamplingParams, eos_ids: frozenset[int]) -> frozenset[int]:
+    ids = frozenset(params.stop_token_ids)
+    return ids if params.ignore_eos else ids | eos_ids

@@ -1,0 +1,130 @@
+"""Content-addressed block keys, namespaced by model, KV dtype, block size and tenant.
+
+A key names the KV of one full block *and everything before it*, so equal keys mean equal KV:
+
+    root   = blake2b(len-prefixed "tandem/kv/v1", fingerprint, dtype, block_size, cache_salt)
+    key[0] = blake2b(root     || int32le(tokens[0:B]))
+    key[i] = blake2b(key[i-1] || int32le(tokens[i*B:(i+1)*B]))        # 16-byte digests
+
+The readable form is LMCache-like: `tandem@v1@<fingerprint[:16]>@<dtype>@<B>@<32 hex>`. The
+namespace is mixed into the chain root, so two tenants (salts) or two models never share a block
+even where the readable prefix matches; the salt itself never appears in a key. A request's
+partial tail is not content-addressed: it lives under `...@tail-<32 hex>`, scoped to the request.
+
+Python's `hash()` is salted per process and must never be used here; blake2b is stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+KEY_PREFIX = "tandem"
+KEY_VERSION = "v1"
+TAIL_TAG = "tail-"
+DIGEST_BYTES = 16  # 128-bit digests: collisions are negligible even across billions of blocks
+FINGERPRINT_CHARS = 16  # only for readability; the full fingerprint is hashed into the root
+# KV dtypes the codec can carry; the names match str(torch.dtype) without "torch.".
+KV_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class KeyNamespace:
+    """Everything that must match for two blocks with the same tokens to hold the same KV.
+
+    `dtype` accepts "float32", "torch.float32" or a torch.dtype and is stored by name.
+    """
+
+    model_fingerprint: str
+    dtype: str
+    block_size: int
+    cache_salt: str = ""
+
+    def __post_init__(self) -> None:
+        name = str(self.dtype).removeprefix("torch.")
+        object.__setattr__(self, "dtype", name)
+        if name not in KV_DTYPES:
+            raise ValueError(f"unsupported KV dtype {name!r}; expected one of {KV_DTYPES}")
+        fp = self.model_fingerprint
+        if not fp or "@" in fp or any(c.isspace() for c in fp):
+            raise ValueError("model_fingerprint must be a non-empty string without '@'/spaces")
+        if isinstance(self.block_size, bool) or int(self.block_size) <= 0:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        object.__setattr__(self, "block_size", int(self.block_size))
+
+    @property
+    def prefix(self) -> str:
+        """The readable part shared by every key of this namespace (no salt, no hash)."""
+        fp = self.model_fingerprint[:FINGERPRINT_CHARS]
+        return f"{KEY_PREFIX}@{KEY_VERSION}@{fp}@{self.dtype}@{self.block_size}"
+
+    def root(self) -> bytes:
+        """The chain root: a digest of every namespace field, length-prefixed so that no two
+        different namespaces can serialise to the same bytes."""
+        h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+        fields = ("tandem/kv/v1", self.model_fingerprint, self.dtype, str(self.block_size),
+                  self.cache_salt)
+        for field in fields:
+            raw = field.encode("utf-8")
+            h.update(len(raw).to_bytes(4, "little"))
+            h.update(raw)
+        return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What a key string says about the block it names (used to sanity-check decoded blocks)."""
+
+    kind: str  # "block" | "tail"
+    dtype: str
+    block_size: int
+
+
+def _token_bytes(token_ids) -> bytes:
+    """int32 little-endian bytes of the token ids, so every host hashes the same bytes."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (int(ids.min()) < _INT32_MIN or int(ids.max()) > _INT32_MAX):
+        raise ValueError("token ids must fit in int32")
+    return ids.astype("<i4").tobytes()
+
+
+def block_keys(token_ids, ns: KeyNamespace) -> list[str]:
+    """One key per *full* block of `token_ids` (list, array or CPU tensor of ints); the
+    partial tail (len % block_size tokens) gets no key here, see `tail_key`."""
+    raw = _token_bytes(token_ids)
+    step = 4 * ns.block_size  # bytes per block of int32 ids
+    parent = ns.root()
+    prefix = ns.prefix
+    keys = []
+    for start in range(0, len(raw) - step + 1, step):
+        parent = hashlib.blake2b(parent + raw[start:start + step],
+                                 digest_size=DIGEST_BYTES).digest()
+        keys.append(f"{prefix}@{parent.hex()}")
+    return keys
+
+
+def tail_key(request_id: str, ns: KeyNamespace) -> str:
+    """The request-scoped key of a request's partial last block (stored with a short TTL)."""
+    h = hashlib.blake2b(ns.root() + b"\0tail\0" + request_id.encode("utf-8"),
+                        digest_size=DIGEST_BYTES)
+    return f"{ns.prefix}@{TAIL_TAG}{h.hexdigest()}"
+
+
+def parse_key(key: str) -> KeyInfo | None:
+    """KeyInfo for a key made by this module, else None (the store accepts any string key)."""
+    parts = key.split("@")
+    if len(parts) != 6 or parts[0] != KEY_PREFIX or parts[1] != KEY_VERSION:
+        return None
+    dtype, size, tag = parts[3], parts[4], parts[5]
+    if dtype not in KV_DTYPES or not size.isdigit():
+        return None
+    kind = "tail" if tag.startswith(TAIL_TAG) else "block"
+    return KeyInfo(kind, dtype, int(size))
+
+
+def is_tail_key(key: str) -> bool:
+    info = parse_key(key)
+    return info is not None and info.kind == "tail"

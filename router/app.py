@@ -1,0 +1,72 @@
+"""The router's FastAPI app: the OpenAI API over a `Backend`.
+
+    create_app(settings, backend)           production (backend = the worker dispatcher)
+    create_app(settings, FakeBackend(...))  tests
+
+Hooks for the dispatch layer:
+  - `extra_routers` are included as-is (/ready, /workers, /metrics). They are not behind the
+    API key unless they add `Depends(router.auth.require_api_key)` themselves.
+  - `app.state.tandem` is the RouterState (settings, backend, models), `app.state.backend` the
+    backend; `router.deps.State` is the dependency that reaches the former.
+  - the backend's start()/close() run in the lifespan, after the models load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from router import routes_chat, routes_completions, routes_models, routes_tokenizer
+from router.backend import Backend
+from router.deps import RouterState
+from router.errors import install_error_handlers
+from router.model_info import ServedModel, load_from_settings
+from router.settings import RouterSettings
+
+
+def _by_name(models: Sequence[ServedModel]) -> dict[str, ServedModel]:
+    named = {m.name: m for m in models}
+    if len(named) != len(models) or not named:
+        raise ValueError("served models need distinct names, and at least one")
+    return named
+
+
+def create_app(
+    settings: RouterSettings,
+    backend: Backend,
+    models: list[ServedModel] | None = None,
+    extra_routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """`models=None` loads the settings' model (tokenizer and config only) at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        served = models if models is not None else [
+            await asyncio.to_thread(load_from_settings, settings)
+        ]
+        app.state.tandem = RouterState(settings, backend, _by_name(served))
+        app.state.backend = backend
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(
+        title="tandem",
+        summary="OpenAI-compatible serving with disaggregated prefill and decode",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(routes_models.health_router)
+    app.include_router(routes_models.router)
+    app.include_router(routes_completions.router)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_tokenizer.router)
+    for extra in extra_routers:
+        app.include_router(extra)
+    return app

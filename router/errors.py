@@ -1,0 +1,135 @@
+"""OpenAI's error envelope, and the handlers that put every failure into it.
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+FastAPI's own shapes (422 `detail` lists, `{"detail": "Not Found"}`) never reach a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from router.backend import BackendOverloaded, BackendUnavailable
+from router.validation_errors import describe_validation_error
+
+log = logging.getLogger(__name__)
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+
+class APIError(Exception):
+    """An error the client should see as-is (status + envelope)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = INVALID_REQUEST,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class RequestTimedOut(APIError):
+    def __init__(self, seconds: float):
+        super().__init__(
+            504, f"The backend produced nothing for {seconds:g} s; request abandoned.",
+            type=SERVER_ERROR, code="timeout",
+        )
+
+
+def error_body(
+    message: str, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(name: str) -> APIError:
+    return APIError(
+        404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+    )
+
+
+def api_error_from(exc: BaseException) -> APIError:
+    """Any failure as an APIError (also used for errors inside an already-started stream)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackendOverloaded):
+        return APIError(
+            429, str(exc) or "The server is overloaded; retry later.", type="rate_limit_error",
+            code="rate_limit_exceeded", headers={"Retry-After": str(exc.retry_after_s)},
+        )
+    if isinstance(exc, BackendUnavailable):
+        return APIError(
+            503, str(exc) or "No worker is available.", type=SERVER_ERROR,
+            code="service_unavailable",
+        )
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, "Internal server error.", type=SERVER_ERROR, code="internal_error")
+
+
+def _response(request: Request, err: APIError) -> JSONResponse:
+    headers = dict(err.headers)
+    request_id = getattr(request.state, "request_id", None)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    return _response(request, api_error_from(exc))
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    message, param, code = describe_validation_error(exc.errors())
+    return _response(request, bad_request(message, param=param, code=code))
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    where = f"({request.method} {request.url.path})"
+    if exc.status_code == 404:
+        message = f"Invalid URL {where}"
+    elif exc.status_code == 405:
+        message = f"Method not allowed {where}"
+    else:
+        message = str(exc.detail)
+    err = APIError(
+        exc.status_code, message, type=INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR,
+        headers=dict(exc.headers or {}),
+    )
+    return _response(request, err)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(BackendOverloaded, _on_api_error)
+    app.add_exception_handler(BackendUnavailable, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    # Exception goes to Starlette's outermost middleware: still enveloped, and still logged.
+    app.add_exception_handler(Exception, _on_api_error)

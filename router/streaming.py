@@ -1,0 +1,107 @@
+"""Server-sent events and client-disconnect handling.
+
+    data: {chunk}\n\n ... data: {chunk}\n\n data: [DONE]\n\n
+
+A stream is "primed" before the 200 goes out: we wait for the first update so that a backend
+that is down or full still gets a proper 503/429, not a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from router.errors import api_error_from
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SSE_DONE = b"data: [DONE]\n\n"
+# no-cache and no proxy buffering: tokens should reach the client as they are made.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """Closes its body iterator on every exit (the client leaving included), so the backend
+    work behind it is cancelled now rather than when the garbage collector gets to it."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def prime(source: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The same items, but the first one is awaited now (its errors raise here)."""
+    try:
+        first = await source.__anext__()
+    except BaseException:
+        await source.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def chained() -> AsyncIterator[T]:
+        try:
+            yield first
+            async for item in source:
+                yield item
+        finally:
+            await source.aclose()  # type: ignore[attr-defined]
+
+    return chained()
+
+
+async def sse_body(
+    events: AsyncIterator[Iterable[dict[str, Any]]],
+) -> AsyncIterator[bytes]:
+    """Payload batches -> SSE bytes, then [DONE]; an error mid-stream becomes an error event
+    and ends the stream (no [DONE]: the stream did not complete)."""
+    try:
+        async for batch in events:
+            for payload in batch:
+                yield sse_event(payload)
+    except Exception as exc:
+        err = api_error_from(exc)
+        log.warning("stream failed after it started: %s", err.message)
+        yield sse_event(err.body())
+        return
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    yield SSE_DONE
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`, cancelling it (and so the backend calls) if the client goes away first.
+    The body has been read already, so the next receive() can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        log.info("client disconnected; request cancelled")
+        return None
+    return task.result()

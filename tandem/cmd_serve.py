@@ -1,0 +1,104 @@
+"""`tandem serve` (the whole stack) and `tandem router|prefill|decode` (one service each)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+
+import uvicorn
+from pydantic import Field
+
+from router.settings import RouterSettings
+from tandem.logs import setup_logging
+from tandem.settings import TandemSettings, add_settings_args, settings_from_args
+from tandem.supervisor import Child, Supervisor, child_argv
+from tandem.worker_settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(TandemSettings):
+    """Fields of `tandem serve` itself; the router's and workers' fields pass through."""
+
+    port: int = Field(8000, description="router port")
+    host: str = Field("127.0.0.1", description="router bind address")
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    colocated: bool = Field(False, description="one worker does prefill and decode (no handoff)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run router + prefill + decode workers as one stack")
+    add_settings_args(p, ServeSettings)
+    add_settings_args(p, RouterSettings, skip=set(ServeSettings.model_fields))
+    skip = set(ServeSettings.model_fields) | set(RouterSettings.model_fields) | {"role"}
+    add_settings_args(p, WorkerSettings, skip=skip)
+    p.set_defaults(func=run_serve)
+
+    r = sub.add_parser("router", help="run the OpenAI-compatible router")
+    add_settings_args(r, RouterSettings)
+    r.set_defaults(func=run_router)
+    for role in ("prefill", "decode"):
+        w = sub.add_parser(role, help=f"run one {role} worker")
+        add_settings_args(w, WorkerSettings, skip={"role"})
+        w.set_defaults(func=run_worker, role=role)
+
+
+def _serve_app(app, host: str, port: int, level: str) -> None:
+    uvicorn.run(app, host=host, port=port, log_config=None, log_level=level.lower(),
+                timeout_graceful_shutdown=10)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    from router.service import build_router_app
+
+    settings = settings_from_args(RouterSettings, args)
+    setup_logging(settings.log_level, "router", settings.log_format)
+    _serve_app(build_router_app(settings), settings.host, settings.port, settings.log_level)
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = settings_from_args(WorkerSettings, args)
+    setup_logging(settings.log_level, settings.role, settings.log_format)
+    if settings.role == "prefill":
+        from prefill_worker.app import create_app
+    else:
+        from decode_worker.app import create_app
+    _serve_app(create_app(settings), settings.host, settings.port, settings.log_level)
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _given(args: argparse.Namespace, cls, skip: set[str]) -> dict:
+    return {k: v for k, v in vars(args).items()
+            if k in cls.model_fields and k not in skip and v is not None}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    serve = settings_from_args(ServeSettings, args)
+    setup_logging(serve.log_level, "serve", serve.log_format)
+    worker_flags = _given(args, WorkerSettings, {"host", "port", "role"})
+    router_flags = _given(args, RouterSettings, {"host", "port", "prefill_urls", "decode_urls"})
+    n_prefill = 0 if serve.colocated else serve.prefill_workers
+    children, urls = [], {"prefill": [], "decode": []}
+    for role, count in (("prefill", n_prefill), ("decode", serve.decode_workers)):
+        for i in range(count):
+            port = free_port()
+            urls[role].append(f"http://127.0.0.1:{port}")
+            argv = child_argv(role, {**worker_flags, "port": port})
+            children.append(Child(f"{role}-{i}", argv, {}))
+    router_argv = child_argv("router", {
+        **router_flags, "host": serve.host, "port": serve.port,
+        "prefill_urls": ",".join(urls["prefill"]), "decode_urls": ",".join(urls["decode"]),
+    })
+    children.append(Child("router", router_argv, {}))
+    log.info("serving on http://%s:%d (%d prefill, %d decode%s)", serve.host, serve.port,
+             n_prefill, serve.decode_workers, ", colocated" if serve.colocated else "")
+    return Supervisor(children).run()

@@ -1,0 +1,175 @@
+"""What prefill and decode workers share: the loaded model, engine thread, KV store and the
+prefix load/write helpers, plus the app skeleton (lifespan, /health, internal auth)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+
+from engine.device import dtype_name
+from engine.engine import Engine, EngineConfig
+from engine.loader import LoadedModel, load_model
+from engine.registry import resolve_model
+from engine.runner import EngineRunner
+from kvstore import KeyNamespace, block_keys, build_store
+from tandem.internal_api import INTERNAL_TOKEN_HEADER, WorkerHealth
+from tandem.worker_settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    """Monotonic counters that tests and operators read from /health (and /metrics)."""
+
+    requests_total: int = 0
+    prompt_tokens_computed_total: int = 0  # tokens this worker fed through the model for prompts
+    prefix_tokens_loaded_total: int = 0  # tokens whose KV came from the store instead
+    blocks_loaded_total: int = 0
+    blocks_written_total: int = 0
+
+
+@dataclass(slots=True)
+class PrefixKV:
+    kv: torch.Tensor | None  # [L, 2, H, T, D] covering token_ids[:length]
+    length: int
+    num_blocks: int
+
+
+@dataclass
+class Worker:
+    settings: WorkerSettings
+    lm: LoadedModel
+    engine: Engine
+    runner: EngineRunner
+    store: object | None
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    writer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
+    )
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.layout.block_size
+
+    def namespace(self, cache_salt: str) -> KeyNamespace:
+        return KeyNamespace(
+            self.lm.fingerprint, dtype_name(self.lm.dtype), self.block_size, cache_salt
+        )
+
+    def load_prefix(
+        self, token_ids: list[int], ns: KeyNamespace, limit: int, tail_key: str | None = None,
+        tail_start: int = 0,
+    ) -> PrefixKV:
+        """Leading KV from the store for token_ids[:limit] (blocking: call from a thread).
+
+        Stops at the first missing or malformed block; everything after it is recomputed.
+        """
+        if self.store is None or not self.settings.prefix_cache or limit <= 0:
+            return PrefixKV(None, 0, 0)
+        keys = block_keys(token_ids, ns)
+        keys = keys[: self.store.lookup_prefix(keys)]
+        parts = []
+        for t in self.store.get_many(keys) if keys else []:
+            if not self._fits(t, full=True):
+                break
+            parts.append(t)
+        num_blocks = len(parts)
+        length = num_blocks * self.block_size
+        if tail_key and tail_start == length and length < limit:
+            tail = self.store.get_many([tail_key])[0]
+            if self._fits(tail, full=False):
+                parts.append(tail)
+                length += tail.shape[3]
+        if not parts:
+            return PrefixKV(None, 0, 0)
+        kv = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
+        length = min(length, limit)
+        return PrefixKV(kv[:, :, :, :length], length, num_blocks)
+
+    def _fits(self, t: torch.Tensor | None, full: bool) -> bool:
+        """A stored tensor matches this engine's layout (a tail may hold fewer tokens)."""
+        if t is None or t.dtype != self.lm.dtype or t.dim() != 5:
+            return False
+        want = self.engine.layout.block_shape
+        tokens_ok = t.shape[3] == want[3] if full else 0 < t.shape[3] < want[3]
+        return tokens_ok and t.shape[:3] == want[:3] and t.shape[4] == want[4]
+
+    def write_blocks(self, items: dict[str, torch.Tensor], ttl_s: int | None = None):
+        """Queue a store write off the engine thread; returns its Future."""
+        self.counters.blocks_written_total += len(items)
+        return self.writer.submit(self.store.put_many, items, ttl_s=ttl_s)
+
+    def health(self) -> WorkerHealth:
+        return WorkerHealth(
+            role=self.settings.role,
+            model=self.lm.name,
+            pid=os.getpid(),
+            fingerprint=self.lm.fingerprint,
+            dtype=dtype_name(self.lm.dtype),
+            block_size=self.block_size,
+            max_model_len=self.engine.max_model_len,
+            running=self.runner.num_running,
+            waiting=0,
+            counters=asdict(self.counters),
+        )
+
+
+def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
+    lm = load_model(resolve_model(settings.model), dtype=settings.dtype, device=settings.device)
+    config = EngineConfig(
+        max_slots=settings.max_slots,
+        block_size=settings.block_size,
+        prefill_chunk=settings.prefill_chunk,
+        max_model_len=settings.max_model_len,
+    )
+    engine = Engine(lm, config)
+    store = build_store(settings.store_config()) if settings.prefix_cache else None
+    runner = EngineRunner(engine, after_step=after_step)
+    return Worker(settings, lm, engine, runner, store)
+
+
+def get_worker(request: Request) -> Worker:
+    return request.app.state.worker
+
+
+def check_internal_token(request: Request) -> None:
+    expected = request.app.state.worker.settings.internal_token
+    if expected and request.headers.get(INTERNAL_TOKEN_HEADER) != expected:
+        raise HTTPException(status_code=401, detail="bad internal token")
+
+
+WorkerDep = Annotated[Worker, Depends(get_worker)]
+
+
+def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker = build_worker(settings)
+        worker.runner.start()
+        app.state.worker = worker
+        log.info("%s worker ready on %s:%d", settings.role, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            worker.runner.stop()
+            worker.writer.shutdown(wait=True)
+            if worker.store is not None:
+                worker.store.close()
+
+    app = FastAPI(title=f"tandem {settings.role} worker", lifespan=lifespan)
+
+    @app.get("/health", response_model=WorkerHealth)
+    async def health(worker: WorkerDep) -> WorkerHealth:
+        return worker.health()
+
+    app.include_router(routes, dependencies=[Depends(check_internal_token)])
+    return app

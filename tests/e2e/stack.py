@@ -1,0 +1,90 @@
+"""Runs `tandem serve` as a user would: a real process tree on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+READY_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """`tandem serve` with its own port, disk cache dir and log file."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"serve-{self.port}.log"
+        self.args = [
+            "--port", str(self.port), "--dtype", "float32",
+            "--disk-cache-dir", str(workdir / "kv"), *args,
+        ]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Stack:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "serve", *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+        )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, want: bool = True, timeout: float = READY_TIMEOUT_S) -> None:
+        """Polls /ready until it answers `want` (bounded); fails fast if serve died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"tandem serve exited:\n{self.log_tail()}"
+            try:
+                ok = httpx.get(f"{self.url}/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok == want:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"/ready never became {want}:\n{self.log_tail()}")
+
+    def workers(self) -> list[dict]:
+        r = httpx.get(f"{self.url}/workers", timeout=5)
+        r.raise_for_status()
+        return r.json()["workers"]
+
+    def worker_health(self, role: str) -> list[dict]:
+        """Each worker's own /health (counters), read directly."""
+        return [httpx.get(f"{w['url']}/health", timeout=5).json()
+                for w in self.workers() if w["role"] == role]
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,133 @@
+"""Issue 4, end to end: `tandem serve` answers like `model.generate()`, reuses prefixes through
+the store, spreads load, and survives a decode worker being killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.e2e.stack import Stack
+from tests.redis_server import RedisServer
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def post(stack: Stack, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{stack.url}{path}", json={"model": MODEL, **body}, timeout=120, **kw)
+
+
+def stream_text(stack: Stack, path: str, body: dict) -> tuple[str, list[dict]]:
+    chunks, text = [], []
+    with httpx.stream("POST", f"{stack.url}{path}", timeout=120,
+                      json={"model": MODEL, "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                chunks.append({"done": True})
+                continue
+            chunk = json.loads(payload)
+            chunks.append(chunk)
+            for c in chunk["choices"]:
+                text.append(c.get("delta", {}).get("content") or c.get("text") or "")
+    assert chunks[-1] == {"done": True}, "stream must end with data: [DONE]"
+    return "".join(text), chunks[:-1]
+
+
+def check_chat_and_completions(stack: Stack, reference) -> None:
+    want_chat, chat_ids = reference.chat(CHAT, 24)
+    r = post(stack, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 24, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == want_chat
+    assert body["usage"]["completion_tokens"] == len(chat_ids) + (len(chat_ids) < 24)
+    got, _ = stream_text(stack, "/v1/chat/completions",
+                         {"messages": CHAT, "max_tokens": 24, "temperature": 0})
+    assert got == want_chat
+
+    prompt = "The capital of France is"
+    want, _ = reference.completion(prompt, 20)
+    r = post(stack, "/v1/completions", {"prompt": prompt, "max_tokens": 20, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+    got, _ = stream_text(stack, "/v1/completions",
+                         {"prompt": prompt, "max_tokens": 20, "temperature": 0})
+    assert got == want
+
+
+def test_chat_and_completions_match_generate(stack, reference):
+    check_chat_and_completions(stack, reference)
+
+
+def test_with_redis_tier(tmp_path, reference):
+    with RedisServer(tmp_path / "redis") as redis, \
+         Stack(tmp_path, "--redis-url", redis.url) as s:
+        check_chat_and_completions(s, reference)
+        stats = s.worker_health("decode")[0]["counters"]
+        assert stats["requests_total"] >= 4
+
+
+def test_prefix_reuse_computes_only_new_tokens(stack, reference):
+    doc = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(40))
+    first = [{"role": "system", "content": doc}, {"role": "user", "content": "What is 3 squared?"}]
+    second = [{"role": "system", "content": doc}, {"role": "user", "content": "And 7 squared?"}]
+    assert len(reference.chat_ids(first)) >= 5 * 64
+    r1 = post(stack, "/v1/chat/completions", {"messages": first, "max_tokens": 8, "temperature": 0})
+    assert r1.status_code == 200, r1.text
+    before = stack.worker_health("prefill")[0]["counters"]
+
+    r2 = post(stack, "/v1/chat/completions", {"messages": second, "max_tokens": 8,
+                                               "temperature": 0})
+    assert r2.status_code == 200, r2.text
+    usage = r2.json()["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= 4 * 64
+    after = stack.worker_health("prefill")[0]["counters"]
+    computed = after["prompt_tokens_computed_total"] - before["prompt_tokens_computed_total"]
+    assert computed == usage["prompt_tokens"] - cached
+    assert r2.json()["choices"][0]["message"]["content"] == reference.chat(second, 8)[0]
+
+
+def test_two_by_two_spreads_concurrent_streams(tmp_path, reference):
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(4)]
+    wants = {p: reference.completion(p, 16)[0] for p in prompts}
+    with Stack(tmp_path, "--prefill-workers", "2", "--decode-workers", "2") as s:
+        def one(i: int) -> tuple[str, str]:
+            p = prompts[i % 4]
+            return p, stream_text(s, "/v1/completions",
+                                  {"prompt": p, "max_tokens": 16, "temperature": 0})[0]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(one, range(16)))
+        for p, got in results:
+            assert got == wants[p]
+        per_worker = [h["counters"]["requests_total"] for h in s.worker_health("decode")]
+        assert len(per_worker) == 2 and all(n > 0 for n in per_worker), per_worker
+
+
+def test_killed_decode_worker_is_reported_and_restarted(tmp_path):
+    with Stack(tmp_path) as s:
+        [decode] = [w for w in s.workers() if w["role"] == "decode"]
+        os.kill(decode["pid"], signal.SIGKILL)
+        s.wait_ready(want=False, timeout=30)
+        s.wait_ready(want=True)
+        [again] = [w for w in s.workers() if w["role"] == "decode"]
+        assert again["pid"] != decode["pid"]
+        r = post(s, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("flag", ["--colocated"])
+def test_colocated_matches_generate(tmp_path, reference, flag):
+    with Stack(tmp_path, flag) as s:
+        check_chat_and_completions(s, reference)
+        assert {w["role"] for w in s.workers()} == {"decode"}

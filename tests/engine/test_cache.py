@@ -1,0 +1,94 @@
+"""Slot KV cache and slot table on a toy layout: growth, copies, block round trips, compaction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
+from engine.forward import chunk_mask, decode_mask
+from engine.kv_layout import KVLayout
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.slots import SlotTable
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=4, block_size=8, dtype=torch.float32)
+
+
+def _cache(max_slots: int = 8, max_len: int = 1000) -> SlotKVCache:
+    return SlotKVCache(LAYOUT, max_slots, max_len, torch.device("cpu"), init_slots=2)
+
+
+def _kv(t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, 3, t, 4, generator=g)  # [L, 2, H, t, D]
+
+
+def test_grows_keeping_contents_and_caps_at_limits():
+    c = _cache()
+    kv = _kv(20)
+    c.write(1, 0, kv)
+    c.reserve(slots=5, length=600)
+    assert c.num_slots == 8 and c.capacity == 1000  # doubled, capped (1000 = 125 blocks)
+    assert torch.equal(c.read(1, 0, 20), kv)
+    with pytest.raises(AssertionError):
+        c.reserve(slots=9)
+
+
+def test_blocks_round_trip_lossless():
+    c = _cache()
+    kv = _kv(8 * 3 + 5)
+    c.write(0, 0, kv)
+    blocks = c.read_blocks(0, 0, 3)
+    assert blocks.shape == (3, *LAYOUT.block_shape) and blocks.is_contiguous()
+    assert torch.equal(blocks[1], kv[:, :, :, 8:16])
+    c.write_blocks(1, blocks)
+    assert torch.equal(c.read(1, 0, 24), kv[:, :, :, :24])
+    assert torch.equal(blocks_to_flat(flat_to_blocks(kv[:, :, :, :24], 8)), kv[:, :, :, :24])
+
+
+def test_move_and_swap_copy_one_sequence():
+    c = _cache()
+    a, b = _kv(5, 1), _kv(9, 2)
+    c.write(0, 0, a)
+    c.write(1, 0, b)
+    c.swap(0, 5, 1, 9)
+    assert torch.equal(c.read(0, 0, 9), b) and torch.equal(c.read(1, 0, 5), a)
+    c.reserve(slots=3)
+    c.move(0, 2, 9)
+    assert torch.equal(c.read(2, 0, 9), b)
+
+
+def test_masks_hide_future_and_other_rows_tails():
+    m = chunk_mask(start=3, t=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert m.shape == (1, 1, 2, 5)
+    assert (m[0, 0, 0, :4] == 0).all() and m[0, 0, 0, 4] < -1e30 and (m[0, 0, 1] == 0).all()
+    d = decode_mask(torch.tensor([0, 2]), 3, torch.float32)
+    assert d.shape == (2, 1, 1, 3)
+    assert d[0, 0, 0, 0] == 0 and (d[0, 0, 0, 1:] < -1e30).all() and (d[1] == 0).all()
+
+
+def _seq(name: str, kv_len: int, decoding: bool = True) -> Sequence:
+    # A decoder has exactly one token left to feed; a prefill has more.
+    tokens = [1] * (kv_len + (1 if decoding else 5))
+    return Sequence(name, tokens, len(tokens), SamplingParams(), frozenset(), kv_len=kv_len)
+
+
+def test_compaction_packs_decoders_low_and_swaps_a_prefill_out():
+    c = _cache()
+    table = SlotTable(c)
+    seqs = [_seq(f"s{i}", 3 + i) for i in range(4)]
+    for s in seqs:
+        table.alloc(s)
+        c.write(s.slot, 0, _kv(s.kv_len, seed=s.kv_len))
+    prefill = _seq("p", 6, decoding=False)
+    table.free(seqs[0])  # hole at 0
+    table.free(seqs[1])  # hole at 1
+    table.alloc(prefill)  # takes slot 0 -> in the way of the dense range
+    assert prefill.slot == 0
+    decoders = table.compact()
+    assert [s.seq_id for s in decoders] == ["s3", "s2"]
+    assert {s.slot for s in decoders} == {0, 1} and prefill.slot >= 2
+    for s in decoders:  # contents travelled with their sequences
+        assert torch.equal(c.read(s.slot, 0, s.kv_len), _kv(s.kv_len, seed=s.kv_len))
+    assert table.copies >= 2

@@ -68,7 +68,8 @@ async def start_sequence(
     )
     worker.counters.requests_total += 1
     worker.counters.prefix_tokens_loaded_total += prefix.length
-    worker.counters.prompt_tokens_computed_total += n - prefix.length
+    worker.counters.prompt_tokens_computed_total += max(0, body.num_prompt_tokens - prefix.length)
+    worker.counters.admit_tokens_computed_total += n - prefix.length
     worker.counters.blocks_loaded_total += prefix.num_blocks
     return req, BlockWriter(worker, ns, list(body.token_ids), prefix.num_blocks), prefix.length
 

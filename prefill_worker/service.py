@@ -65,6 +65,7 @@ async def run_prefill(worker: Worker, body: PrefillRequest) -> PrefillResponse:
     worker.counters.requests_total += 1
     worker.counters.prefix_tokens_loaded_total += prefix.length
     worker.counters.prompt_tokens_computed_total += n - prefix.length
+    worker.counters.admit_tokens_computed_total += n - prefix.length
 
     def on_event(engine: Engine, ev: TokenEvent) -> PromptExport:
         return export_prompt(engine, ev, body.token_ids, ns, prefix.num_blocks)

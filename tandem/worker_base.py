@@ -31,8 +31,11 @@ class WorkerCounters:
     """Monotonic counters that tests and operators read from /health (and /metrics)."""
 
     requests_total: int = 0
-    prompt_tokens_computed_total: int = 0  # tokens this worker fed through the model for prompts
+    prompt_tokens_computed_total: int = 0  # prompt tokens whose KV this worker computed
     prefix_tokens_loaded_total: int = 0  # tokens whose KV came from the store instead
+    # Tokens fed when a sequence was admitted (prompt rest + carried generated tokens): 1 for a
+    # plain handoff, under a block for a failover resume that found the dead worker's blocks.
+    admit_tokens_computed_total: int = 0
     blocks_loaded_total: int = 0
     blocks_written_total: int = 0
 

@@ -54,6 +54,17 @@ class EngineStats:
     kv_copies: int = 0  # whole-sequence KV copies between slots (compaction, fork)
 
 
+def default_max_len(mcfg) -> int:
+    """min(max_position_embeddings, 8192), and no longer than a sliding window: the engine's
+    masks are full causal, which equals sliding-window attention only inside the window."""
+    limit = min(getattr(mcfg, "max_position_embeddings", None) or _DEFAULT_MAX_LEN,
+                _DEFAULT_MAX_LEN)
+    window = getattr(mcfg, "sliding_window", None)
+    if window and getattr(mcfg, "use_sliding_window", True):
+        limit = min(limit, window)
+    return limit
+
+
 def eos_ids(model: torch.nn.Module) -> frozenset[int]:
     """EOS ids from the model config and generation_config (each an int, a list or None)."""
     ids: set[int] = set()
@@ -69,10 +80,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.loaded = loaded
-        mcfg = loaded.config
-        max_pos = getattr(mcfg, "max_position_embeddings", None) or _DEFAULT_MAX_LEN
-        self.max_model_len = config.max_model_len or min(max_pos, _DEFAULT_MAX_LEN)
-        self.layout = KVLayout.from_config(mcfg, config.block_size, loaded.dtype)
+        self.max_model_len = config.max_model_len or default_max_len(loaded.config)
+        self.layout = KVLayout.from_config(loaded.config, config.block_size, loaded.dtype)
         self.eos_token_ids = eos_ids(loaded.model)
         self._store = SlotKVCache(self.layout, config.max_slots, self.max_model_len, loaded.device)
         self._slots = SlotTable(self._store)

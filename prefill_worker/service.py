@@ -9,6 +9,7 @@ and write the prompt's new full blocks (plus its partial tail) to the store.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,7 @@ async def _store_and_reply(
     worker: Worker, body: PrefillRequest, ns: KeyNamespace, prefix: PrefixKV, out: PromptExport
 ) -> PrefillResponse:
     # The decode worker reads these next, so the reply waits for the writes.
+    start = time.perf_counter()
     writes = []
     if out.blocks:
         writes.append(asyncio.wrap_future(worker.write_blocks(out.blocks)))
@@ -88,6 +90,9 @@ async def _store_and_reply(
         ttl = worker.settings.tail_ttl_s
         writes.append(asyncio.wrap_future(worker.write_blocks({tkey: out.tail}, ttl_s=ttl)))
     await asyncio.gather(*writes)
+    tensors = [*out.blocks.values(), *([out.tail] if out.tail is not None else [])]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    worker.handoff.observe("store", nbytes, time.perf_counter() - start)
     ev = out.event
     bs = worker.block_size
     return PrefillResponse(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -12,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engine.device import dtype_name
 from engine.engine import Engine, EngineConfig
@@ -21,6 +23,7 @@ from engine.registry import resolve_model
 from engine.runner import EngineRunner
 from kvstore import KeyNamespace, block_keys, build_store
 from tandem.internal_api import INTERNAL_TOKEN_HEADER, WorkerHealth
+from tandem.worker_metrics import EngineCollector, HandoffMetrics, StoreMetrics
 from tandem.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,8 @@ class Worker:
     engine: Engine
     runner: EngineRunner
     store: object | None
+    registry: CollectorRegistry
+    handoff: HandoffMetrics
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
@@ -78,6 +83,7 @@ class Worker:
         """
         if self.store is None or not self.settings.prefix_cache or limit <= 0:
             return PrefixKV(None, 0, 0)
+        start = time.perf_counter()
         keys = block_keys(token_ids, ns)
         keys = keys[: self.store.lookup_prefix(keys)]
         parts = []
@@ -96,6 +102,7 @@ class Worker:
             return PrefixKV(None, 0, 0)
         kv = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
         length = min(length, limit)
+        self.handoff.observe("load", kv.numel() * kv.element_size(), time.perf_counter() - start)
         return PrefixKV(kv[:, :, :, :length], length, num_blocks)
 
     def _fits(self, t: torch.Tensor | None, full: bool) -> bool:
@@ -111,6 +118,12 @@ class Worker:
         self.counters.blocks_written_total += len(items)
         return self.writer.submit(self.store.put_many, items, ttl_s=ttl_s)
 
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) from other threads: only len() of containers, which is atomic;
+        iterating the engine's dicts here could race the engine thread."""
+        waiting = self.engine.num_waiting
+        return max(0, self.runner.num_running - waiting), waiting
+
     def health(self) -> WorkerHealth:
         return WorkerHealth(
             role=self.settings.role,
@@ -120,8 +133,8 @@ class Worker:
             dtype=dtype_name(self.lm.dtype),
             block_size=self.block_size,
             max_model_len=self.engine.max_model_len,
-            running=self.runner.num_running,
-            waiting=0,
+            running=self.load()[0],
+            waiting=self.load()[1],
             counters=asdict(self.counters),
         )
 
@@ -135,9 +148,15 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
         max_model_len=settings.max_model_len,
     )
     engine = Engine(lm, config)
-    store = build_store(settings.store_config()) if settings.prefix_cache else None
+    registry = CollectorRegistry()
+    observer = StoreMetrics(registry, lm.name)
+    store = build_store(settings.store_config(), observer) if settings.prefix_cache else None
     runner = EngineRunner(engine, after_step=after_step)
-    return Worker(settings, lm, engine, runner, store)
+    worker = Worker(settings, lm, engine, runner, store, registry,
+                    HandoffMetrics(registry, lm.name))
+    registry.register(EngineCollector(
+        lm.name, lambda: (*worker.load(), config.max_slots, worker.counters)))
+    return worker
 
 
 def get_worker(request: Request) -> Worker:
@@ -173,6 +192,10 @@ def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
     @app.get("/health", response_model=WorkerHealth)
     async def health(worker: WorkerDep) -> WorkerHealth:
         return worker.health()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(worker: WorkerDep) -> Response:
+        return Response(generate_latest(worker.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(routes, dependencies=[Depends(check_internal_token)])
     return app

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.engine import Engine, EngineConfig
+from engine.engine import Engine, EngineConfig, default_max_len
 from engine.sequence import SeqRequest
 from tests.engine.helpers import greedy, make_request, run, run_one
 
@@ -118,3 +118,22 @@ def test_rejects_malformed_requests(tiny_engine):
         tiny_engine.add(make_request("z", IDS, greedy(), prefix_kv=bad, prefix_len=3))
     with pytest.raises(ValueError):
         tiny_engine.add(SeqRequest("w", IDS, 0, greedy()))  # no prompt tokens
+
+
+def test_prompt_logprobs_ignore_a_given_prefix(tiny_engine):
+    tiny_engine.add(make_request("a", IDS, greedy(1), prefill_only=True))
+    tiny_engine.step()
+    kv = tiny_engine.export_kv("a", 0, len(IDS))
+    req = make_request("b", IDS, greedy(1, prompt_logprobs=0), prefix_kv=kv,
+                       prefix_len=len(IDS))
+    before = tiny_engine.stats.prefill_tokens
+    ev = run(tiny_engine, [req])["b"].events[0]
+    assert tiny_engine.stats.prefill_tokens - before == len(IDS)  # computed in full
+    assert len(ev.prompt_logprobs) == len(IDS)
+
+
+def test_default_max_len_respects_sliding_window(tiny_fp32):
+    cfg = tiny_fp32.config
+    assert default_max_len(cfg) == 2048
+    cfg_window = type(cfg)(**{**cfg.to_dict(), "sliding_window": 1024})
+    assert default_max_len(cfg_window) == 1024

@@ -1,0 +1,93 @@
+"""A worker's /metrics: KV store per tier (via the kvstore observer hook), KV handoff sizes and
+times, and engine load read at scrape time. One registry per worker process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# A 64-token SmolLM2 block is ~1.5 MB (bf16) to ~3 MB (fp32); reads span memory to Redis.
+STORE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+HANDOFF_BYTES = tuple(float(1 << k) for k in range(20, 34, 2))  # 1 MiB .. 8 GiB
+
+
+class StoreMetrics:
+    """kvstore.StoreObserver → Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry, model: str):
+        self.model = model
+        t = ["model_name", "tier"]
+        self.get_seconds = Histogram("tandem:kvstore_get_seconds", "Batched store reads.", t,
+                                     buckets=STORE_SECONDS, registry=registry)
+        self.put_seconds = Histogram("tandem:kvstore_put_seconds", "Batched store writes.", t,
+                                     buckets=STORE_SECONDS, registry=registry)
+        self.bytes = Counter("tandem:kvstore_bytes", "Bytes moved.", t + ["op"], registry=registry)
+        self.hits = Counter("tandem:kvstore_hits", "Blocks found.", t, registry=registry)
+        self.misses = Counter("tandem:kvstore_misses", "Blocks not found.", t, registry=registry)
+        self.corrupt = Counter("tandem:kvstore_corrupt_blocks", "Blocks that failed decoding.",
+                               t, registry=registry)
+        self.up = Gauge("tandem:kvstore_tier_up", "1 while the tier answers.", t,
+                        registry=registry)
+
+    def on_get(self, tier: str, seconds: float, nbytes: int, hits: int, misses: int) -> None:
+        self.get_seconds.labels(self.model, tier).observe(seconds)
+        self.bytes.labels(self.model, tier, "get").inc(nbytes)
+        self.hits.labels(self.model, tier).inc(hits)
+        self.misses.labels(self.model, tier).inc(misses)
+
+    def on_put(self, tier: str, seconds: float, nbytes: int) -> None:
+        self.put_seconds.labels(self.model, tier).observe(seconds)
+        self.bytes.labels(self.model, tier, "put").inc(nbytes)
+
+    def on_corrupt(self, tier: str) -> None:
+        self.corrupt.labels(self.model, tier).inc()
+
+    def on_tier_state(self, tier: str, up: bool) -> None:
+        self.up.labels(self.model, tier).set(1.0 if up else 0.0)
+
+
+class HandoffMetrics:
+    """KV moved per request between workers through the store."""
+
+    def __init__(self, registry: CollectorRegistry, model: str):
+        self.model = model
+        labels = ["model_name", "op"]  # op: store (prefill writes) | load (decode reads)
+        self.bytes = Histogram("tandem:kv_handoff_bytes", "KV bytes per request handoff.",
+                               labels, buckets=HANDOFF_BYTES, registry=registry)
+        self.seconds = Histogram("tandem:kv_handoff_seconds", "KV handoff time per request.",
+                                 labels, buckets=STORE_SECONDS, registry=registry)
+
+    def observe(self, op: str, nbytes: int, seconds: float) -> None:
+        self.bytes.labels(self.model, op).observe(nbytes)
+        self.seconds.labels(self.model, op).observe(seconds)
+
+
+class EngineCollector:
+    """Load gauges and worker counters, read from their owners at scrape time."""
+
+    def __init__(self, model: str, read: Callable[[], tuple[int, int, int, object]]):
+        self.model = model
+        self.read = read  # -> (running, waiting, max_slots, WorkerCounters)
+
+    def collect(self):
+        running, waiting, slots, counters = self.read()
+        m = [self.model]
+        out = []
+        for name, doc, value in (
+            ("num_requests_running", "Sequences in the running batch.", running),
+            ("num_requests_waiting", "Sequences waiting for a slot.", waiting),
+            ("kv_slots_usage_perc", "Fraction of KV slots in use.", running / max(1, slots)),
+        ):
+            g = GaugeMetricFamily(f"tandem:{name}", doc, labels=["model_name"])
+            g.add_metric(m, value)
+            out.append(g)
+        for field, value in asdict(counters).items():
+            name = field.removesuffix("_total")
+            c = CounterMetricFamily(f"tandem:worker_{name}", f"Worker {name}.",
+                                    labels=["model_name"])
+            c.add_metric(m, value)
+            out.append(c)
+        return out

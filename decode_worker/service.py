@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Response
 
 from engine.engine import Engine, SeqRequest, TokenEvent
 from kvstore import KeyNamespace, block_keys
+from tandem.admission import TicketedStream
 from tandem.internal_api import DecodeRequest, WireEvent, params_from_wire
 from tandem.worker_base import Worker, WorkerDep
 
@@ -91,6 +91,12 @@ async def event_lines(worker: Worker, body: DecodeRequest) -> AsyncIterator[str]
 
 
 @routes.post("/generate")
-async def generate(body: DecodeRequest, worker: WorkerDep) -> StreamingResponse:
-    # A client disconnect cancels this generator, which aborts the sequence and frees its slot.
-    return StreamingResponse(event_lines(worker, body), media_type="application/x-ndjson")
+async def generate(body: DecodeRequest, worker: WorkerDep) -> Response:
+    # A resume carries generated tokens beyond the prefill worker's first one: the client has
+    # seen them already, so it is admitted past the queue limit (tandem/admission.py).
+    resume = len(body.token_ids) > body.num_prompt_tokens + 1
+    ticket = worker.try_admit(resume)
+    if isinstance(ticket, Response):
+        return ticket
+    # A client disconnect closes the body, which aborts the sequence and frees its slot.
+    return TicketedStream(event_lines(worker, body), ticket, media_type="application/x-ndjson")

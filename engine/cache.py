@@ -119,11 +119,12 @@ class SlotKVCache:
 
 
 def flat_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[L, 2, H, n * B, D] -> a new contiguous [n, L, 2, H, B, D]."""
+    """[L, 2, H, n * B, D] -> a new contiguous [n, L, 2, H, B, D] (always a copy: never an
+    alias of the live cache, even where the permuted view happens to be contiguous)."""
     L, two, H, T, D = flat.shape
     n = T // block_size
     blocks = flat.reshape(L, two, H, n, block_size, D)
-    return blocks.permute(3, 0, 1, 2, 4, 5).contiguous()
+    return blocks.permute(3, 0, 1, 2, 4, 5).clone(memory_format=torch.contiguous_format)
 
 
 def blocks_to_flat(blocks: torch.Tensor) -> torch.Tensor:

@@ -16,67 +16,35 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
+from engine.admission import check_request, trim_prefix
 from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
+from engine.config import EngineConfig, EngineStats, default_max_len, eos_ids
 from engine.forward import Forward
-from engine.kv_layout import DEFAULT_BLOCK_SIZE, KVLayout
+from engine.kv_layout import KVLayout
 from engine.loader import LoadedModel
-from engine.prefix import check_prefix, trim_prefix
 from engine.sampler import Sampled, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest, Sequence, TokenEvent, stop_ids_for
 from engine.slots import SlotTable
 
+__all__ = ["Engine", "EngineConfig", "EngineStats", "SeqRequest", "TokenEvent"]
+
 log = logging.getLogger(__name__)
-
-_DEFAULT_MAX_LEN = 8192  # tokens; caps max_model_len by default to bound KV memory
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    max_slots: int = 32  # sequences holding KV at once
-    max_model_len: int | None = None  # None: min(max_position_embeddings, 8192)
-    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per exported/imported KV block
-    prefill_chunk: int = 512  # prefill tokens per step, across waiting sequences
-    seed: int | None = None  # seeds the draws of rows without their own seed
-
-
-@dataclass(slots=True)
-class EngineStats:
-    """Monotonic counters since construction (a metrics exporter can read them)."""
-
-    steps: int = 0
-    prefill_tokens: int = 0  # tokens fed by prefill forwards
-    decode_tokens: int = 0  # tokens fed by batched decode forwards
-    kv_copies: int = 0  # whole-sequence KV copies between slots (compaction, fork)
-
-
-def default_max_len(mcfg) -> int:
-    """min(max_position_embeddings, 8192), and no longer than a sliding window: the engine's
-    masks are full causal, which equals sliding-window attention only inside the window."""
-    limit = min(getattr(mcfg, "max_position_embeddings", None) or _DEFAULT_MAX_LEN,
-                _DEFAULT_MAX_LEN)
-    window = getattr(mcfg, "sliding_window", None)
-    if window and getattr(mcfg, "use_sliding_window", True):
-        limit = min(limit, window)
-    return limit
-
-
-def eos_ids(model: torch.nn.Module) -> frozenset[int]:
-    """EOS ids from the model config and generation_config (each an int, a list or None)."""
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for source in (model.config, gen):
-        value = getattr(source, "eos_token_id", None)
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return frozenset(ids)
 
 
 class Engine:
+    """Runs sequences of one model: add() queues, step() advances all of them by one iteration
+    and returns the sampled tokens, abort()/release() forget them. A finished sequence's KV
+    stays readable (kv_len, export_kv, export_blocks) until the next step(), so an event hook
+    can export it; a prefill_only sequence keeps it until release().
+
+    Not thread-safe: one thread owns the engine (see engine/runner.py). `num_waiting` is safe
+    to read from other threads (a len()).
+    """
+
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         self.loaded = loaded
@@ -112,7 +80,9 @@ class Engine:
         old = self._seqs.get(req.seq_id)
         if old is not None and old.done and not old.prefill_only:
             self._drop(old)
-        self._validate(req)
+        if req.seq_id in self._seqs or req.seq_id in self._pending:
+            raise ValueError(f"duplicate seq_id {req.seq_id!r}")
+        check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
         p = req.params
         seq = Sequence(req.seq_id, list(req.token_ids), req.num_prompt_tokens, p,
                        stop_ids_for(p, self.eos_token_ids), prefill_only=req.prefill_only)
@@ -333,6 +303,8 @@ class Engine:
         parts = [blocks_to_flat(seq.held_blocks)] if seq.held_blocks is not None else []
         if seq.held_flat is not None:
             parts.append(seq.held_flat)
+        if not parts:  # waiting, nothing imported
+            return self._store.read(0, 0, 0)
         return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self._store.device)
 
     def _drop(self, seq: Sequence) -> None:
@@ -346,17 +318,3 @@ class Engine:
         for child_id, _ in seq.forks:
             self._pending.pop(child_id, None)
         seq.held_blocks = seq.held_flat = None
-
-    def _validate(self, req: SeqRequest) -> None:
-        n = len(req.token_ids)
-        if req.seq_id in self._seqs or req.seq_id in self._pending:
-            raise ValueError(f"duplicate seq_id {req.seq_id!r}")
-        if not 1 <= req.num_prompt_tokens <= n:
-            raise ValueError(f"num_prompt_tokens {req.num_prompt_tokens} not in [1, {n}]")
-        if n >= self.max_model_len:
-            raise ValueError(f"{n} tokens leave no room under max_model_len {self.max_model_len}")
-        vocab = self.loaded.config.vocab_size
-        if min(req.token_ids) < 0 or max(req.token_ids) >= vocab:
-            raise ValueError(f"token id out of range [0, {vocab})")
-        if req.prefix_kv is not None and req.prefix_len > 0:
-            check_prefix(req.prefix_kv, req.prefix_tail, req.prefix_len, n, self.layout)

@@ -1,9 +1,10 @@
 """Model forwards over the slot cache, through the unmodified transformers model code.
 
 transformers decoders (Llama, Qwen2, Mistral, ...) call `past_key_values.update(k, v, layer)`
-once per layer and attend over whatever it returns, under the 4D mask we pass (a 4D mask is used
-as is). `StepCache` is that hook: it writes each row's new K/V into its slot at the row's own
-position and returns views of the slot buffers, so there is no DynamicCache-style concatenation.
+once per layer and attend over whatever it returns, under the 4D mask we pass (used as is;
+needs attn_implementation "sdpa", as the loader sets, or "eager"). `StepCache` is that hook: it
+writes each row's new K/V into its slot at the row's own position and returns views of the slot
+buffers, so there is no DynamicCache-style concatenation.
 
 Two kinds of forward:
 
@@ -29,7 +30,7 @@ from engine.cache import SlotKVCache
 class StepPlan:
     """Where this forward's new K/V go. Prefill: one slot. Decode: rows = slots [0, n)."""
 
-    start: int = 0  # prefill: position of the first new token
+    start: int = 0  # position of the first new token (decode: of row 0, for the n == 1 case)
     slot: int = 0  # prefill: the sequence's slot
     positions: torch.Tensor | None = None  # decode: [n] write position per row
     rows: torch.Tensor | None = None  # decode: [n] arange, the rows' slots
@@ -55,8 +56,9 @@ class _SlotLayer(CacheLayerMixin):
         return self.owner.plan.start
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Only asked when we pass no mask, i.e. a prefill from position 0: kv == q, so
-        # transformers skips the mask and SDPA uses is_causal.
+        # Only asked when we pass no mask: a prefill from position 0 (kv == q, so transformers
+        # skips the mask under SDPA and uses is_causal) or a batch-1 decode (one query, all of
+        # its keys). Under eager attention transformers builds the same mask from these sizes.
         return self.owner.plan.start + query_length, 0
 
     def get_max_length(self) -> int:
@@ -146,7 +148,7 @@ class Forward:
         self.store.reserve(length=kv_len)
         pos = torch.tensor(positions, device=dev)  # [n]
         self.cache.plan = StepPlan(
-            positions=pos, rows=torch.arange(n, device=dev), kv_len=kv_len
+            start=kv_len - 1, positions=pos, rows=torch.arange(n, device=dev), kv_len=kv_len
         )
         # One row attending to all of its kv_len keys needs no mask: the same SDPA call as HF's
         # batch-1 decode, so batch-1 output matches generate() bit for bit.

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 StepHook = Callable[[Engine, list[TokenEvent]], None]
 EventHook = Callable[[Engine, TokenEvent], Any]
+QueueHook = Callable[[float], None]  # seconds from stream() to the first step feeding it
 
 
 @dataclass(slots=True)
@@ -30,6 +32,8 @@ class _Stream:
     queue: asyncio.Queue  # of (item, is_last) tuples, or an exception
     on_event: EventHook | None
     prefill_only: bool
+    submitted: float  # perf_counter() at stream()
+    start_kv: int = -1  # the engine's kv_len at admission; -1 once a step has fed it
 
 
 @dataclass(slots=True)
@@ -45,10 +49,12 @@ class RunnerStats:
 class EngineRunner:
     """Owns an Engine and its thread. `after_step` hooks run on the engine thread."""
 
-    def __init__(self, engine: Engine, after_step: StepHook | None = None):
+    def __init__(self, engine: Engine, after_step: StepHook | None = None,
+                 on_scheduled: QueueHook | None = None):
         self.engine = engine
         self.stats = RunnerStats()
         self._after_step = after_step
+        self._on_scheduled = on_scheduled
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
@@ -74,7 +80,7 @@ class EngineRunner:
         A `prefill_only` sequence ends after its first event, and its slot is released.
         """
         loop = asyncio.get_running_loop()
-        s = _Stream(loop, asyncio.Queue(), on_event, req.prefill_only)
+        s = _Stream(loop, asyncio.Queue(), on_event, req.prefill_only, time.perf_counter())
         self._commands.put(lambda: self._add(req, s))
         finished = False
         try:
@@ -122,6 +128,8 @@ class EngineRunner:
             return
         self._streams[req.seq_id] = s
         self.stats.submitted_total += 1
+        if self._on_scheduled is not None:
+            s.start_kv = self.engine.kv_len(req.seq_id)
 
     def _abort(self, seq_id: str) -> None:
         if self._streams.pop(seq_id, None) is not None:
@@ -148,16 +156,28 @@ class EngineRunner:
             self._drain_commands(block=not self.engine.has_work())
             if not self.engine.has_work():
                 continue
+            step_start = time.perf_counter()
             try:
                 events = self.engine.step()
             except Exception as e:
                 self._fail_all(e)
                 continue
             self.stats.steps += 1
+            self._report_scheduled(step_start)
             self._deliver(events)
             if self._after_step is not None:
                 self._after_step(self.engine, events)
             self.stats.running = len(self._streams)
+
+    def _report_scheduled(self, step_start: float) -> None:
+        """Queue time of each sequence this step fed for the first time (a step feeds a
+        sequence iff its kv_len moves). Runs before _deliver, which forgets finished ones."""
+        if self._on_scheduled is None:
+            return
+        for seq_id, s in self._streams.items():
+            if s.start_kv >= 0 and self.engine.kv_len(seq_id) != s.start_kv:
+                s.start_kv = -1
+                self._on_scheduled(max(0.0, step_start - s.submitted))
 
     def _deliver(self, events: list[TokenEvent]) -> None:
         for ev in events:

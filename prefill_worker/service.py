@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from engine.engine import Engine, SeqRequest, TokenEvent
 from kvstore import KeyNamespace, block_keys, tail_key
@@ -111,5 +111,9 @@ async def _store_and_reply(
 
 
 @routes.post("/prefill", response_model=PrefillResponse, response_model_exclude_none=True)
-async def prefill(body: PrefillRequest, worker: WorkerDep) -> PrefillResponse:
-    return await run_prefill(worker, body)
+async def prefill(body: PrefillRequest, worker: WorkerDep) -> PrefillResponse | Response:
+    ticket = worker.try_admit()
+    if isinstance(ticket, Response):
+        return ticket  # 429 full / 503 draining: the router tries another prefill worker
+    with ticket:
+        return await run_prefill(worker, body)

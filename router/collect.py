@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -33,8 +34,15 @@ class UsageCounter:
         self._prompt_lens = list(prompt_lens)
         self._generated: dict[int, int] = {}  # choice index -> tokens so far
         self._cached: dict[int, int] = {}  # prompt index -> min cached tokens
+        # For the metrics middleware, which reads this counter once the response is sent.
+        self.finish_reasons: dict[int, str] = {}  # choice index -> finish reason
+        self.first_update_at: float | None = None  # perf_counter() of the first update
 
     def add(self, update: ChoiceUpdate) -> None:
+        if self.first_update_at is None:
+            self.first_update_at = time.perf_counter()
+        if update.finish_reason is not None:
+            self.finish_reasons[update.index] = update.finish_reason
         self._generated[update.index] = update.num_generated
         if update.first:
             seen = self._cached.get(update.prompt_index)

@@ -3,9 +3,19 @@
     router ──/prefill──▶ prefill worker ──blocks──▶ store ──blocks──▶ decode worker
        └────────────────────/generate (prompt + first token)─────────────┘
 
-A broken decode stream is resumed on another decode worker with prompt + tokens so far; that
-worker reloads the stored blocks and recomputes only the tail. Seeds are always set, so the
-resumed text is the text the dead worker would have produced.
+Faults (docs/RELIABILITY.md):
+- A broken decode stream (killed worker, reset, timeout) resumes on another decode worker with
+  prompt + tokens so far; that worker reloads the stored blocks and recomputes only the tail.
+  Seeds are always set and sampling is position-deterministic, so the resumed text is the text
+  the dead worker would have produced. The request id stays the same, so a retry that lands on
+  the same worker supersedes the first attempt instead of generating twice.
+- A failed prefill is retried on another prefill worker, else the decode worker prefills.
+- A worker that refuses (429 full, 503 draining) is skipped without spending the budget;
+  when every decode worker refuses a new request the client gets 429 (BackendOverloaded).
+  Full prefill workers are skipped like failed ones: the decode worker prefills.
+- Failures spend the request's budget (`max_failovers`), back off with jitter, and strike the
+  worker's circuit (router/circuit.py). After a failure the request waits (bounded) for a
+  worker to come back; a new request with no worker ready gets 503 at once.
 """
 
 from __future__ import annotations
@@ -13,12 +23,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import httpx
 
 from kvstore import KeyNamespace, block_keys, build_store
-from router.backend import BackendUnavailable, GenerateEvent, GenerateRequest
+from router.backend import BackendOverloaded, BackendUnavailable, GenerateEvent, GenerateRequest
+from router.faults import RetryState, WorkerFailed, WorkerRefused, check_status
+from router.membership import Membership
 from router.pool import WorkerInfo, WorkerPool
 from tandem.internal_api import (
     INTERNAL_TOKEN_HEADER,
@@ -31,9 +45,12 @@ from tandem.internal_api import (
 
 log = logging.getLogger(__name__)
 
-
-class WorkerFailed(Exception):
-    """A worker call broke (connection, status, truncated stream)."""
+# After a failure, how long a request waits for some worker of the role to be back (a worker
+# restart under load takes 10-20 s on a 2-vCPU box). The router's idle timeout still applies.
+FAILOVER_WAIT_S = 45.0
+WAIT_POLL_S = 0.2  # pool re-checks while waiting; probes run every health_interval_s anyway
+BACKOFF_BASE_S = 0.05  # first retry delay; doubles per failure, capped, times U(1, 2) jitter
+BACKOFF_MAX_S = 1.0
 
 
 def to_event(w: WireEvent, **extra) -> GenerateEvent:
@@ -43,13 +60,20 @@ def to_event(w: WireEvent, **extra) -> GenerateEvent:
     )
 
 
+def backoff_s(failures: int) -> float:
+    """Exponential with jitter, so retries of requests that failed together spread out."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1)) * (1 + random.random())
+
+
 class DisaggregatedBackend:
-    def __init__(self, settings):
+    def __init__(self, settings, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
         self.client: httpx.AsyncClient | None = None
         self.pool: WorkerPool | None = None
         self.lookup_store = None
-        self.failovers_total = 0
+        self.failovers_total = 0  # failed worker calls retried elsewhere (or prefilled locally)
+        self.refusals_total = 0  # 429/503 answers that sent a request to another worker
+        self._transport = transport  # tests inject a mock transport
         headers = {}
         if settings.internal_token:
             headers[INTERNAL_TOKEN_HEADER] = settings.internal_token
@@ -58,10 +82,11 @@ class DisaggregatedBackend:
     async def start(self) -> None:
         s = self.settings
         timeout = httpx.Timeout(s.worker_timeout_s, connect=2.0)
-        self.client = httpx.AsyncClient(timeout=timeout, headers=self._headers)
-        self.pool = WorkerPool(
-            self.client, s.prefill_urls, s.decode_urls, s.health_interval_s, headers=self._headers
-        )
+        self.client = httpx.AsyncClient(timeout=timeout, headers=self._headers,
+                                        transport=self._transport)
+        membership = Membership(s.redis_url, s.redis_timeout_s) if s.redis_url else None
+        self.pool = WorkerPool(self.client, s.prefill_urls, s.decode_urls, s.health_interval_s,
+                               headers=self._headers, membership=membership)
         await self.pool.start()
         config = s.store_config(lookup=True) if s.prefix_cache else None
         if config is not None:
@@ -84,22 +109,24 @@ class DisaggregatedBackend:
     # --- generation ---------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        state = RetryState(self.settings.max_failovers)
         cached = await self._cached_tokens(req)
         tokens = list(req.token_ids)
         body = DecodeRequest(
             request_id=req.request_id, token_ids=tokens, num_prompt_tokens=len(tokens),
             params=params_to_wire(req.params), cache_salt=req.cache_salt,
         )
-        pre = await self._prefill(req) if self._needs_prefill(req, cached) else None
+        pre = await self._prefill(req, state) if self._needs_prefill(req, cached) else None
+        first = None
         if pre is not None:
             first = to_event(pre.event, num_cached_tokens=pre.num_cached_tokens,
                              prompt_logprobs=pre.event.prompt_logprobs)
-            yield first
             if first.finish_reason is not None:
+                yield first
                 return
             body.token_ids = tokens + [first.token_id]
             body.tail_key, body.tail_start = pre.tail_key, pre.tail_start
-        async for ev in self._decode_with_failover(body, report_cached=pre is None):
+        async for ev in self._decode(body, state, first):
             yield ev
 
     async def _cached_tokens(self, req: GenerateRequest) -> int:
@@ -128,26 +155,25 @@ class DisaggregatedBackend:
         block = (self.pool.any_health().block_size if self.pool.any_health() else 64)
         return len(req.token_ids) - 1 - cached >= block
 
-    async def _prefill(self, req: GenerateRequest) -> PrefillResponse | None:
+    async def _prefill(self, req: GenerateRequest, state: RetryState) -> PrefillResponse | None:
         """Try prefill workers in turn; None means the decode worker must prefill itself."""
         body = PrefillRequest(
             request_id=req.request_id, token_ids=list(req.token_ids),
             params=params_to_wire(req.params), cache_salt=req.cache_salt,
         )
-        tried: set[str] = set()
-        for attempt in range(1 + self.settings.max_failovers):
-            try:
-                w = self.pool.pick("prefill", exclude=tried)
-            except BackendUnavailable:
-                break
-            tried.add(w.url)
+        while (w := self.pool.pick_or_none("prefill", state.excluded)) is not None:
             try:
                 return await self._call_prefill(w, body)
+            except WorkerRefused as e:
+                self._refused(w, e, state)
             except WorkerFailed as e:
-                log.warning("prefill on %s failed (%s); attempt %d", w.url, e, attempt + 1)
-                self.pool.mark_failed(w)
-                self.failovers_total += 1
-        log.warning("no prefill worker succeeded for %s; decode worker prefills", req.request_id)
+                log.warning("prefill on %s failed (%s)", w.url, e)
+                if not self._failed(w, state):
+                    break
+                await asyncio.sleep(backoff_s(state.failures))
+        # Every prefill worker failed or is full: the decode worker computes the prompt itself
+        # (whether the request is admitted at all is the decode workers' call).
+        log.warning("no prefill worker took %s; decode worker prefills", req.request_id)
         return None
 
     async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> PrefillResponse:
@@ -156,51 +182,110 @@ class DisaggregatedBackend:
                 r = await self.client.post(f"{w.url}/prefill", json=body.model_dump())
             except httpx.HTTPError as e:
                 raise WorkerFailed(repr(e)) from e
-        if r.status_code != 200:
-            raise WorkerFailed(f"status {r.status_code}: {r.text[:200]}")
-        return PrefillResponse.model_validate_json(r.content)
-
-    async def _decode_with_failover(
-        self, body: DecodeRequest, report_cached: bool
-    ) -> AsyncIterator[GenerateEvent]:
-        tried: set[str] = set()
-        for attempt in range(1 + self.settings.max_failovers):
-            w = self._pick_decode(tried)
-            tried.add(w.url)
-            try:
-                async for wire in self._call_decode(w, body):
-                    cached = wire.num_cached_tokens if report_cached else None
-                    report_cached = False
-                    yield to_event(wire, num_cached_tokens=cached,
-                                   prompt_logprobs=wire.prompt_logprobs)
-                    if wire.finish_reason is not None:
-                        return
-                    body.token_ids.append(wire.token_id)
-                raise WorkerFailed("stream ended without a finish reason")
-            except WorkerFailed as e:
-                log.warning("decode on %s failed after %d tokens (%s); attempt %d",
-                            w.url, len(body.token_ids) - body.num_prompt_tokens, e, attempt + 1)
-                self.pool.mark_failed(w)
-                self.failovers_total += 1
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt) * (1 + random.random()))
-        raise BackendUnavailable("decode failed on every worker tried")
-
-    def _pick_decode(self, tried: set[str]) -> WorkerInfo:
+        check_status(r)
         try:
-            return self.pool.pick("decode", exclude=tried)
-        except BackendUnavailable:
-            return self.pool.pick("decode")  # only the failed ones left: retry one of them
+            out = PrefillResponse.model_validate_json(r.content)
+        except ValueError as e:
+            raise WorkerFailed(f"bad prefill reply: {e}") from e
+        self.pool.mark_ok(w)
+        return out
 
-    async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[WireEvent]:
+    async def _decode(
+        self, body: DecodeRequest, state: RetryState, first: GenerateEvent | None
+    ) -> AsyncIterator[GenerateEvent]:
+        """Stream from decode workers until a finish, resuming on another after a failure.
+        `first` (the prefill worker's token) is held back until a decode worker has accepted
+        the request, so a refusal is still a clean 429/503 for the client."""
+        report_cached = first is None
+        while True:
+            w = await self._pick_decode(state)
+            try:
+                async with aclosing(self._call_decode(w, body)) as wires:
+                    async for wire in wires:
+                        if wire is None:  # accepted: now the held-back first token may go
+                            if first is not None:
+                                yield first
+                                first = None
+                            continue
+                        cached = wire.num_cached_tokens if report_cached else None
+                        report_cached = False
+                        yield to_event(wire, num_cached_tokens=cached,
+                                       prompt_logprobs=wire.prompt_logprobs)
+                        if wire.finish_reason is not None:
+                            return
+                        body.token_ids.append(wire.token_id)
+                raise WorkerFailed("stream ended without a finish reason")
+            except WorkerRefused as e:
+                self._refused(w, e, state)
+            except WorkerFailed as e:
+                log.warning("decode on %s failed after %d tokens (%s)", w.url,
+                            len(body.token_ids) - body.num_prompt_tokens, e)
+                state.decode_failed = True
+                if not self._failed(w, state):
+                    raise BackendUnavailable(
+                        f"decode failed {state.failures} times; giving up") from e
+                await asyncio.sleep(backoff_s(state.failures))
+
+    async def _pick_decode(self, state: RetryState) -> WorkerInfo:
+        """A decode worker not yet tried (else a tried one that recovered). Before any decode
+        failure the answer is immediate (429 if all refused, 503 if none is up); after one,
+        the request waits for a worker up to FAILOVER_WAIT_S, retrying refusals as room frees
+        up, since the client may already hold part of the stream."""
+        while True:
+            w = (self.pool.pick_or_none("decode", state.excluded)
+                 or self.pool.pick_or_none("decode", state.refused))
+            if w is not None:
+                return w
+            if not state.decode_failed:
+                if state.busy is not None:
+                    raise BackendOverloaded("every decode worker is at capacity", state.busy)
+                raise BackendUnavailable("no healthy decode worker is available")
+            state.deadline = state.deadline or time.monotonic() + FAILOVER_WAIT_S
+            if time.monotonic() >= state.deadline:
+                raise BackendUnavailable(f"no decode worker recovered in {FAILOVER_WAIT_S:g} s")
+            state.refused.clear()  # a full worker may have room by the next look
+            await asyncio.sleep(WAIT_POLL_S)
+
+    async def _call_decode(
+        self, w: WorkerInfo, body: DecodeRequest
+    ) -> AsyncIterator[WireEvent | None]:
+        """Yields None once the worker accepted (status 200), then its events."""
         async with self.pool.lease(w):
             try:
                 async with self.client.stream(
                     "POST", f"{w.url}/generate", json=body.model_dump()
                 ) as r:
                     if r.status_code != 200:
-                        raise WorkerFailed(f"status {r.status_code}")
+                        await r.aread()
+                        check_status(r)
+                    yield None
+                    marked = False
                     async for line in r.aiter_lines():
-                        if line:
-                            yield WireEvent.model_validate_json(line)
+                        if not line:
+                            continue
+                        wire = WireEvent.model_validate_json(line)
+                        if not marked:
+                            self.pool.mark_ok(w)
+                            marked = True
+                        yield wire
             except httpx.HTTPError as e:
                 raise WorkerFailed(repr(e)) from e
+            except ValueError as e:  # a line cut short by a dying worker
+                raise WorkerFailed(f"bad stream line: {e}") from e
+
+    # --- fault bookkeeping --------------------------------------------------------------------
+
+    def _refused(self, w: WorkerInfo, e: WorkerRefused, state: RetryState) -> None:
+        log.info("%s worker %s refused (%s); trying another", w.role, w.url, e)
+        self.refusals_total += 1
+        state.refuse(w.url, e)
+        if e.draining:
+            self.pool.mark_draining(w)
+
+    def _failed(self, w: WorkerInfo, state: RetryState) -> bool:
+        """Record a failed call; True if the request may retry."""
+        self.pool.mark_failed(w)
+        if not state.spend(w.url):
+            return False
+        self.failovers_total += 1
+        return True

@@ -1,4 +1,16 @@
-"""Router metrics (vLLM's names with a `tandem:` prefix), recorded by wrapping the Backend.
+"""Router metrics (vLLM's names with a `tandem:` prefix) and the per-request log line.
+
+Two sources, so that every count is the one the client was billed:
+
+    MeteredBackend (per choice, around the Backend)      timings: TTFT, ITL, e2e, prefill, decode
+    record_request (per HTTP request, after the response) tokens, finish reasons, cache hits, log
+
+Counts come from the API layer's UsageCounter (request.state.usage, set by router/respond.py),
+never from backend events: a `max_tokens: 0` echo runs one backend token that the API layer
+drops, and a stop string ends a choice with "stop" although the backend never said so.
+
+`tandem:request_queue_time_seconds` is measured by the workers (engine/runner.py: submission to
+the first engine step that feeds the sequence), where the queue is; the router has none.
 
 Each app owns its CollectorRegistry: no import-time globals, and several apps (tests) coexist.
 One router process serves each app, so no multiprocess mode is needed.
@@ -8,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from router.backend import Backend, GenerateEvent, GenerateRequest
+from router.collect import UsageCounter
+from tandem.http_metrics import HttpRequestCounts
 
 log = logging.getLogger("tandem.requests")
 
@@ -22,6 +36,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+ABORT = "abort"  # a choice that ended without a finish reason (client gone, error mid-stream)
 
 
 @dataclass
@@ -39,8 +54,8 @@ class RouterMetrics:
     success: Counter
     cache_queries: Counter
     cache_hits: Counter
-    running: Gauge
-    http_requests: Counter
+    in_flight: Gauge
+    http: HttpRequestCounts
 
     @classmethod
     def create(cls) -> RouterMetrics:
@@ -50,29 +65,67 @@ class RouterMetrics:
         def hist(name, doc, buckets):
             return Histogram(f"tandem:{name}", doc, m, buckets=buckets, registry=r)
 
+        def counter(name, doc, labels=()):
+            return Counter(f"tandem:{name}", doc, [*m, *labels], registry=r)
+
+        http = HttpRequestCounts()
+        r.register(http)
         return cls(
             registry=r,
-            ttft=hist("time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS),
+            ttft=hist("time_to_first_token_seconds",
+                      "Backend call to first token, per choice.", TTFT_BUCKETS),
             itl=hist("inter_token_latency_seconds", "Time between tokens.", ITL_BUCKETS),
-            e2e=hist("e2e_request_latency_seconds", "Request latency.", E2E_BUCKETS),
-            prefill_time=hist("request_prefill_time_seconds", "Prefill phase.", E2E_BUCKETS),
-            decode_time=hist("request_decode_time_seconds", "Decode phase.", E2E_BUCKETS),
-            prompt_tokens_hist=hist("request_prompt_tokens", "Prompt tokens.", TOKEN_BUCKETS),
-            generation_tokens_hist=hist("request_generation_tokens", "Generated tokens.",
-                                        TOKEN_BUCKETS),
-            prompt_tokens=Counter("tandem:prompt_tokens", "Prompt tokens.", m, registry=r),
-            generation_tokens=Counter("tandem:generation_tokens", "Generated tokens.", m,
-                                      registry=r),
-            success=Counter("tandem:request_success", "Finished requests.",
-                            m + ["finished_reason"], registry=r),
-            cache_queries=Counter("tandem:prefix_cache_queries",
-                                  "Prompt tokens looked up in the prefix cache.", m, registry=r),
-            cache_hits=Counter("tandem:prefix_cache_hits",
-                               "Prompt tokens served from the prefix cache.", m, registry=r),
-            running=Gauge("tandem:num_requests_running", "Requests in flight.", m, registry=r),
-            http_requests=Counter("tandem:http_requests", "HTTP requests.",
-                                  ["route", "method", "status"], registry=r),
+            e2e=hist("e2e_request_latency_seconds",
+                     "Backend call to last token, per choice.", E2E_BUCKETS),
+            prefill_time=hist("request_prefill_time_seconds",
+                              "Backend call to first token (lookup, queues, prefill, handoff).",
+                              E2E_BUCKETS),
+            decode_time=hist("request_decode_time_seconds", "First token to last token.",
+                             E2E_BUCKETS),
+            prompt_tokens_hist=hist("request_prompt_tokens", "Prompt tokens per request.",
+                                    TOKEN_BUCKETS),
+            generation_tokens_hist=hist("request_generation_tokens",
+                                        "Generated tokens per request.", TOKEN_BUCKETS),
+            prompt_tokens=counter("prompt_tokens", "Prompt tokens billed (usage.prompt_tokens)."),
+            generation_tokens=counter("generation_tokens",
+                                      "Generated tokens billed (usage.completion_tokens)."),
+            success=counter("request_success", "Finished choices by finish reason.",
+                            ["finished_reason"]),
+            cache_queries=counter("prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache."),
+            cache_hits=counter("prefix_cache_hits",
+                               "Prompt tokens served from the prefix cache (cached_tokens)."),
+            in_flight=Gauge("tandem:router_requests_in_flight",
+                            "Backend calls (choices) this router has open.", m, registry=r),
+            http=http,
         )
+
+
+def record_request(metrics: RouterMetrics, scope: dict, t0: float) -> None:
+    """Counts and logs one finished generation request; others (no usage) are skipped.
+
+    A request refused before any token (429, 503, 400) counts nothing here: the HTTP counter
+    has it. Choices that never finished count as "abort".
+    """
+    state = scope.get("state") or {}
+    usage: UsageCounter | None = state.get("usage")
+    plans: Sequence | None = state.get("plans")
+    if usage is None or not plans or usage.first_update_at is None:
+        return
+    model, u, end = plans[0].request.model, usage.usage(), time.perf_counter()
+    cached = u.prompt_tokens_details.cached_tokens
+    metrics.prompt_tokens.labels(model).inc(u.prompt_tokens)
+    metrics.prompt_tokens_hist.labels(model).observe(u.prompt_tokens)
+    metrics.generation_tokens.labels(model).inc(u.completion_tokens)
+    metrics.generation_tokens_hist.labels(model).observe(u.completion_tokens)
+    metrics.cache_queries.labels(model).inc(u.prompt_tokens)
+    metrics.cache_hits.labels(model).inc(cached)
+    reasons = [usage.finish_reasons.get(p.index, ABORT) for p in plans]
+    for reason in reasons:
+        metrics.success.labels(model, reason).inc()
+    log.info("request %s model=%s prompt=%d cached=%d generated=%d ttft=%.3fs total=%.3fs "
+             "finish=%s", state.get("request_id", "-"), model, u.prompt_tokens, cached,
+             u.completion_tokens, usage.first_update_at - t0, end - t0, ",".join(reasons))
 
 
 @dataclass(slots=True)
@@ -80,13 +133,10 @@ class _Timing:
     start: float
     first: float | None = None
     last: float | None = None
-    tokens: int = 0
-    cached: int = 0
-    finish: str | None = None
 
 
 class MeteredBackend:
-    """A Backend that records per-request metrics and a log line around another Backend."""
+    """A Backend that records per-choice timings around another Backend."""
 
     def __init__(self, inner: Backend, metrics: RouterMetrics):
         self.inner = inner
@@ -106,41 +156,28 @@ class MeteredBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         m, t = self.metrics, _Timing(time.perf_counter())
-        m.running.labels(req.model).inc()
+        m.in_flight.labels(req.model).inc()
         try:
             async for ev in self.inner.generate(req):
-                self._observe(req, t, ev)
+                self._observe(req, t)
                 yield ev
         finally:
-            m.running.labels(req.model).dec()
+            m.in_flight.labels(req.model).dec()
             self._finish(req, t)
 
-    def _observe(self, req: GenerateRequest, t: _Timing, ev: GenerateEvent) -> None:
+    def _observe(self, req: GenerateRequest, t: _Timing) -> None:
         now = time.perf_counter()
         if t.first is None:
             t.first = now
-            t.cached = ev.num_cached_tokens or 0
             self.metrics.ttft.labels(req.model).observe(now - t.start)
         else:
             self.metrics.itl.labels(req.model).observe(now - t.last)
-        t.last, t.tokens, t.finish = now, t.tokens + 1, ev.finish_reason or t.finish
+        t.last = now
 
     def _finish(self, req: GenerateRequest, t: _Timing) -> None:
+        if t.first is None:
+            return  # refused or failed before any token: no latency to speak of
         m, model, end = self.metrics, req.model, time.perf_counter()
-        prompt = len(req.token_ids)
-        m.prompt_tokens.labels(model).inc(prompt)
-        m.prompt_tokens_hist.labels(model).observe(prompt)
-        m.generation_tokens.labels(model).inc(t.tokens)
-        m.generation_tokens_hist.labels(model).observe(t.tokens)
-        m.cache_queries.labels(model).inc(prompt)
-        m.cache_hits.labels(model).inc(t.cached)
         m.e2e.labels(model).observe(end - t.start)
-        if t.first is not None:
-            m.prefill_time.labels(model).observe(t.first - t.start)
-            m.decode_time.labels(model).observe(end - t.first)
-        reason = t.finish or "abort"
-        m.success.labels(model, reason).inc()
-        ttft = f"{t.first - t.start:.3f}s" if t.first is not None else "-"
-        log.info("request %s model=%s prompt=%d cached=%d generated=%d ttft=%s total=%.3fs "
-                 "finish=%s", req.request_id, model, prompt, t.cached, t.tokens, ttft,
-                 end - t.start, reason)
+        m.prefill_time.labels(model).observe(t.first - t.start)
+        m.decode_time.labels(model).observe(end - t.first)

@@ -36,6 +36,8 @@ async def respond(
     """All choices run concurrently. A stream waits for its first update before the 200, so a
     backend refusal (429/503) is still an HTTP status."""
     headers = {"X-Request-Id": request.state.request_id}
+    # The metrics middleware reads these once the response is sent (router/metrics.py).
+    request.state.usage, request.state.plans = usage, plans
     timeout = state.settings.request_timeout_s
     updates = merge(
         [run_choice(state.backend, plan, tokenizer) for plan in plans],

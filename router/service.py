@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from router import routes_ops
 from router.app import create_app
+from router.backend import Backend
 from router.dispatch import DisaggregatedBackend
-from router.metrics import MeteredBackend, RouterMetrics
+from router.metrics import MeteredBackend, RouterMetrics, record_request
+from router.model_info import ServedModel
 from router.settings import RouterSettings
+from tandem.http_metrics import HttpMetricsMiddleware
 
 
 class PoolCollector:
@@ -35,31 +41,6 @@ class PoolCollector:
         return [up, inflight, failovers]
 
 
-class HttpMetricsMiddleware:
-    """Counts requests by route template, method and status (pure ASGI: streaming-safe)."""
-
-    def __init__(self, app, metrics: RouterMetrics):
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = {"code": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            self.metrics.http_requests.labels(path, scope["method"], str(status["code"])).inc()
-
-
 def metrics_router(metrics: RouterMetrics) -> APIRouter:
     routes = APIRouter()
 
@@ -70,11 +51,20 @@ def metrics_router(metrics: RouterMetrics) -> APIRouter:
     return routes
 
 
+def create_metered_app(settings: RouterSettings, backend: Backend, metrics: RouterMetrics,
+                       models: list[ServedModel] | None = None,
+                       extra_routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The OpenAI app over `backend` with metrics: per-choice timings around the backend, HTTP
+    counts and per-request token accounting in a middleware, and GET /metrics."""
+    app = create_app(settings, MeteredBackend(backend, metrics), models,
+                     extra_routers=[*extra_routers, metrics_router(metrics)])
+    app.add_middleware(HttpMetricsMiddleware, counts=metrics.http,
+                       on_done=partial(record_request, metrics))
+    return app
+
+
 def build_router_app(settings: RouterSettings) -> FastAPI:
     dispatcher = DisaggregatedBackend(settings)
     metrics = RouterMetrics.create()
     metrics.registry.register(PoolCollector(dispatcher))
-    app = create_app(settings, MeteredBackend(dispatcher, metrics),
-                     extra_routers=[routes_ops.routes, metrics_router(metrics)])
-    app.add_middleware(HttpMetricsMiddleware, metrics=metrics)
-    return app
+    return create_metered_app(settings, dispatcher, metrics, extra_routers=[routes_ops.routes])

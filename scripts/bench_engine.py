@@ -94,8 +94,11 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     logging.basicConfig(level="WARNING")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device)
     batches = [int(b) for b in args.batches.split(",")]
     engine = Engine(loaded, EngineConfig(max_slots=max(batches), prefill_chunk=4096))

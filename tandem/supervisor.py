@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_MAX_S = 10.0
-GRACE_S = 15.0  # SIGTERM → SIGKILL: long enough for workers to drain in-flight streams
+# SIGTERM → SIGKILL. A worker drains for up to drain_grace_s (10 s), then uvicorn waits up to
+# 10 s more for connections; past both, a stream is better cut (the router resumes it).
+GRACE_S = 25.0
 
 
 @dataclass

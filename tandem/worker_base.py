@@ -14,6 +14,7 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engine.device import dtype_name
@@ -22,8 +23,11 @@ from engine.loader import LoadedModel, load_model
 from engine.registry import resolve_model
 from engine.runner import EngineRunner
 from kvstore import KeyNamespace, block_keys, build_store
+from tandem.admission import Admission, Ticket
+from tandem.drain import Lifecycle
+from tandem.http_metrics import HttpMetricsMiddleware, HttpRequestCounts
 from tandem.internal_api import INTERNAL_TOKEN_HEADER, WorkerHealth
-from tandem.worker_metrics import EngineCollector, HandoffMetrics, StoreMetrics
+from tandem.worker_metrics import EngineCollector, HandoffMetrics, QueueMetrics, StoreMetrics
 from tandem.worker_settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,7 @@ class WorkerCounters:
     admit_tokens_computed_total: int = 0
     blocks_loaded_total: int = 0
     blocks_written_total: int = 0
+    requests_refused_total: int = 0  # answered 429 (full) or 503 (draining)
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class Worker:
     store: object | None
     registry: CollectorRegistry
     handoff: HandoffMetrics
+    admission: Admission
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
@@ -118,6 +124,14 @@ class Worker:
         self.counters.blocks_written_total += len(items)
         return self.writer.submit(self.store.put_many, items, ttl_s=ttl_s)
 
+    def try_admit(self, resume: bool = False) -> Ticket | JSONResponse:
+        """A ticket to hold while serving the request, or the 429/503 to answer with."""
+        refusal = self.admission.refusal(resume)
+        if refusal is not None:
+            self.counters.requests_refused_total += 1
+            return refusal
+        return self.admission.admit()
+
     def load(self) -> tuple[int, int]:
         """(running, waiting) from other threads: only len() of containers, which is atomic;
         iterating the engine's dicts here could race the engine thread."""
@@ -151,9 +165,11 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     registry = CollectorRegistry()
     observer = StoreMetrics(registry, lm.name)
     store = build_store(settings.store_config(), observer) if settings.prefix_cache else None
-    runner = EngineRunner(engine, after_step=after_step)
+    runner = EngineRunner(engine, after_step=after_step,
+                          on_scheduled=QueueMetrics(registry, lm.name).observe)
+    admission = Admission(settings.max_slots + settings.max_queue)
     worker = Worker(settings, lm, engine, runner, store, registry,
-                    HandoffMetrics(registry, lm.name))
+                    HandoffMetrics(registry, lm.name), admission)
     registry.register(EngineCollector(
         lm.name, lambda: (*worker.load(), config.max_slots, worker.counters)))
     return worker
@@ -173,24 +189,34 @@ WorkerDep = Annotated[Worker, Depends(get_worker)]
 
 
 def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
+    http_counts = HttpRequestCounts()  # made before the registry, which the lifespan builds
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = build_worker(settings)
+        worker.registry.register(http_counts)
         worker.runner.start()
         app.state.worker = worker
-        log.info("%s worker ready on %s:%d", settings.role, settings.host, settings.port)
+        lifecycle = Lifecycle(worker)  # heartbeat in Redis, drain on SIGTERM
+        await lifecycle.start()
+        log.info("%s worker ready on %s:%d (advertised as %s)", settings.role, settings.host,
+                 settings.port, settings.advertised_url())
         try:
             yield
         finally:
+            await lifecycle.stop()
             worker.runner.stop()
             worker.writer.shutdown(wait=True)
             if worker.store is not None:
                 worker.store.close()
 
     app = FastAPI(title=f"tandem {settings.role} worker", lifespan=lifespan)
+    app.add_middleware(HttpMetricsMiddleware, counts=http_counts)
 
     @app.get("/health", response_model=WorkerHealth)
-    async def health(worker: WorkerDep) -> WorkerHealth:
+    async def health(worker: WorkerDep) -> WorkerHealth | JSONResponse:
+        if worker.admission.draining:  # probes take it out of rotation; the body still reads
+            return JSONResponse(worker.health().model_dump(), status_code=503)
         return worker.health()
 
     @app.get("/metrics", include_in_schema=False)

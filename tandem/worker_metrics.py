@@ -1,5 +1,6 @@
 """A worker's /metrics: KV store per tier (via the kvstore observer hook), KV handoff sizes and
-times, and engine load read at scrape time. One registry per worker process."""
+times, queue time, and engine load read at scrape time. One registry per worker process (each
+worker is one process, so no multiprocess mode is needed)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # A 64-token SmolLM2 block is ~1.5 MB (bf16) to ~3 MB (fp32); reads span memory to Redis.
 STORE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-HANDOFF_BYTES = tuple(float(1 << k) for k in range(20, 34, 2))  # 1 MiB .. 8 GiB
+HANDOFF_BYTES = tuple(float(1 << k) for k in range(20, 34, 2))  # 1 MiB .. 4 GiB, x4 apart
+# From a free slot (~0) to a full batch of long prompts ahead (tens of seconds on a CPU).
+QUEUE_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class StoreMetrics:
@@ -65,6 +68,20 @@ class HandoffMetrics:
         self.seconds.labels(self.model, op).observe(seconds)
 
 
+class QueueMetrics:
+    """vLLM's request_queue_time_seconds, measured where the queue is: from a sequence's
+    submission to the engine thread until the first engine step that feeds it."""
+
+    def __init__(self, registry: CollectorRegistry, model: str):
+        self.model = model
+        self.queue_time = Histogram("tandem:request_queue_time_seconds",
+                                    "Submission to the first engine step that feeds it.",
+                                    ["model_name"], buckets=QUEUE_SECONDS, registry=registry)
+
+    def observe(self, seconds: float) -> None:
+        self.queue_time.labels(self.model).observe(seconds)
+
+
 class EngineCollector:
     """Load gauges and worker counters, read from their owners at scrape time."""
 
@@ -86,7 +103,8 @@ class EngineCollector:
             out.append(g)
         for field, value in asdict(counters).items():
             name = field.removesuffix("_total")
-            c = CounterMetricFamily(f"tandem:worker_{name}", f"Worker {name}.",
+            c = CounterMetricFamily(f"tandem:worker_{name}",
+                                    f"WorkerCounters.{field} (see /health).",
                                     labels=["model_name"])
             c.add_metric(m, value)
             out.append(c)

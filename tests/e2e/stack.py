@@ -69,6 +69,21 @@ class Stack:
         return [httpx.get(f"{w['url']}/health", timeout=5).json()
                 for w in self.workers() if w["role"] == role]
 
+    def wait_all_healthy(self, timeout: float = READY_TIMEOUT_S) -> list[dict]:
+        """Polls /workers until every worker the router knows is healthy (bounded); e.g. after
+        a kill, until the supervisor's restart is back in rotation."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"tandem serve exited:\n{self.log_tail()}"
+            try:
+                workers = self.workers()
+            except httpx.HTTPError:
+                workers = []
+            if workers and all(w["healthy"] and w["circuit"] == "closed" for w in workers):
+                return workers
+            time.sleep(0.2)
+        raise AssertionError(f"workers never all healthy:\n{self.log_tail()}")
+
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])

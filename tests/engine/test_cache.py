@@ -92,3 +92,12 @@ def test_compaction_packs_decoders_low_and_swaps_a_prefill_out():
     for s in decoders:  # contents travelled with their sequences
         assert torch.equal(c.read(s.slot, 0, s.kv_len), _kv(s.kv_len, seed=s.kv_len))
     assert table.copies >= 2
+
+
+def test_exported_blocks_never_alias_the_cache():
+    # One slot, one block of capacity, exported whole: the permuted view is contiguous.
+    c = SlotKVCache(LAYOUT, 1, 8, torch.device("cpu"), init_slots=1)
+    c.write(0, 0, _kv(8))
+    block = c.read_blocks(0, 0, 1)
+    c.write(0, 0, _kv(8, seed=9))
+    assert torch.equal(blocks_to_flat(block), _kv(8))

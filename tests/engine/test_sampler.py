@@ -9,6 +9,8 @@ import torch
 
 from engine.sampler import (
     SampleRow,
+    _top_k_top_p,
+    _top_k_top_p_sorted,
     apply_controls,
     filtered_probs,
     prompt_logprobs,
@@ -126,3 +128,17 @@ def test_prompt_logprobs(k):
     assert math.isclose(got[0][0], math.log(0.3), rel_tol=1e-5)
     assert math.isclose(got[1][0], math.log(0.05), rel_tol=1e-5)
     assert [t for t, _ in got[1][1]] == [3, 2][:k]
+
+
+def test_nucleus_search_among_candidates_equals_full_sort():
+    g = torch.Generator().manual_seed(3)
+    # peaked rows settle among the candidates; flat rows (scale 0.1) need the full sort
+    scale = torch.tensor([4.0, 4.0, 2.0, 0.1, 0.1, 4.0])[:, None]
+    logits = torch.randn(6, 5000, generator=g) * scale
+    k = torch.tensor([5000, 50, 5000, 5000, 3000, 2000])
+    p = torch.tensor([0.9, 0.8, 0.99, 0.95, 0.5, 1.0])
+    fast = _top_k_top_p(logits, k, p)
+    full = _top_k_top_p_sorted(logits, k, p)
+    assert torch.equal(fast.isfinite(), full.isfinite())
+    kept = fast.isfinite().sum(dim=-1)
+    assert kept[1] <= 50 and kept[3] > 1024 and kept[5] == 2000  # both paths really ran

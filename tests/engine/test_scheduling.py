@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from engine.engine import Engine, EngineConfig, default_max_len
+from engine.loader import load_model
+from engine.registry import ModelSpec
 from engine.sequence import SeqRequest
 from tests.engine.helpers import greedy, make_request, run, run_one
 
@@ -137,3 +139,17 @@ def test_default_max_len_respects_sliding_window(tiny_fp32):
     assert default_max_len(cfg) == 2048
     cfg_window = type(cfg)(**{**cfg.to_dict(), "sliding_window": 1024})
     assert default_max_len(cfg_window) == 1024
+
+
+def test_eager_attention_gives_the_same_tokens(tiny_folder, tiny_fp32):
+    # Without SDPA, transformers builds the masks itself from StepCache's sizes.
+    eager = load_model(ModelSpec("tiny-eager", "path", str(tiny_folder)), dtype="float32")
+    eager.model.set_attn_implementation("eager")
+    assert eager.model.config._attn_implementation == "eager"
+
+    def reqs():
+        return [make_request(str(i), IDS[: 3 + i], greedy(6, ignore_eos=True)) for i in range(3)]
+
+    want = run(Engine(tiny_fp32, EngineConfig(prefill_chunk=4)), reqs())
+    got = run(Engine(eager, EngineConfig(prefill_chunk=4)), reqs())
+    assert {k: r.tokens for k, r in got.items()} == {k: r.tokens for k, r in want.items()}

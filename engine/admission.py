@@ -1,4 +1,5 @@
-"""Imported prefix KV: checking its shape and trimming it to the tokens a sequence will use.
+"""The engine's edge: checking a SeqRequest, and trimming its imported prefix KV to the tokens
+the sequence will use.
 
 A prefix arrives as whole blocks [n, L, 2, H, B, D] (from the KV store), optionally followed by
 a partial tail [L, 2, H, t, D] (t < B), or as one concatenated [L, 2, H, T, D] tensor.
@@ -9,6 +10,20 @@ from __future__ import annotations
 import torch
 
 from engine.kv_layout import KVLayout
+from engine.sequence import SeqRequest
+
+
+def check_request(req: SeqRequest, lay: KVLayout, vocab: int, max_model_len: int) -> None:
+    """Raise ValueError on a request the engine cannot run."""
+    n = len(req.token_ids)
+    if not 1 <= req.num_prompt_tokens <= n:
+        raise ValueError(f"num_prompt_tokens {req.num_prompt_tokens} not in [1, {n}]")
+    if n >= max_model_len:
+        raise ValueError(f"{n} tokens leave no room under max_model_len {max_model_len}")
+    if min(req.token_ids) < 0 or max(req.token_ids) >= vocab:
+        raise ValueError(f"token id out of range [0, {vocab})")
+    if req.prefix_kv is not None and req.prefix_len > 0:
+        check_prefix(req.prefix_kv, req.prefix_tail, req.prefix_len, n, lay)
 
 
 def _flat_ok(x: torch.Tensor, lay: KVLayout) -> bool:

@@ -1,0 +1,96 @@
+"""A worker's bounded admission: how many requests it holds, and when it says no.
+
+    admitted = loading a prefix + waiting for a slot + running     (this worker's requests)
+    new request, admitted >= max_slots + max_queue   -> 429 Retry-After (router tries another)
+    any request while draining (SIGTERM)             -> 503 (router tries another)
+
+A failover resume (it carries tokens the client has already seen) is admitted past the limit:
+refusing it would fail a stream that is half delivered, and the engine queues it for a slot.
+Everything here runs on the event loop thread, so the counter needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # a slot frees when any running sequence finishes; on CPU that is seconds
+IDLE_POLL_S = 0.05
+
+
+@dataclass(slots=True)
+class Admission:
+    capacity: int  # max_slots + max_queue
+    active: int = 0  # admitted requests not yet finished
+    draining: bool = False
+
+    def refusal(self, resume: bool = False) -> JSONResponse | None:
+        """The response that turns this request away, or None to admit it."""
+        if self.draining:
+            return _error(503, "worker is draining", "draining")
+        if self.active >= self.capacity and not resume:
+            return _error(429, f"worker is at capacity ({self.capacity})", "at_capacity",
+                          {"Retry-After": str(RETRY_AFTER_S)})
+        return None
+
+    def admit(self) -> Ticket:
+        return Ticket(self)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Bounded poll until nothing is admitted; True if that happened in time."""
+        deadline = time.monotonic() + timeout_s
+        while self.active > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(IDLE_POLL_S)
+        return self.active == 0
+
+
+class Ticket:
+    """One admitted request; release() is idempotent, so every exit path may call it."""
+
+    __slots__ = ("_admission", "_held")
+
+    def __init__(self, admission: Admission):
+        self._admission = admission
+        self._held = True
+        admission.active += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission.active -= 1
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class TicketedStream(StreamingResponse):
+    """A streaming response that releases its ticket and closes its body on every exit
+    (finished, client gone, server shutting down), so the sequence behind it is aborted now
+    and its slot freed, not whenever the garbage collector gets to the generator."""
+
+    def __init__(self, content, ticket: Ticket, **kwargs):
+        super().__init__(content, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with aclosing(self.body_iterator):  # type: ignore[type-var]
+                await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": "server_error", "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,131 @@
+"""Helpers for the fault-injection tests: streaming with a hook per chunk, bounded polling,
+worker counters and metrics, and the KV files on disk."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from tests.e2e.stack import Stack
+
+T = TypeVar("T")
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def poll(fn: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:
+    """fn() until it is truthy, at most `timeout` seconds (synchronisation, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def stream_completion(stack: Stack, body: dict,
+                      on_chunk: Callable[[int], None] | None = None) -> str:
+    """A streamed /v1/completions; on_chunk(n) runs after the n-th content chunk arrived."""
+    parts: list[str] = []
+    with httpx.stream("POST", f"{stack.url}/v1/completions", timeout=180,
+                      json={"model": MODEL, "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        done = False
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line[len("data: "):]
+            if payload == "[DONE]":
+                done = True
+                continue
+            chunk = json.loads(payload)
+            assert "error" not in chunk, chunk
+            parts.append("".join(c.get("text") or "" for c in chunk["choices"]))
+            if on_chunk is not None:
+                on_chunk(len(parts))
+    assert done, "the stream must end with data: [DONE]"
+    return "".join(parts)
+
+
+def complete(stack: Stack, body: dict) -> httpx.Response:
+    return httpx.post(f"{stack.url}/v1/completions", json={"model": MODEL, **body}, timeout=180)
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", timeout=10).json()
+
+
+def counters(url: str) -> dict[str, int]:
+    return health(url)["counters"]
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` at url/metrics whose labels include `labels`."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$")
+    for line in text.splitlines():
+        m = pattern.match(line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def decode_urls(stack: Stack) -> list[str]:
+    return [w["url"] for w in stack.workers() if w["role"] == "decode"]
+
+
+def kv_files(kv_dir: Path) -> int:
+    """Complete blocks on disk (in-progress writes are `.tmp-*` files, renamed when whole)."""
+    return sum(1 for _ in kv_dir.glob("*.kv"))
+
+
+def kv_path(kv_dir: Path, key: str) -> Path:
+    """Where the disk tier keeps `key` (kvstore/disk.py names files this way)."""
+    return kv_dir / (quote(key, safe="@-_.") + ".kv")
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """XOR 0xFF into `count` bytes at the middle of the file: inside the tensor payload (the
+    header and key take the first few hundred bytes of a ~2.9 MB fp32 block), so the blob
+    still parses and only its checksum can tell."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+    path.write_bytes(bytes(data))
+
+
+def flip_redis_value(client, key: str, count: int = 64) -> None:
+    """The same injection on the Redis copy of a block (KEEPTTL: only the bytes change)."""
+    data = bytearray(client.get(key))
+    mid = len(data) // 2
+    data[mid:mid + count] = bytes(b ^ 0xFF for b in data[mid:mid + count])
+    client.set(key, bytes(data), keepttl=True)
+
+
+def redis_block_count(client) -> int:
+    """KV blocks in Redis (worker ads live under tandem:workers:*, blocks under tandem@...)."""
+    return sum(1 for _ in client.scan_iter(match="tandem@*", count=500))
+
+
+def start_decode_worker(stack: Stack, port: int, *args: str) -> subprocess.Popen:
+    """One more decode worker, outside `tandem serve`: the router only learns of it through
+    Redis membership. Same model, dtype and shared disk dir as the stack."""
+    log = (stack.workdir / f"decode-{port}.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "tandem.cli", "decode", "--port", str(port), *args],
+        stdout=log, stderr=subprocess.STDOUT, env=stack.env, start_new_session=True)

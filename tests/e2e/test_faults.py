@@ -1,0 +1,306 @@
+"""Fault injection against a real `tandem serve` process tree (docs/RELIABILITY.md).
+
+One stack serves every test: 1 prefill + 2 decode workers, Redis as a shared tier and for
+membership, the memory tier sized to hold nothing (so every block read goes to disk, then
+Redis), and 2 slots + 2 queued requests per worker (so backpressure is cheap to reach). Tests
+that kill a worker wait for the supervisor's restart before the next one needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from engine.sampling_params import SamplingParams
+from kvstore import KeyNamespace, block_keys
+from tandem.heartbeat import member_key
+from tandem.internal_api import DecodeRequest, PrefillRequest, WireEvent, params_to_wire
+from tests.e2e.faults import (
+    MODEL,
+    complete,
+    counters,
+    decode_urls,
+    delta,
+    flip_bytes,
+    flip_redis_value,
+    health,
+    kv_files,
+    kv_path,
+    metric,
+    poll,
+    redis_block_count,
+    start_decode_worker,
+    stream_completion,
+)
+from tests.e2e.stack import Stack, free_port
+from tests.redis_server import RedisServer
+
+# 105 tokens: the prompt fills block 0 and most of block 1, so ~20 generated tokens complete
+# block 1, which only the decode worker can store.
+COUNT = "Count from 1 to 300, separated by commas: " + ", ".join(map(str, range(1, 26))) + ","
+# Greedy SmolLM2 continues the count exactly for 120 tokens (checked against HF generate, which
+# takes a minute on a loaded 2-vCPU box); a lost or repeated token skips or repeats a number.
+COUNT_GREEDY = "".join(f" {i}," for i in range(26, 56))
+STORY = (  # 108 tokens, open-ended: sampled continuations differ by seed
+    "Once upon a time, in a small village at the edge of a great forest, there lived an old "
+    "clockmaker named Elias. Every morning he opened his shop, wound the clocks on the walls, "
+    "and listened to them tick together. One winter day a stranger in a grey coat walked in, "
+    "carrying a broken pocket watch that had belonged to the king. The stranger said that the "
+    "watch must be repaired before midnight, because the whole kingdom would fall silent if "
+    "it stopped. Elias looked at the watch for a long time, and then he said")
+LONG_TOKENS = 120  # generated per kill test
+KILL_AFTER = 20  # tokens the client has seen when the worker dies
+BLOCK = 64
+CAPACITY = 2 * (2 + 2)  # decode workers x (max_slots + max_queue)
+WORKER_FLAGS = ("--memory-cache-bytes", "1", "--max-slots", "2", "--max-queue", "2")
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, redis):
+    with Stack(tmp_path_factory.mktemp("faults"), "--decode-workers", "2",
+               "--redis-url", redis.url, *WORKER_FLAGS) as s:
+        yield s
+
+
+def salt() -> str:
+    """A fresh key namespace: blocks from earlier runs of the same text cannot be reused."""
+    return uuid.uuid4().hex
+
+
+def kill_mid_stream(stack: Stack, body: dict) -> tuple[str, dict]:
+    """Stream `body`; once the client has KILL_AFTER tokens and the serving decode worker has
+    stored a block of generated tokens, SIGKILL that worker. Returns (text, the surviving
+    decode worker's counter deltas)."""
+    stack.wait_all_healthy()
+    kv_dir = stack.workdir / "kv"
+    files_before = kv_files(kv_dir)
+    before = {url: counters(url) for url in decode_urls(stack)}
+    failovers = metric(stack.url, "tandem:worker_failovers_total")
+    killed: list[dict] = []
+
+    def on_chunk(n: int) -> None:
+        if killed or n < KILL_AFTER:
+            return
+        # prefill stored block 0 + the prompt's tail; the third file is block 1, written by
+        # the decode worker once its KV covered tokens [64, 128)
+        poll(lambda: kv_files(kv_dir) >= files_before + 3, 60, "a generated block on disk")
+        [serving] = [w for w in stack.workers() if w["role"] == "decode" and w["inflight"]]
+        os.kill(serving["pid"], signal.SIGKILL)
+        killed.append(serving)
+
+    text = stream_completion(stack, body, on_chunk)
+    assert killed, "the stream ended before the kill"
+    [survivor] = [url for url in before if url != killed[0]["url"]]
+    assert metric(stack.url, "tandem:worker_failovers_total") >= failovers + 1
+    return text, delta(counters(survivor), before[survivor])
+
+
+def check_resume_counters(d: dict) -> None:
+    """The survivor took one request, loaded the prompt block and the dead worker's block of
+    generated tokens, and recomputed less than a block."""
+    assert d["requests_total"] == 1, d
+    assert d["prefix_tokens_loaded_total"] >= 2 * BLOCK, d
+    assert 0 < d["admit_tokens_computed_total"] < BLOCK, d
+
+
+def test_decode_killed_mid_stream_greedy_resumes_exactly(stack):
+    text, survivor = kill_mid_stream(stack, {
+        "prompt": COUNT, "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
+        "cache_salt": salt()})
+    assert text == COUNT_GREEDY
+    check_resume_counters(survivor)
+
+
+def test_corrupt_block_between_prefill_and_decode_is_recomputed(stack, redis):
+    """Injected after /prefill stored the prompt and before /generate reads it: 64 bytes XOR
+    0xFF in the middle (the tensor payload) of block 1, in its disk file and its Redis value.
+    Driven through the worker APIs, so nothing runs between the two calls but the injection."""
+    workers = [w for w in stack.workers() if w["healthy"]]
+    prefill = next(w["url"] for w in workers if w["role"] == "prefill")
+    decode = next(w["url"] for w in workers if w["role"] == "decode")
+    params = params_to_wire(SamplingParams(max_tokens=16, temperature=0.0, seed=7))
+    ids = httpx.post(f"{stack.url}/tokenize", timeout=30, json={
+        "model": MODEL, "prompt": STORY + COUNT}).json()["tokens"]
+    assert len(ids) > 3 * BLOCK
+
+    def prefill_then_decode(inject) -> list[int]:
+        rid, cache_salt = f"corrupt-{salt()}", salt()
+        pre = httpx.post(f"{prefill}/prefill", timeout=120, json=PrefillRequest(
+            request_id=rid, token_ids=ids, params=params, cache_salt=cache_salt).model_dump())
+        assert pre.status_code == 200, pre.text
+        pre = pre.json()
+        inject(cache_salt)
+        first = pre["event"]["token_id"]
+        body = DecodeRequest(request_id=rid, token_ids=ids + [first], num_prompt_tokens=len(ids),
+                             params=params, cache_salt=cache_salt, tail_key=pre["tail_key"],
+                             tail_start=pre["tail_start"])
+        with httpx.stream("POST", f"{decode}/generate", json=body.model_dump(),
+                          timeout=120) as r:
+            assert r.status_code == 200
+            return [first] + [WireEvent.model_validate_json(line).token_id
+                              for line in r.iter_lines() if line]
+
+    def corrupt_block_1(cache_salt: str) -> None:
+        h = health(decode)
+        key = block_keys(ids, KeyNamespace(h["fingerprint"], h["dtype"], h["block_size"],
+                                           cache_salt))[1]
+        flip_bytes(kv_path(stack.workdir / "kv", key))
+        flip_redis_value(redis.client(), key)
+
+    want = prefill_then_decode(lambda _: None)  # no fault, same workers
+    corrupt = {t: metric(decode, "tandem:kvstore_corrupt_blocks_total", tier=t)
+               for t in ("disk", "redis")}
+    before = counters(decode)
+    assert prefill_then_decode(corrupt_block_1) == want
+    for tier, n in corrupt.items():
+        assert metric(decode, "tandem:kvstore_corrupt_blocks_total", tier=tier) == n + 1, tier
+    d = delta(counters(decode), before)
+    assert d["prefix_tokens_loaded_total"] == BLOCK, d  # block 0 only: block 1 was refused
+    assert d["admit_tokens_computed_total"] == len(ids) + 1 - BLOCK, d
+
+
+def test_overload_answers_429_with_retry_after(stack):
+    prompt = "Write a poem about the sea."  # under a block: no prefill hop, decode is the limit
+    body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
+    want = complete(stack, body).json()["choices"][0]["text"]
+    refused_before = sum(counters(u)["requests_refused_total"] for u in decode_urls(stack))
+    with ThreadPoolExecutor(3 * CAPACITY) as pool:
+        replies = list(pool.map(lambda _: complete(stack, body), range(3 * CAPACITY)))
+    codes = sorted(r.status_code for r in replies)
+    assert set(codes) <= {200, 429}, codes
+    assert 200 in codes and 429 in codes, codes
+    for r in replies:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        else:
+            assert r.json()["choices"][0]["text"] == want
+    refused = sum(counters(u)["requests_refused_total"] for u in decode_urls(stack))
+    assert refused > refused_before
+
+
+def test_aborted_streams_leak_no_slots(stack):
+    """100 streams dropped by the client at three points (right after the headers, after one
+    chunk, mid-stream); afterwards no sequence is left and every admission slot is free."""
+    body = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 200,
+            "ignore_eos": True, "stream": True}
+
+    def abort(i: int) -> int:
+        with httpx.stream("POST", f"{stack.url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for _ in range(i % 3 * 3):  # 0, 3 or 6 lines (data lines alternate with blanks)
+                next(lines)
+            return r.status_code
+
+    stack.wait_all_healthy()
+    # 4 clients: at most 8 requests held (4 live + 4 being torn down), the stack's capacity
+    with ThreadPoolExecutor(CAPACITY // 2) as pool:
+        assert set(pool.map(abort, range(100))) == {200}
+    urls = decode_urls(stack)
+    poll(lambda: all(health(u)["running"] == 0 and health(u)["waiting"] == 0 for u in urls),
+         30, "aborted sequences to be freed")
+    # Every admission ticket came back: CAPACITY concurrent requests are all admitted.
+    short = {"prompt": "Say hello.", "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(CAPACITY) as pool:
+        codes = [r.status_code for r in pool.map(lambda _: complete(stack, short),
+                                                 range(CAPACITY))]
+    assert codes == [200] * CAPACITY
+
+
+def run_wave(stack: Stack, body: dict, n: int, started=None) -> list[str]:
+    """n concurrent streams of `body`, each its own key namespace; `started` (an Event) is set
+    once every stream has its first token."""
+    count, lock = [0], threading.Lock()
+
+    def one(_: int) -> str:
+        def on_chunk(i: int) -> None:
+            with lock:
+                count[0] += i == 1
+                if count[0] == n and started is not None:
+                    started.set()
+        return stream_completion(stack, {**body, "cache_salt": salt()}, on_chunk)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_redis_outage_under_load(stack, redis):
+    stack.wait_all_healthy()
+    body = {"prompt": STORY, "max_tokens": 16, "temperature": 0}  # 108 tokens: prefill hop
+    want = stream_completion(stack, body)
+    started = threading.Event()
+    stopper = threading.Thread(target=lambda: started.wait(120) and redis.stop())
+    stopper.start()
+    assert run_wave(stack, body, CAPACITY, started) == [want] * CAPACITY  # Redis stops midway
+    stopper.join()
+    assert not redis.running
+    assert run_wave(stack, body, CAPACITY) == [want] * CAPACITY  # all of it without Redis
+
+    redis.restart()  # empty: persistence is off
+    prefill = next(w["url"] for w in stack.workers() if w["role"] == "prefill")
+
+    def redis_used_again() -> bool:
+        assert stream_completion(stack, {**body, "cache_salt": salt()}) == want
+        return (redis_block_count(redis.client()) > 0
+                and metric(prefill, "tandem:kvstore_tier_up", tier="redis") == 1.0)
+
+    # the tier's breaker probes again after its backoff (doubling, up to 30 s)
+    poll(redis_used_again, 90, "the Redis tier to be used again", every=0.5)
+
+
+def test_discovered_worker_drains_on_sigterm(stack, redis):
+    """A decode worker outside `tandem serve` joins through its Redis heartbeat; on SIGTERM it
+    leaves membership, refuses new work, finishes its stream and exits."""
+    stack.wait_all_healthy()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    extra = start_decode_worker(stack, port, "--dtype", "float32", "--redis-url", redis.url,
+                                "--disk-cache-dir", str(stack.workdir / "kv"),
+                                "--drain-grace-s", "60", *WORKER_FLAGS)
+    try:
+        found = poll(lambda: [w for w in stack.workers() if w["url"] == url and w["healthy"]],
+                     180, "the router to discover the new worker", every=0.5)
+        assert found[0]["discovered"] and found[0]["role"] == "decode"
+        body = {"prompt": "List some animals.", "max_tokens": 48, "temperature": 0}
+        want = complete(stack, body).json()["choices"][0]["text"]
+        failovers = metric(stack.url, "tandem:worker_failovers_total")
+        started = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            wave = pool.submit(run_wave, stack, body, 3, started)  # one per decode worker
+            started.wait(120)
+            [serving] = [w for w in stack.workers() if w["url"] == url]
+            assert serving["inflight"] == 1, serving
+            extra.send_signal(signal.SIGTERM)
+            poll(lambda: redis.client().get(member_key("decode", url)) is None, 10,
+                 "the worker to leave membership")
+            assert complete(stack, body).json()["choices"][0]["text"] == want  # not sent to it
+            assert wave.result() == [want] * 3
+        assert extra.wait(timeout=60) is not None
+        assert metric(stack.url, "tandem:worker_failovers_total") == failovers  # drained
+        poll(lambda: url not in [w["url"] for w in stack.workers()], 15,
+             "the router to drop the worker")
+    finally:
+        if extra.poll() is None:
+            extra.kill()
+            extra.wait()
+
+
+def test_decode_killed_mid_stream_seeded_sampling_resumes_exactly(stack):
+    body = {"prompt": STORY, "max_tokens": LONG_TOKENS, "temperature": 0.8, "seed": 1234,
+            "ignore_eos": True}
+    want = stream_completion(stack, {**body, "cache_salt": salt()})  # same stack, no fault
+    text, survivor = kill_mid_stream(stack, {**body, "cache_salt": salt()})
+    assert text == want
+    check_resume_counters(survivor)

@@ -1,0 +1,224 @@
+"""The dispatcher's fault handling against scripted workers (httpx.MockTransport, no model):
+decode resume, prefill fallback, refusals, the failover budget, circuits and membership."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from engine.sampling_params import SamplingParams
+from router import dispatch
+from router.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
+from router.circuit import Circuit
+from router.dispatch import DisaggregatedBackend
+from router.pool import WorkerPool
+from router.settings import RouterSettings
+from tandem.heartbeat import WorkerAd
+
+P, D1, D2 = "http://p:1", "http://d1:1", "http://d2:1"
+PROMPT = list(range(10, 20))  # under a block: no prefill hop unless a test says so
+
+
+def health(role: str, pid: int = 1) -> dict:
+    return {"role": role, "model": "m", "pid": pid, "fingerprint": "fp", "dtype": "float32",
+            "block_size": 4, "max_model_len": 512, "running": 0, "waiting": 0, "counters": {}}
+
+
+def ndjson(tokens: list[int], finish_at: int | None, cut: bool = False):
+    """A /generate body: one line per token, the last finishing, or cut off mid-stream."""
+    async def body():
+        for i, t in enumerate(tokens):
+            line = {"token_id": t}
+            if i + 1 == finish_at:
+                line["finish_reason"] = "length"
+            yield (json.dumps(line) + "\n").encode()
+        if cut:
+            raise httpx.RemoteProtocolError("peer closed connection")
+    return body()
+
+
+class Workers:
+    """Scripted workers: `generate[url]` maps a /generate body to a Response; every call is
+    recorded as (url, path, json body)."""
+
+    def __init__(self, generate: dict[str, Callable[[dict], httpx.Response]],
+                 prefill: dict[str, Callable[[dict], httpx.Response]] | None = None):
+        self.generate = generate
+        self.prefill = prefill or {}
+        self.health_status: dict[str, int] = {}  # url -> /health status (default 200)
+        self.calls: list[tuple[str, str, dict]] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        url = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        path = request.url.path
+        if path == "/health":
+            return httpx.Response(self.health_status.get(url, 200),
+                                  json=health("prefill" if url == P else "decode"))
+        body = json.loads(request.content)
+        self.calls.append((url, path, body))
+        return (self.generate if path == "/generate" else self.prefill)[url](body)
+
+    def paths(self, path: str) -> list[str]:
+        return [url for url, p, _ in self.calls if p == path]
+
+
+def run(workers: Workers, fn, prefill: bool = False, max_failovers: int = 2, **params):
+    """Start a backend over the scripted workers, run `await fn(backend)`, close it."""
+    settings = RouterSettings(_env_file=None, prefill_urls=[P] if prefill else [],
+                              decode_urls=[D1, D2], prefix_cache=False, health_interval_s=0.05,
+                              max_failovers=max_failovers)
+
+    async def main():
+        backend = DisaggregatedBackend(settings, transport=httpx.MockTransport(workers.handler))
+        await backend.start()
+        try:
+            return await fn(backend)
+        finally:
+            await backend.close()
+
+    return asyncio.run(main())
+
+
+def request(max_tokens: int = 6) -> GenerateRequest:
+    return GenerateRequest("req-1", "m", list(PROMPT), SamplingParams(max_tokens=max_tokens,
+                                                                      seed=1))
+
+
+async def tokens(backend: DisaggregatedBackend, req: GenerateRequest | None = None) -> list[int]:
+    return [ev.token_id async for ev in backend.generate(req or request())]
+
+
+def test_broken_decode_stream_resumes_elsewhere_with_tokens_so_far():
+    first = {D1: None}
+
+    def d1(body):
+        first[D1] = body
+        return httpx.Response(200, content=ndjson([1, 2, 3], None, cut=True))
+
+    def d2(body):
+        assert body["token_ids"] == PROMPT + [1, 2, 3]  # the prompt + what was streamed
+        assert body["num_prompt_tokens"] == len(PROMPT)
+        assert body["request_id"] == first[D1]["request_id"]  # idempotent: same id
+        return httpx.Response(200, content=ndjson([4, 5, 6], 3))
+
+    workers = Workers({D1: d1, D2: d2})
+
+    async def go(backend):
+        got = await tokens(backend)
+        return got, backend.failovers_total
+
+    got, failovers = run(workers, go)
+    assert got == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing repeated
+    assert failovers == 1
+    assert workers.paths("/generate") == [D1, D2]
+
+
+def test_every_decode_worker_full_is_429_and_costs_no_budget():
+    busy = lambda _: httpx.Response(429, headers={"Retry-After": "3"})  # noqa: E731
+    workers = Workers({D1: busy, D2: busy})
+
+    async def go(backend):
+        with pytest.raises(BackendOverloaded) as err:
+            await tokens(backend)
+        return err.value.retry_after_s, backend.failovers_total
+
+    assert run(workers, go) == (3, 0)
+    assert sorted(workers.paths("/generate")) == [D1, D2]
+
+
+def test_draining_worker_is_skipped():
+    draining = lambda _: httpx.Response(503)  # noqa: E731
+    ok = lambda _: httpx.Response(200, content=ndjson([7], 1))  # noqa: E731
+    workers = Workers({D1: draining, D2: ok})
+    workers.health_status[D1] = 503  # as a draining worker answers its probes
+
+    async def go(backend):
+        got = []
+        for _ in range(2):
+            got.append(await tokens(backend))
+        return got, backend.failovers_total
+
+    assert run(workers, go) == ([[7], [7]], 0)
+    assert workers.paths("/generate").count(D1) <= 1  # once refused, out of rotation
+
+
+def test_failover_budget_bounds_retries():
+    broken = lambda _: httpx.Response(200, content=ndjson([1], None, cut=True))  # noqa: E731
+    workers = Workers({D1: broken, D2: broken})
+
+    async def go(backend):
+        with pytest.raises(BackendUnavailable):
+            await tokens(backend)
+        return backend.failovers_total
+
+    assert run(workers, go, max_failovers=2) == 2
+    assert len(workers.paths("/generate")) == 3  # the first try + 2 failovers
+
+
+def test_failed_prefill_falls_back_to_decode_prefilling():
+    prompt = list(range(10, 30))  # 5 blocks of 4: worth a prefill hop
+
+    def decode(body):
+        assert body["token_ids"] == prompt and body["tail_key"] is None  # no first token
+        return httpx.Response(200, content=ndjson([9, 8], 2))
+
+    workers = Workers({D1: decode, D2: decode}, prefill={P: lambda _: httpx.Response(500)})
+    req = GenerateRequest("r", "m", prompt, SamplingParams(max_tokens=2, seed=1))
+    assert run(workers, lambda b: tokens(b, req), prefill=True) == [9, 8]
+    assert workers.paths("/prefill") == [P]
+
+
+def test_circuit_opens_after_consecutive_failures_and_half_opens():
+    c = Circuit(threshold=3, base_cooldown_s=5.0)
+    for _ in range(2):
+        c.on_failure(now=0.0)
+    assert c.state(0.0) == "closed"
+    c.on_failure(now=0.0)
+    assert c.state(1.0) == "open" and not c.available(1.0)
+    assert c.state(5.0) == "half_open" and c.available(5.0)
+    assert c.on_lease(5.0) and not c.available(5.0)  # one trial at a time
+    c.on_failure(now=5.0)  # the trial failed: open again, twice as long
+    assert c.state(14.9) == "open" and c.state(15.0) == "half_open"
+    c.on_lease(15.0)
+    c.on_success()
+    assert c.state(15.0) == "closed" and c.failures == 0
+
+
+def test_membership_adds_advertised_workers_and_drops_lapsed_ones():
+    pool = WorkerPool(httpx.AsyncClient(), [], [D1])
+    ad = WorkerAd(url=D2, role="decode", pid=7, model="m")
+    pool.sync_members([ad])
+    [found] = [w for w in pool.workers() if w.url == D2]
+    assert found.discovered and not found.healthy  # a probe must pass first
+    found.healthy = True
+    pool.sync_members([ad.model_copy(update={"draining": True})])
+    assert not found.healthy
+    pool.sync_members([])  # one listing without it: kept (a Redis restart forgets every ad)
+    assert D2 in [w.url for w in pool.workers()]
+    pool.sync_members([])
+    assert D2 not in [w.url for w in pool.workers()]
+
+
+def test_waiting_for_a_worker_after_a_failure_is_bounded(monkeypatch):
+    """Both decode workers gone mid-stream: the request waits FAILOVER_WAIT_S for one to come
+    back, then ends with a clean BackendUnavailable after the tokens it already streamed."""
+    monkeypatch.setattr(dispatch, "FAILOVER_WAIT_S", 0.3)
+    workers = Workers({D1: lambda _: httpx.Response(200, content=ndjson([1], None, cut=True)),
+                       D2: lambda _: httpx.Response(500)})
+    workers.health_status[D2] = 503
+
+    async def go(backend):
+        workers.health_status[D1] = 503  # D1 dies with its stream
+        got, start = [], time.monotonic()
+        with pytest.raises(BackendUnavailable, match="recovered"):
+            async for ev in backend.generate(request()):
+                got.append(ev.token_id)
+        return got, time.monotonic() - start
+
+    got, seconds = run(workers, go)
+    assert got == [1] and seconds < 3

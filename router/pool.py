@@ -212,12 +212,25 @@ class WorkerPool:
             if w.failures >= self._unhealthy_after or not w.healthy:
                 w.healthy = False
             return
+        if w.discovered and not self._compatible(w, health):
+            if w.health is None:  # log once, not every probe round
+                log.warning("ignoring %s: its model/KV layout differs from the pool's", w.url)
+            w.health, w.healthy = health, False
+            return
         if w.health is not None and w.health.pid != health.pid:
             w.circuit.reset()
         if not w.healthy:
             log.info("%s worker %s is healthy (pid %d)", w.role, w.url, health.pid)
         w.health = health
         w.healthy, w.failures, w.last_ok = True, 0, time.monotonic()
+
+    def _compatible(self, w: WorkerInfo, health: WorkerHealth) -> bool:
+        """A discovered worker must share the model and KV layout of the others: it reads and
+        writes the same blocks, and resumes their streams."""
+        ref = next((x.health for x in self._workers.values()
+                    if x is not w and x.healthy and x.health is not None), None)
+        layout = (health.fingerprint, health.dtype, health.block_size)
+        return ref is None or layout == (ref.fingerprint, ref.dtype, ref.block_size)
 
     async def _probe_loop(self) -> None:
         while True:

@@ -7,8 +7,11 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote
@@ -55,6 +58,28 @@ def stream_completion(stack: Stack, body: dict,
                 on_chunk(len(parts))
     assert done, "the stream must end with data: [DONE]"
     return "".join(parts)
+
+
+def salt() -> str:
+    """A fresh key namespace: blocks from earlier runs of the same text cannot be reused."""
+    return uuid.uuid4().hex
+
+
+def run_wave(stack: Stack, body: dict, n: int, started=None) -> list[str]:
+    """n concurrent streams of `body`, each its own key namespace; `started` (an Event) is set
+    once every stream has its first token."""
+    count, lock = [0], threading.Lock()
+
+    def one(_: int) -> str:
+        def on_chunk(i: int) -> None:
+            with lock:
+                count[0] += i == 1
+                if count[0] == n and started is not None:
+                    started.set()
+        return stream_completion(stack, {**body, "cache_salt": salt()}, on_chunk)
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
 
 
 def complete(stack: Stack, body: dict) -> httpx.Response:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -35,6 +34,8 @@ from tests.e2e.faults import (
     metric,
     poll,
     redis_block_count,
+    run_wave,
+    salt,
     start_decode_worker,
     stream_completion,
 )
@@ -72,11 +73,6 @@ def stack(tmp_path_factory, redis):
     with Stack(tmp_path_factory.mktemp("faults"), "--decode-workers", "2",
                "--redis-url", redis.url, *WORKER_FLAGS) as s:
         yield s
-
-
-def salt() -> str:
-    """A fresh key namespace: blocks from earlier runs of the same text cannot be reused."""
-    return uuid.uuid4().hex
 
 
 def kill_mid_stream(stack: Stack, body: dict) -> tuple[str, dict]:
@@ -217,23 +213,6 @@ def test_aborted_streams_leak_no_slots(stack):
         codes = [r.status_code for r in pool.map(lambda _: complete(stack, short),
                                                  range(CAPACITY))]
     assert codes == [200] * CAPACITY
-
-
-def run_wave(stack: Stack, body: dict, n: int, started=None) -> list[str]:
-    """n concurrent streams of `body`, each its own key namespace; `started` (an Event) is set
-    once every stream has its first token."""
-    count, lock = [0], threading.Lock()
-
-    def one(_: int) -> str:
-        def on_chunk(i: int) -> None:
-            with lock:
-                count[0] += i == 1
-                if count[0] == n and started is not None:
-                    started.set()
-        return stream_completion(stack, {**body, "cache_salt": salt()}, on_chunk)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(one, range(n)))
 
 
 def test_redis_outage_under_load(stack, redis):

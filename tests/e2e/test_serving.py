@@ -105,6 +105,7 @@ def test_two_by_two_spreads_concurrent_streams(tmp_path, reference):
     prompts = [f"Count from {i} to {i + 5}:" for i in range(4)]
     wants = {p: reference.completion(p, 16)[0] for p in prompts}
     with Stack(tmp_path, "--prefill-workers", "2", "--decode-workers", "2") as s:
+        s.wait_all_healthy()  # /ready needs only one of each; spreading needs both
         def one(i: int) -> tuple[str, str]:
             p = prompts[i % 4]
             return p, stream_text(s, "/v1/completions",

@@ -222,3 +222,22 @@ def test_waiting_for_a_worker_after_a_failure_is_bounded(monkeypatch):
 
     got, seconds = run(workers, go)
     assert got == [1] and seconds < 3
+
+
+def test_discovered_worker_with_another_model_is_kept_out():
+    def handler(request: httpx.Request) -> httpx.Response:
+        h = health("decode")
+        if request.url.host == "d2":
+            h["fingerprint"] = "another-model"
+        return httpx.Response(200, json=h)
+
+    async def main() -> tuple[bool, bool]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            pool = WorkerPool(client, [], [D1])
+            await pool.refresh()
+            pool.sync_members([WorkerAd(url=D2, role="decode", pid=2, model="other")])
+            await pool.refresh()
+            by_url = {w.url: w for w in pool.workers()}
+            return by_url[D1].healthy, by_url[D2].healthy
+
+    assert asyncio.run(main()) == (True, False)

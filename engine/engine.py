@@ -5,8 +5,8 @@
       2. admit waiting sequences whose KV is all imported (one token left): they decode now
       3. compact: decoding sequences into slots [0, n)
       4. one batched decode forward over slots [0, n), sample, emit
-      5. prefill with a budget of `prefill_chunk` tokens, FIFO; a prompt longer than the budget
-         continues next step, so long prompts never stall running decodes for long
+      5. prefill FIFO: with decodes running, a budget of `prefill_chunk` tokens (a longer prompt
+         continues next step, so it never stalls them for long); with none, whole prompts
 
 Single-threaded by contract: one owner thread calls every method (see engine/runner.py), so
 there are no locks. Sequence state is counters (see engine/sequence.py).
@@ -104,7 +104,11 @@ class Engine:
         self._admit_imported()
         decoders = self._slots.compact()
         events = self._decode(decoders) if decoders else []
-        events += self._prefill_phase(self.config.prefill_chunk)
+        # Chunking exists to keep running decodes flowing. With none running (always so on a
+        # prefill worker) a prompt goes in one pass: from position 0 that is SDPA's maskless
+        # causal kernel, ~2x faster on CPU than chunks over a cached prefix with explicit masks.
+        budget = self.config.prefill_chunk if decoders else self.max_model_len
+        events += self._prefill_phase(budget)
         return events
 
     def has_work(self) -> bool:

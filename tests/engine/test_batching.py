@@ -32,12 +32,14 @@ def test_seeded_text_independent_of_batch(smollm_fp32, prompt_ids):
 def test_chunked_prefill_matches_unchunked(smollm_fp32, prompt_ids):
     long, short = prompt_ids[-1], prompt_ids[4]  # 299 and 18 tokens
 
-    def reqs():
-        return [make_request("long", long, greedy(8)), make_request("short", short, seeded(5, 8))]
+    def go(engine: Engine) -> dict:
+        # The long prompt joins while the short one decodes: only then is prefill chunked.
+        short_req = make_request("short", short, seeded(5, 12))
+        return run(engine, [short_req], joins={1: [make_request("long", long, greedy(8))]})
 
-    whole = run(Engine(smollm_fp32, EngineConfig(prefill_chunk=512)), reqs())
+    whole = go(Engine(smollm_fp32, EngineConfig(prefill_chunk=512)))
     chunked_engine = Engine(smollm_fp32, EngineConfig(prefill_chunk=48))
-    chunked = run(chunked_engine, reqs())
+    chunked = go(chunked_engine)
     assert chunked["long"].tokens == whole["long"].tokens
     assert chunked["short"].tokens == whole["short"].tokens
     assert chunked_engine.stats.prefill_tokens == len(long) + len(short)
@@ -53,3 +55,12 @@ def test_long_prefill_does_not_stall_decoding(smollm_fp32, prompt_ids):
         emitted.append(sum(e.seq_id == "short" for e in engine.step()))
     assert len(emitted) >= 4  # the long prompt took several chunked steps...
     assert all(n == 1 for n in emitted)  # ...and the short one decoded in every one of them
+
+
+def test_prompt_prefills_in_one_pass_when_nothing_decodes(smollm_fp32, prompt_ids):
+    # No decode to protect (e.g. a prefill worker): one maskless pass, whatever the chunk size.
+    engine = Engine(smollm_fp32, EngineConfig(prefill_chunk=48))
+    engine.add(make_request("long", prompt_ids[-1], greedy(1)))
+    events = engine.step()
+    assert [e.seq_id for e in events] == ["long"]
+    assert engine.stats.prefill_tokens == len(prompt_ids[-1])

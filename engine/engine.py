@@ -194,6 +194,8 @@ class Engine:
                 seq.held_blocks, seq.held_flat = None, self._kv_view(seq).clone()
                 self._slots.free(seq)
         self._done.clear()
+        if self._slots.num_held == 0:
+            self._store.reset()  # idle: give back what a burst grew
 
     def _admit_imported(self) -> None:
         """Waiting sequences with one token left need no prefill: give them slots to decode."""

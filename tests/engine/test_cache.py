@@ -101,3 +101,16 @@ def test_exported_blocks_never_alias_the_cache():
     block = c.read_blocks(0, 0, 1)
     c.write(0, 0, _kv(8, seed=9))
     assert torch.equal(blocks_to_flat(block), _kv(8))
+
+
+def test_idle_engine_gives_back_a_grown_cache(tiny_fp32):
+    from engine.engine import Engine, EngineConfig
+    from tests.engine.helpers import greedy, make_request, run
+
+    engine = Engine(tiny_fp32, EngineConfig(max_slots=16))
+    initial = engine.kv_cache_bytes
+    reqs = [make_request(str(i), list(range(5, 15)), greedy(3, ignore_eos=True)) for i in range(16)]
+    run(engine, reqs)
+    assert engine._store.num_slots == 16  # the burst grew it...
+    engine.step()  # idle step: nothing held
+    assert engine.kv_cache_bytes == initial  # ...and idleness gave it back

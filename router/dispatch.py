@@ -179,7 +179,8 @@ class DisaggregatedBackend:
     async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> PrefillResponse:
         async with self.pool.lease(w):
             try:
-                r = await self.client.post(f"{w.url}/prefill", json=body.model_dump())
+                r = await self.client.post(f"{w.url}/prefill", json=body.model_dump(),
+                                           headers={"X-Request-Id": body.request_id})
             except httpx.HTTPError as e:
                 raise WorkerFailed(repr(e)) from e
         check_status(r)
@@ -253,7 +254,8 @@ class DisaggregatedBackend:
         async with self.pool.lease(w):
             try:
                 async with self.client.stream(
-                    "POST", f"{w.url}/generate", json=body.model_dump()
+                    "POST", f"{w.url}/generate", json=body.model_dump(),
+                    headers={"X-Request-Id": body.request_id},
                 ) as r:
                     if r.status_code != 200:
                         await r.aread()

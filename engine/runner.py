@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import Engine, SeqRequest, TokenEvent
@@ -36,15 +36,6 @@ class _Stream:
     start_kv: int = -1  # the engine's kv_len at admission; -1 once a step has fed it
 
 
-@dataclass(slots=True)
-class RunnerStats:
-    steps: int = 0
-    running: int = 0
-    submitted_total: int = 0
-    aborted_total: int = 0
-    errors_total: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
 
 class EngineRunner:
     """Owns an Engine and its thread. `after_step` hooks run on the engine thread."""
@@ -52,7 +43,6 @@ class EngineRunner:
     def __init__(self, engine: Engine, after_step: StepHook | None = None,
                  on_scheduled: QueueHook | None = None):
         self.engine = engine
-        self.stats = RunnerStats()
         self._after_step = after_step
         self._on_scheduled = on_scheduled
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -127,14 +117,12 @@ class EngineRunner:
             self._put(s, e)
             return
         self._streams[req.seq_id] = s
-        self.stats.submitted_total += 1
         if self._on_scheduled is not None:
             s.start_kv = self.engine.kv_len(req.seq_id)
 
     def _abort(self, seq_id: str) -> None:
         if self._streams.pop(seq_id, None) is not None:
             self.engine.abort(seq_id)
-            self.stats.aborted_total += 1
 
     def _put(self, s: _Stream, item: Any) -> None:
         s.loop.call_soon_threadsafe(s.queue.put_nowait, item)
@@ -162,12 +150,10 @@ class EngineRunner:
             except Exception as e:
                 self._fail_all(e)
                 continue
-            self.stats.steps += 1
             self._report_scheduled(step_start)
             self._deliver(events)
             if self._after_step is not None:
                 self._after_step(self.engine, events)
-            self.stats.running = len(self._streams)
 
     def _report_scheduled(self, step_start: float) -> None:
         """Queue time of each sequence this step fed for the first time (a step feeds a
@@ -201,7 +187,6 @@ class EngineRunner:
     def _fail_all(self, err: Exception) -> None:
         """A failed step poisons every sequence in flight: fail them, never emit bad tokens."""
         log.exception("engine step failed; failing %d sequences", len(self._streams))
-        self.stats.errors_total += 1
         for seq_id, s in list(self._streams.items()):
             self._put(s, RuntimeError(f"engine step failed: {err}"))
             self.engine.abort(seq_id)

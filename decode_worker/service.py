@@ -63,8 +63,7 @@ async def start_sequence(
         token_ids=body.token_ids,
         num_prompt_tokens=body.num_prompt_tokens,
         params=params,
-        prefix_kv=prefix.kv,
-        prefix_len=prefix.length,
+        **prefix.seq_fields(),
     )
     worker.counters.requests_total += 1
     worker.counters.prefix_tokens_loaded_total += prefix.length

@@ -1,8 +1,9 @@
 """The engine's edge: checking a SeqRequest, and trimming its imported prefix KV to the tokens
 the sequence will use.
 
-A prefix arrives as whole blocks [n, L, 2, H, B, D] (from the KV store), optionally followed by
-a partial tail [L, 2, H, t, D] (t < B), or as one concatenated [L, 2, H, T, D] tensor.
+A prefix arrives as whole blocks [n, L, 2, H, B, D] or a list of n blocks [L, 2, H, B, D] (from
+the KV store), optionally followed by a partial tail [L, 2, H, t, D] (t < B), or as one
+concatenated [L, 2, H, T, D] tensor.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ def _flat_ok(x: torch.Tensor, lay: KVLayout) -> bool:
 
 
 def check_prefix(
-    prefix: torch.Tensor, tail: torch.Tensor | None, prefix_len: int, num_tokens: int,
-    lay: KVLayout,
+    prefix: torch.Tensor | list[torch.Tensor], tail: torch.Tensor | None, prefix_len: int,
+    num_tokens: int, lay: KVLayout,
 ) -> None:
     """Raise ValueError unless prefix (+ tail) is shaped for `lay` and covers prefix_len."""
-    if prefix.ndim == 6:
+    if isinstance(prefix, list):
+        if any(tuple(b.shape) != lay.block_shape for b in prefix):
+            raise ValueError(f"a prefix block does not match {lay.block_shape}")
+        covered = len(prefix) * lay.block_size
+    elif prefix.ndim == 6:
         if tuple(prefix.shape[1:]) != lay.block_shape:
             raise ValueError(f"prefix blocks {tuple(prefix.shape)} do not match {lay.block_shape}")
         covered = prefix.shape[0] * lay.block_size
@@ -53,14 +58,15 @@ def check_prefix(
 
 
 def trim_prefix(
-    prefix: torch.Tensor, tail: torch.Tensor | None, length: int, lay: KVLayout
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    prefix: torch.Tensor | list[torch.Tensor], tail: torch.Tensor | None, length: int,
+    lay: KVLayout,
+) -> tuple[torch.Tensor | list[torch.Tensor] | None, torch.Tensor | None]:
     """(blocks, flat) views covering at least tokens [0, length): the blocks first, then flat."""
-    if prefix.ndim == 5:
+    if not isinstance(prefix, list) and prefix.ndim == 5:
         flat = prefix if tail is None else torch.cat([prefix, tail.to(prefix.device)], dim=3)
         return None, flat[:, :, :, :length]
     B = lay.block_size
-    n = min(prefix.shape[0], -(-length // B))  # whole blocks, the last may pass `length`
+    n = min(len(prefix), -(-length // B))  # whole blocks, the last may pass `length`
     rest = length - n * B
     flat = tail[:, :, :, :rest] if rest > 0 and tail is not None else None
     return prefix[:n], flat

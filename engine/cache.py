@@ -11,9 +11,11 @@ The engine keeps its decoding sequences in the dense range of slots [0, n), so a
 step reads layer l's keys as the view `kv[l, 0, :n, :, :t]`: no gather, no concatenation, no
 per-step copy. Positions past a row's own length hold stale data and are masked out.
 
-S and T start small and double on demand up to (max_slots, max_len): one whole-cache copy per
-doubling (amortised), never per step. Preallocating max_slots x max_model_len up front would
-cost 32 x 8192 x 45 KB = 12 GB for SmolLM2 in fp32.
+S and T start small (1 slot x 256 tokens) and double on demand up to (max_slots, max_len): one
+whole-cache copy per doubling (amortised), never per step. Growing T costs S x T x 45 KB for
+SmolLM2 in fp32, so a lone long prompt must not pay for idle slots: starting at 4 slots made a
+cold 2.9k-token prompt zero 0.75 GB (~0.3-1 s) instead of 0.19 GB. Preallocating
+max_slots x max_model_len up front would cost 32 x 8192 x 45 KB = 12 GB for SmolLM2 in fp32.
 
 A sequence's tokens [a, b) read as `kv[:, :, slot, :, a:b]`, which is already the KV block layout
 [L, 2, H, t, D] of engine/kv_layout.py, so export and import are single copies.
@@ -41,7 +43,7 @@ class SlotKVCache:
         max_slots: int,
         max_len: int,
         device: torch.device,
-        init_slots: int = 4,
+        init_slots: int = 1,
     ):
         self.layout = layout
         self.max_slots = max_slots
@@ -88,11 +90,13 @@ class SlotKVCache:
         self.kv = bigger
 
     def reset(self) -> None:
-        """Back to the initial size. Only when no slot is held: growth doubles every slot's
-        capacity, so a cache left at 32 slots by a burst would make the next 3k-token prompt
-        zero and copy 6 GB (measured ~20 s on CPU) instead of 0.75 GB."""
-        if (self.num_slots, self.capacity) != self._init_shape:
-            self.kv = self._alloc(*self._init_shape)
+        """Back to the initial slot count, keeping the token capacity. Only when no slot is
+        held: growth doubles every slot's capacity, so a cache left at 32 slots by a burst would
+        make the next 3k-token prompt zero and copy 6 GB (measured ~20 s on CPU) instead of
+        0.19 GB. One slot of capacity stays (at most max_len x 45 KB, 0.37 GB for SmolLM2 fp32),
+        so back-to-back long prompts do not zero it again each time."""
+        if self.num_slots > self._init_shape[0]:
+            self.kv = self._alloc(self._init_shape[0], self.capacity)
 
     def read(self, slot: int, start: int, end: int) -> torch.Tensor:
         """A view of tokens [start, end) of a slot: [L, 2, H, end - start, D]."""
@@ -104,12 +108,13 @@ class SlotKVCache:
         self.reserve(length=start + t)
         self.kv[:, :, slot, :, start : start + t] = kv
 
-    def write_blocks(self, slot: int, blocks: torch.Tensor) -> None:
-        """Write blocks [n, L, 2, H, B, D] at tokens [0, n * B) of a slot, in one copy."""
-        n, L, _, H, B, D = blocks.shape
-        self.reserve(length=n * B)
-        dst = self.kv[:, :, slot, :, : n * B].view(L, 2, H, n, B, D)
-        dst.copy_(blocks.permute(1, 2, 3, 0, 4, 5))
+    def write_blocks(self, slot: int, blocks: torch.Tensor | list[torch.Tensor]) -> None:
+        """Write n blocks ([n, L, 2, H, B, D], or a list of [L, 2, H, B, D]) at tokens
+        [0, n * B) of a slot: one copy per block, never an intermediate concatenation."""
+        B = self.layout.block_size
+        self.reserve(length=len(blocks) * B)
+        for i, block in enumerate(blocks):
+            self.kv[:, :, slot, :, i * B : (i + 1) * B] = block
 
     def read_blocks(self, slot: int, first: int, count: int) -> torch.Tensor:
         """Blocks [first, first + count) of a slot as a new tensor [count, L, 2, H, B, D]."""

@@ -211,7 +211,7 @@ class Engine:
         if seq.held_blocks is not None:
             self._store.write_blocks(seq.slot, seq.held_blocks)
         if seq.held_flat is not None:
-            blocks = 0 if seq.held_blocks is None else seq.held_blocks.shape[0]
+            blocks = 0 if seq.held_blocks is None else len(seq.held_blocks)
             self._store.write(seq.slot, blocks * self.layout.block_size, seq.held_flat)
         seq.held_blocks = seq.held_flat = None
 
@@ -306,7 +306,10 @@ class Engine:
         """Tokens [0, kv_len) of a sequence, wherever they are: [L, 2, H, kv_len, D]."""
         if seq.slot >= 0:
             return self._store.read(seq.slot, 0, seq.kv_len)
-        parts = [blocks_to_flat(seq.held_blocks)] if seq.held_blocks is not None else []
+        parts = []
+        if seq.held_blocks is not None:
+            held = seq.held_blocks
+            parts.append(blocks_to_flat(torch.stack(held) if isinstance(held, list) else held))
         if seq.held_flat is not None:
             parts.append(seq.held_flat)
         if not parts:  # waiting, nothing imported

@@ -27,15 +27,17 @@ PromptLogprob = tuple[float, list[tuple[int, float]]]  # (logprob of the token, 
 @dataclass(slots=True)
 class SeqRequest:
     """A sequence to run. `prefix_kv` covers token_ids[:prefix_len], as blocks
-    [n, L, 2, H, B, D] or concatenated [L, 2, H, T, D]; `prefix_tail` [L, 2, H, t, D] (t < B)
-    optionally follows the blocks. Both may sit on any device; they are copied in at admission.
+    [n, L, 2, H, B, D], a list of n blocks [L, 2, H, B, D] (as the store returns them: no
+    concatenation), or concatenated [L, 2, H, T, D]; `prefix_tail` [L, 2, H, t, D] (t < B)
+    optionally follows the blocks. Both may sit on any device; they are copied in at admission
+    and only read, so they may be views of a store's buffers.
     """
 
     seq_id: str
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    prefix_kv: torch.Tensor | None = None
+    prefix_kv: torch.Tensor | list[torch.Tensor] | None = None
     prefix_len: int = 0
     prefill_only: bool = False  # stop after one token; keep the KV until release()
     prefix_tail: torch.Tensor | None = None
@@ -64,7 +66,7 @@ class Sequence:
     kv_len: int = 0
     slot: int = -1  # -1: no slot (waiting, or parked)
     # K/V held outside the slots: an import waiting for admission, or a parked prefill.
-    held_blocks: torch.Tensor | None = None  # [n, L, 2, H, B, D], tokens [0, n * B)
+    held_blocks: torch.Tensor | list[torch.Tensor] | None = None  # n blocks: tokens [0, n * B)
     held_flat: torch.Tensor | None = None  # [L, 2, H, t, D], the tokens right after the blocks
     finish_reason: str | None = None
     done: bool = False  # emitted its last event (finished, or a prefill_only's one token)

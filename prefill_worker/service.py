@@ -1,6 +1,9 @@
 """POST /prefill: load the cached prefix, compute the rest of the prompt, sample the first token,
 and write the prompt's new full blocks (plus its partial tail) to the store.
 
+The reply is two NDJSON lines: the first token as soon as it is sampled (`PrefillResponse`),
+then `PrefillCommitted` once the KV is stored, so the store write is off the TTFT path.
+
     prompt:  |-- block 0 --|-- block 1 --|-- block 2 --|- tail -|
              |<- loaded from the store ->|<- computed here -->|
                                          written as blocks   written under a request key
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +22,15 @@ from fastapi import APIRouter, Response
 
 from engine.engine import Engine, SeqRequest, TokenEvent
 from kvstore import KeyNamespace, block_keys, tail_key
-from tandem.internal_api import PrefillRequest, PrefillResponse, WireEvent, params_from_wire
-from tandem.worker_base import PrefixKV, Worker, WorkerDep
+from tandem.admission import TicketedStream
+from tandem.internal_api import (
+    PrefillCommitted,
+    PrefillRequest,
+    PrefillResponse,
+    WireEvent,
+    params_from_wire,
+)
+from tandem.worker_base import NO_PREFIX, Worker, WorkerDep
 
 routes = APIRouter()
 
@@ -47,11 +59,12 @@ def export_prompt(
     return PromptExport(ev, blocks, tail)
 
 
-async def run_prefill(worker: Worker, body: PrefillRequest) -> PrefillResponse:
+async def run_prefill(worker: Worker, body: PrefillRequest) -> tuple[PrefillResponse, Future]:
+    """Compute the prompt; returns the reply head and the Future of the KV's store writes."""
     params = params_from_wire(body.params)
     ns = worker.namespace(body.cache_salt)
     n = len(body.token_ids)
-    prefix = PrefixKV(None, 0, 0)
+    prefix = NO_PREFIX
     if params.prompt_logprobs is None:  # prompt logprobs need every position computed
         prefix = await asyncio.to_thread(worker.load_prefix, body.token_ids, ns, n - 1)
     req = SeqRequest(
@@ -59,8 +72,7 @@ async def run_prefill(worker: Worker, body: PrefillRequest) -> PrefillResponse:
         token_ids=body.token_ids,
         num_prompt_tokens=n,
         params=params,
-        prefix_kv=prefix.kv,
-        prefix_len=prefix.length,
+        **prefix.seq_fields(),
         prefill_only=True,
     )
     worker.counters.requests_total += 1
@@ -73,29 +85,9 @@ async def run_prefill(worker: Worker, body: PrefillRequest) -> PrefillResponse:
 
     # A prefill_only stream yields exactly one item: the first token with its exported KV.
     [out] = [item async for item in worker.runner.stream(req, on_event=on_event)]
-    return await _store_and_reply(worker, body, ns, prefix, out)
-
-
-async def _store_and_reply(
-    worker: Worker, body: PrefillRequest, ns: KeyNamespace, prefix: PrefixKV, out: PromptExport
-) -> PrefillResponse:
-    # The decode worker reads these next, so the reply waits for the writes.
-    start = time.perf_counter()
-    writes = []
-    if out.blocks:
-        writes.append(asyncio.wrap_future(worker.write_blocks(out.blocks)))
-    tkey = None
-    if out.tail is not None:
-        tkey = tail_key(body.request_id, ns)
-        ttl = worker.settings.tail_ttl_s
-        writes.append(asyncio.wrap_future(worker.write_blocks({tkey: out.tail}, ttl_s=ttl)))
-    await asyncio.gather(*writes)
-    tensors = [*out.blocks.values(), *([out.tail] if out.tail is not None else [])]
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    worker.handoff.observe("store", nbytes, time.perf_counter() - start)
+    tkey = tail_key(body.request_id, ns) if out.tail is not None else None
     ev = out.event
-    bs = worker.block_size
-    return PrefillResponse(
+    head = PrefillResponse(
         event=WireEvent(
             token_id=ev.token_id,
             logprob=ev.logprob,
@@ -104,16 +96,45 @@ async def _store_and_reply(
             prompt_logprobs=ev.prompt_logprobs,
         ),
         num_cached_tokens=prefix.length,
-        num_computed_tokens=len(body.token_ids) - prefix.length,
+        num_computed_tokens=n - prefix.length,
         tail_key=tkey,
-        tail_start=(len(body.token_ids) // bs) * bs,
+        tail_start=(n // worker.block_size) * worker.block_size,
     )
+    worker.counters.blocks_written_total += len(out.blocks) + (tkey is not None)
+    return head, worker.writer.submit(_store, worker, out, tkey)
 
 
-@routes.post("/prefill", response_model=PrefillResponse, response_model_exclude_none=True)
-async def prefill(body: PrefillRequest, worker: WorkerDep) -> PrefillResponse | Response:
+def _store(worker: Worker, out: PromptExport, tkey: str | None) -> int:
+    """On a writer thread: the prompt's new blocks, then its tail. Returns the bytes stored."""
+    start = time.perf_counter()
+    tensors = list(out.blocks.values())
+    if out.blocks:
+        worker.store.put_many(out.blocks)
+    if tkey is not None:
+        worker.store.put_many({tkey: out.tail}, ttl_s=worker.settings.tail_ttl_s)
+        tensors.append(out.tail)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    worker.handoff.observe("store", nbytes, time.perf_counter() - start)
+    return nbytes
+
+
+async def reply_lines(head: PrefillResponse, stored: Future) -> AsyncIterator[str]:
+    # The first token goes out now (the router streams it to the client: that is TTFT); the
+    # decode worker reads the KV only after the second line says it is stored. The writes
+    # finish even if the router goes away, so the prefix stays cached.
+    yield head.model_dump_json(exclude_none=True) + "\n"
+    nbytes = await asyncio.shield(asyncio.wrap_future(stored))
+    yield PrefillCommitted(stored_bytes=nbytes).model_dump_json() + "\n"
+
+
+@routes.post("/prefill")
+async def prefill(body: PrefillRequest, worker: WorkerDep) -> Response:
     ticket = worker.try_admit()
     if isinstance(ticket, Response):
         return ticket  # 429 full / 503 draining: the router tries another prefill worker
-    with ticket:
-        return await run_prefill(worker, body)
+    try:
+        head, stored = await run_prefill(worker, body)
+    except BaseException:
+        ticket.release()
+        raise
+    return TicketedStream(reply_lines(head, stored), ticket, media_type="application/x-ndjson")

@@ -10,8 +10,11 @@ Faults (docs/RELIABILITY.md):
   the dead worker would have produced. The request id stays the same, so a retry that lands on
   the same worker supersedes the first attempt instead of generating twice.
 - A failed prefill is retried on another prefill worker, else the decode worker prefills.
+  The prefill worker's first token goes to the client at once (that is TTFT); a worker that
+  dies before storing the KV only costs the decode worker a recompute.
 - A worker that refuses (429 full, 503 draining) is skipped without spending the budget;
-  when every decode worker refuses a new request the client gets 429 (BackendOverloaded).
+  when every decode worker refuses a request the client holds no token of, it gets 429
+  (BackendOverloaded); one already streaming waits for room instead.
   Full prefill workers are skipped like failed ones: the decode worker prefills.
 - Failures spend the request's budget (`max_failovers`), back off with jitter, and strike the
   worker's circuit (router/circuit.py). After a failure the request waits (bounded) for a
@@ -26,6 +29,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 
 import httpx
 
@@ -37,6 +41,7 @@ from router.pool import WorkerInfo, WorkerPool
 from tandem.internal_api import (
     INTERNAL_TOKEN_HEADER,
     DecodeRequest,
+    PrefillCommitted,
     PrefillRequest,
     PrefillResponse,
     WireEvent,
@@ -110,23 +115,30 @@ class DisaggregatedBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         state = RetryState(self.settings.max_failovers)
+        if not self.settings.prefix_cache:
+            # No reuse across requests, but the store still carries this request's handoff.
+            req = replace(req, cache_salt=f"{req.cache_salt}/{req.request_id}")
         cached = await self._cached_tokens(req)
         tokens = list(req.token_ids)
         body = DecodeRequest(
             request_id=req.request_id, token_ids=tokens, num_prompt_tokens=len(tokens),
             params=params_to_wire(req.params), cache_salt=req.cache_salt,
         )
-        pre = await self._prefill(req, state) if self._needs_prefill(req, cached) else None
-        first = None
-        if pre is not None:
-            first = to_event(pre.event, num_cached_tokens=pre.num_cached_tokens,
-                             prompt_logprobs=pre.event.prompt_logprobs)
-            if first.finish_reason is not None:
-                yield first
+        handoff = await self._prefill(req, state) if self._needs_prefill(req, cached) else None
+        if handoff is not None:
+            head, rest = handoff
+            async with aclosing(rest):
+                # TTFT: the client gets the prefill worker's token now, while its KV is stored.
+                yield to_event(head.event, num_cached_tokens=head.num_cached_tokens,
+                               prompt_logprobs=head.event.prompt_logprobs)
+                state.streaming = True
+                committed = await self._await_commit(rest)
+            if head.event.finish_reason is not None:
                 return
-            body.token_ids = tokens + [first.token_id]
-            body.tail_key, body.tail_start = pre.tail_key, pre.tail_start
-        async for ev in self._decode(body, state, first):
+            body.token_ids = tokens + [head.event.token_id]
+            if committed:
+                body.tail_key, body.tail_start = head.tail_key, head.tail_start
+        async for ev in self._decode(body, state, report_cached=handoff is None):
             yield ev
 
     async def _cached_tokens(self, req: GenerateRequest) -> int:
@@ -147,23 +159,29 @@ class DisaggregatedBackend:
         return n * health.block_size
 
     def _needs_prefill(self, req: GenerateRequest, cached: int) -> bool:
-        """Skip the prefill hop when less than a block remains: the decode worker computes it."""
+        """A prefill hop pays for itself only on a long uncached part: a short one is computed
+        by the decode worker (Dynamo's conditional disaggregation), which spares the store
+        round trip of the whole prefix; all but the last token cached never needs one."""
         if not self.pool.has_role("prefill"):
             return False
         if req.params.prompt_logprobs is not None:
             return True
-        block = (self.pool.any_health().block_size if self.pool.any_health() else 64)
-        return len(req.token_ids) - 1 - cached >= block
+        uncached = len(req.token_ids) - 1 - cached
+        return uncached >= max(1, self.settings.local_prefill_tokens)
 
-    async def _prefill(self, req: GenerateRequest, state: RetryState) -> PrefillResponse | None:
-        """Try prefill workers in turn; None means the decode worker must prefill itself."""
+    async def _prefill(
+        self, req: GenerateRequest, state: RetryState
+    ) -> tuple[PrefillResponse, AsyncIterator] | None:
+        """Try prefill workers in turn: (the reply's first line, the open rest of it), or None
+        when the decode worker must prefill itself."""
         body = PrefillRequest(
             request_id=req.request_id, token_ids=list(req.token_ids),
             params=params_to_wire(req.params), cache_salt=req.cache_salt,
         )
         while (w := self.pool.pick_or_none("prefill", state.excluded)) is not None:
+            lines = self._call_prefill(w, body)
             try:
-                return await self._call_prefill(w, body)
+                return await anext(lines), lines
             except WorkerRefused as e:
                 self._refused(w, e, state)
             except WorkerFailed as e:
@@ -171,45 +189,56 @@ class DisaggregatedBackend:
                 if not self._failed(w, state):
                     break
                 await asyncio.sleep(backoff_s(state.failures))
+            await lines.aclose()
         # Every prefill worker failed or is full: the decode worker computes the prompt itself
         # (whether the request is admitted at all is the decode workers' call).
         log.warning("no prefill worker took %s; decode worker prefills", req.request_id)
         return None
 
-    async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> PrefillResponse:
+    async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> AsyncIterator:
+        """Yields the reply's head (PrefillResponse) as soon as it arrives, then
+        PrefillCommitted once the worker has stored the KV."""
         async with self.pool.lease(w):
             try:
-                r = await self.client.post(f"{w.url}/prefill", json=body.model_dump(),
-                                           headers={"X-Request-Id": body.request_id})
+                async with self.client.stream(
+                    "POST", f"{w.url}/prefill", json=body.model_dump(),
+                    headers={"X-Request-Id": body.request_id},
+                ) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        check_status(r)
+                    lines = (line async for line in r.aiter_lines() if line)
+                    yield PrefillResponse.model_validate_json(await anext(lines))
+                    self.pool.mark_ok(w)
+                    yield PrefillCommitted.model_validate_json(await anext(lines))
             except httpx.HTTPError as e:
                 raise WorkerFailed(repr(e)) from e
-        check_status(r)
+            except (ValueError, StopAsyncIteration) as e:
+                raise WorkerFailed(f"bad prefill reply: {e!r}") from e
+
+    async def _await_commit(self, rest: AsyncIterator) -> bool:
+        """Whether the prefill worker stored the prompt's KV. If it died first, the decode
+        worker loads whatever blocks did land and recomputes the rest: same output, slower."""
         try:
-            out = PrefillResponse.model_validate_json(r.content)
-        except ValueError as e:
-            raise WorkerFailed(f"bad prefill reply: {e}") from e
-        self.pool.mark_ok(w)
-        return out
+            await anext(rest)
+            return True
+        except WorkerFailed as e:
+            log.warning("prefill worker failed before storing the KV (%s); decode "
+                        "recomputes it", e)
+            return False
 
     async def _decode(
-        self, body: DecodeRequest, state: RetryState, first: GenerateEvent | None
+        self, body: DecodeRequest, state: RetryState, report_cached: bool
     ) -> AsyncIterator[GenerateEvent]:
-        """Stream from decode workers until a finish, resuming on another after a failure.
-        `first` (the prefill worker's token) is held back until a decode worker has accepted
-        the request, so a refusal is still a clean 429/503 for the client."""
-        report_cached = first is None
+        """Stream from decode workers until a finish, resuming on another after a failure."""
         while True:
             w = await self._pick_decode(state)
             try:
                 async with aclosing(self._call_decode(w, body)) as wires:
                     async for wire in wires:
-                        if wire is None:  # accepted: now the held-back first token may go
-                            if first is not None:
-                                yield first
-                                first = None
-                            continue
                         cached = wire.num_cached_tokens if report_cached else None
                         report_cached = False
+                        state.streaming = True
                         yield to_event(wire, num_cached_tokens=cached,
                                        prompt_logprobs=wire.prompt_logprobs)
                         if wire.finish_reason is not None:
@@ -221,23 +250,23 @@ class DisaggregatedBackend:
             except WorkerFailed as e:
                 log.warning("decode on %s failed after %d tokens (%s)", w.url,
                             len(body.token_ids) - body.num_prompt_tokens, e)
-                state.decode_failed = True
+                state.streaming = True
                 if not self._failed(w, state):
                     raise BackendUnavailable(
                         f"decode failed {state.failures} times; giving up") from e
                 await asyncio.sleep(backoff_s(state.failures))
 
     async def _pick_decode(self, state: RetryState) -> WorkerInfo:
-        """A decode worker not yet tried (else a tried one that recovered). Before any decode
-        failure the answer is immediate (429 if all refused, 503 if none is up); after one,
+        """A decode worker not yet tried (else a tried one that recovered). Before the client
+        has any token the answer is immediate (429 if all refused, 503 if none is up); after,
         the request waits for a worker up to FAILOVER_WAIT_S, retrying refusals as room frees
-        up, since the client may already hold part of the stream."""
+        up, since an error now would cut a stream the client is reading."""
         while True:
             w = (self.pool.pick_or_none("decode", state.excluded)
                  or self.pool.pick_or_none("decode", state.refused))
             if w is not None:
                 return w
-            if not state.decode_failed:
+            if not state.streaming:
                 if state.busy is not None:
                     raise BackendOverloaded("every decode worker is at capacity", state.busy)
                 raise BackendUnavailable("no healthy decode worker is available")
@@ -247,10 +276,7 @@ class DisaggregatedBackend:
             state.refused.clear()  # a full worker may have room by the next look
             await asyncio.sleep(WAIT_POLL_S)
 
-    async def _call_decode(
-        self, w: WorkerInfo, body: DecodeRequest
-    ) -> AsyncIterator[WireEvent | None]:
-        """Yields None once the worker accepted (status 200), then its events."""
+    async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[WireEvent]:
         async with self.pool.lease(w):
             try:
                 async with self.client.stream(
@@ -260,7 +286,6 @@ class DisaggregatedBackend:
                     if r.status_code != 200:
                         await r.aread()
                         check_status(r)
-                    yield None
                     marked = False
                     async for line in r.aiter_lines():
                         if not line:

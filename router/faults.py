@@ -50,7 +50,7 @@ class RetryState:
     failed: set[str] = field(default_factory=set)  # worker URLs whose call failed
     refused: set[str] = field(default_factory=set)  # URLs that refused since the last wait
     busy: int | None = None  # the largest Retry-After among 429s, if any
-    decode_failed: bool = False  # a decode call broke: the request now waits for recovery
+    streaming: bool = False  # the client holds tokens: waits for recovery instead of 4xx/5xx
     deadline: float | None = None  # monotonic; set when the request first waits for a worker
 
     @property

@@ -67,6 +67,11 @@ class RouterSettings(StoreSettings):
         120.0, gt=0, description="a worker silent this long mid-request counts as failed"
     )
     max_failovers: int = Field(2, ge=0, description="retries on another worker per request")
+    local_prefill_tokens: int = Field(
+        256, ge=0, description="a prompt with fewer uncached tokens than this is prefilled by "
+        "its decode worker (no prefill hop, no KV round trip through the store); 0: every "
+        "prompt with an uncached token goes to a prefill worker"
+    )
     internal_token: str | None = Field(None, description="shared secret for worker APIs")
 
     @field_validator("api_keys", "prefill_urls", "decode_urls", mode="before")

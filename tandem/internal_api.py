@@ -41,11 +41,21 @@ class PrefillRequest(BaseModel):
 
 
 class PrefillResponse(BaseModel):
+    """The first line of /prefill's NDJSON body, sent as soon as the first token is sampled;
+    a `PrefillCommitted` line follows once the prompt's KV is in the store."""
+
     event: WireEvent  # the first generated token
     num_cached_tokens: int  # prompt tokens whose KV came from the store
     num_computed_tokens: int
     tail_key: str | None = None  # request-scoped key of the prompt's partial last block
     tail_start: int = 0  # token position where the tail begins
+
+
+class PrefillCommitted(BaseModel):
+    """The last line of /prefill's body: the blocks and tail are stored, decode may load them."""
+
+    committed: bool = True
+    stored_bytes: int = 0
 
 
 class DecodeRequest(BaseModel):

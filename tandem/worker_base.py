@@ -50,9 +50,19 @@ class WorkerCounters:
 
 @dataclass(slots=True)
 class PrefixKV:
-    kv: torch.Tensor | None  # [L, 2, H, T, D] covering token_ids[:length]
-    length: int
+    blocks: list[torch.Tensor] | None  # each [L, 2, H, B, D]: tokens [0, num_blocks * B)
+    tail: torch.Tensor | None  # [L, 2, H, t, D], t < B: the request's partial last block
+    length: int  # tokens covered (blocks + tail), capped at the caller's limit
     num_blocks: int
+
+    def seq_fields(self) -> dict:
+        """The SeqRequest fields that import this prefix."""
+        if self.blocks is None:  # a tail alone (a prompt under one block) is a flat prefix
+            return {"prefix_kv": self.tail, "prefix_len": self.length}
+        return {"prefix_kv": self.blocks, "prefix_tail": self.tail, "prefix_len": self.length}
+
+
+NO_PREFIX = PrefixKV(None, None, 0, 0)
 
 
 @dataclass
@@ -87,29 +97,27 @@ class Worker:
 
         Stops at the first missing or malformed block; everything after it is recomputed.
         """
-        if self.store is None or not self.settings.prefix_cache or limit <= 0:
-            return PrefixKV(None, 0, 0)
+        if self.store is None or limit <= 0:
+            return NO_PREFIX
         start = time.perf_counter()
         keys = block_keys(token_ids, ns)
         keys = keys[: self.store.lookup_prefix(keys)]
-        parts = []
-        for t in self.store.get_many(keys) if keys else []:
+        blocks = []
+        for t in self.store.get_many(keys, borrow=True) if keys else []:
             if not self._fits(t, full=True):
                 break
-            parts.append(t)
-        num_blocks = len(parts)
-        length = num_blocks * self.block_size
+            blocks.append(t)
+        length = len(blocks) * self.block_size
+        tail = None
         if tail_key and tail_start == length and length < limit:
-            tail = self.store.get_many([tail_key])[0]
-            if self._fits(tail, full=False):
-                parts.append(tail)
-                length += tail.shape[3]
-        if not parts:
-            return PrefixKV(None, 0, 0)
-        kv = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
-        length = min(length, limit)
-        self.handoff.observe("load", kv.numel() * kv.element_size(), time.perf_counter() - start)
-        return PrefixKV(kv[:, :, :, :length], length, num_blocks)
+            tail = self.store.get_many([tail_key], borrow=True)[0]
+            tail = tail if self._fits(tail, full=False) else None
+            length += 0 if tail is None else tail.shape[3]
+        if not length:
+            return NO_PREFIX
+        nbytes = sum(t.numel() * t.element_size() for t in [*blocks, *[tail][: tail is not None]])
+        self.handoff.observe("load", nbytes, time.perf_counter() - start)
+        return PrefixKV(blocks or None, tail, min(length, limit), len(blocks))
 
     def _fits(self, t: torch.Tensor | None, full: bool) -> bool:
         """A stored tensor matches this engine's layout (a tail may hold fewer tokens)."""
@@ -164,7 +172,9 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     engine = Engine(lm, config)
     registry = CollectorRegistry()
     observer = StoreMetrics(registry, lm.name)
-    store = build_store(settings.store_config(), observer) if settings.prefix_cache else None
+    # Built even with --no-prefix-cache: the store also carries the prefill->decode handoff
+    # (the router then salts keys per request, so nothing is reused across requests).
+    store = build_store(settings.store_config(), observer)
     runner = EngineRunner(engine, after_step=after_step,
                           on_scheduled=QueueMetrics(registry, lm.name).observe)
     admission = Admission(settings.max_slots + settings.max_queue)

@@ -29,7 +29,10 @@ class StoreSettings(TandemSettings):
     disk_cache_bytes: int = 20 * GiB
     tail_ttl_s: int = 300
     block_size: int = DEFAULT_BLOCK_SIZE
-    prefix_cache: bool = Field(True, description="--no-prefix-cache disables prefix reuse")
+    prefix_cache: bool = Field(
+        True, description="--no-prefix-cache: no request reuses another's KV (the router salts "
+        "keys per request; the store still carries the handoff)"
+    )
 
     def resolved_tiers(self) -> str:
         if self.store_tiers != "auto":

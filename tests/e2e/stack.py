@@ -29,9 +29,11 @@ class Stack:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"serve-{self.port}.log"
+        # --local-prefill-tokens 64: prompts of a block or more take the prefill hop, so the
+        # tests' short prompts (~100 tokens) still exercise the disaggregated path.
         self.args = [
             "--port", str(self.port), "--dtype", "float32",
-            "--disk-cache-dir", str(workdir / "kv"), *args,
+            "--disk-cache-dir", str(workdir / "kv"), "--local-prefill-tokens", "64", *args,
         ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen | None = None

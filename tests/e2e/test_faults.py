@@ -8,6 +8,7 @@ that kill a worker wait for the supervisor's restart before the next one needs i
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -136,7 +137,9 @@ def test_corrupt_block_between_prefill_and_decode_is_recomputed(stack, redis):
         pre = httpx.post(f"{prefill}/prefill", timeout=120, json=PrefillRequest(
             request_id=rid, token_ids=ids, params=params, cache_salt=cache_salt).model_dump())
         assert pre.status_code == 200, pre.text
-        pre = pre.json()
+        head, committed = [json.loads(line) for line in pre.text.splitlines()]
+        assert committed["committed"] and committed["stored_bytes"] > 0
+        pre = head
         inject(cache_salt)
         first = pre["event"]["token_id"]
         body = DecodeRequest(request_id=rid, token_ids=ids + [first], num_prompt_tokens=len(ids),

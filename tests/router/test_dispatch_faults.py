@@ -67,11 +67,12 @@ class Workers:
         return [url for url, p, _ in self.calls if p == path]
 
 
-def run(workers: Workers, fn, prefill: bool = False, max_failovers: int = 2, **params):
+def run(workers: Workers, fn, prefill: bool = False, max_failovers: int = 2, **settings):
     """Start a backend over the scripted workers, run `await fn(backend)`, close it."""
     settings = RouterSettings(_env_file=None, prefill_urls=[P] if prefill else [],
                               decode_urls=[D1, D2], prefix_cache=False, health_interval_s=0.05,
-                              max_failovers=max_failovers)
+                              max_failovers=max_failovers, **{"local_prefill_tokens": 4,
+                                                              **settings})
 
     async def main():
         backend = DisaggregatedBackend(settings, transport=httpx.MockTransport(workers.handler))

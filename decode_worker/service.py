@@ -49,9 +49,7 @@ class BlockWriter:
         self.written = full
 
 
-async def start_sequence(
-    worker: Worker, body: DecodeRequest
-) -> tuple[SeqRequest, BlockWriter, int]:
+async def start_sequence(worker: Worker, body: DecodeRequest) -> tuple[SeqRequest, BlockWriter]:
     params = params_from_wire(body.params)
     ns = worker.namespace(body.cache_salt)
     n = len(body.token_ids)
@@ -63,29 +61,35 @@ async def start_sequence(
         token_ids=body.token_ids,
         num_prompt_tokens=body.num_prompt_tokens,
         params=params,
+        cache_salt=body.cache_salt,
         **prefix.seq_fields(),
     )
     worker.counters.requests_total += 1
-    worker.counters.prefix_tokens_loaded_total += prefix.length
-    worker.counters.prompt_tokens_computed_total += max(0, body.num_prompt_tokens - prefix.length)
-    worker.counters.admit_tokens_computed_total += n - prefix.length
     worker.counters.blocks_loaded_total += prefix.num_blocks
-    return req, BlockWriter(worker, ns, list(body.token_ids), prefix.num_blocks), prefix.length
+    return req, BlockWriter(worker, ns, list(body.token_ids), prefix.num_blocks)
+
+
+def count_reuse(worker: Worker, body: DecodeRequest, cached: int) -> None:
+    """On the first event: `cached` leading tokens came from the store or the engine's
+    resident KV (possibly more than the store had), the rest were computed here."""
+    worker.counters.prefix_tokens_loaded_total += cached
+    worker.counters.prompt_tokens_computed_total += max(0, body.num_prompt_tokens - cached)
+    worker.counters.admit_tokens_computed_total += len(body.token_ids) - cached
 
 
 async def event_lines(worker: Worker, body: DecodeRequest) -> AsyncIterator[str]:
-    req, writer, cached = await start_sequence(worker, body)
-    first = True
+    req, writer = await start_sequence(worker, body)
     async for ev in worker.runner.stream(req, on_event=writer.on_event):
+        if ev.num_cached_tokens is not None:
+            count_reuse(worker, body, ev.num_cached_tokens)
         wire = WireEvent(
             token_id=ev.token_id,
             logprob=ev.logprob,
             top_logprobs=ev.top_logprobs,
             finish_reason=ev.finish_reason,
-            num_cached_tokens=cached if first else None,
-            prompt_logprobs=ev.prompt_logprobs if first else None,
+            num_cached_tokens=ev.num_cached_tokens,
+            prompt_logprobs=ev.prompt_logprobs,
         )
-        first = False
         yield wire.model_dump_json(exclude_none=True) + "\n"
 
 

@@ -89,14 +89,17 @@ class SlotKVCache:
         log.debug("kv cache grown to %d slots x %d tokens", new_s, new_t)
         self.kv = bigger
 
-    def reset(self) -> None:
+    def reset(self, keep: int = 0) -> None:
         """Back to the initial slot count, keeping the token capacity. Only when no slot is
         held: growth doubles every slot's capacity, so a cache left at 32 slots by a burst would
         make the next 3k-token prompt zero and copy 6 GB (measured ~20 s on CPU) instead of
         0.19 GB. One slot of capacity stays (at most max_len x 45 KB, 0.37 GB for SmolLM2 fp32),
-        so back-to-back long prompts do not zero it again each time."""
+        so back-to-back long prompts do not zero it again each time. Tokens [0, keep) of slot
+        0 survive."""
         if self.num_slots > self._init_shape[0]:
-            self.kv = self._alloc(self._init_shape[0], self.capacity)
+            kv = self._alloc(self._init_shape[0], self.capacity)
+            kv[:, :, 0, :, :keep] = self.kv[:, :, 0, :, :keep]
+            self.kv = kv
 
     def read(self, slot: int, start: int, end: int) -> torch.Tensor:
         """A view of tokens [start, end) of a slot: [L, 2, H, end - start, D]."""

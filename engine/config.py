@@ -18,6 +18,9 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE  # tokens per exported/imported KV block
     prefill_chunk: int = 512  # prefill tokens per step, across waiting sequences
     seed: int | None = None  # seeds the draws of rows without their own seed
+    # Keep the last finished sequence's KV in its slot (evicted first when a slot is needed),
+    # so a next request sharing its tokens (same tenant) starts from it without a store load.
+    retain_finished: bool = True
 
 
 @dataclass(slots=True)

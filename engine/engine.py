@@ -19,7 +19,7 @@ from collections import deque
 
 import torch
 
-from engine.admission import check_request, trim_prefix
+from engine.admission import check_request, common_prefix, trim_prefix
 from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
 from engine.config import EngineConfig, EngineStats, default_max_len, eos_ids
 from engine.forward import Forward
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 class Engine:
     """Runs sequences of one model: add() queues, step() advances all of them by one iteration
     and returns the sampled tokens, abort()/release() forget them. A finished sequence's KV
-    stays readable (kv_len, export_kv, export_blocks) until the next step(), so an event hook
-    can export it; a prefill_only sequence keeps it until release().
+    stays readable (kv_len, export_kv, export_blocks) until the next step() or add(), so an
+    event hook can export it; a prefill_only sequence keeps it until release(). The last
+    finished sequence's KV then stays in its slot for a next one to reuse (see _retain).
 
     Not thread-safe: one thread owns the engine (see engine/runner.py). `num_waiting` is safe
     to read from other threads (a len()).
@@ -58,6 +59,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()  # FIFO, no slot yet
         self._prefilling: Sequence | None = None  # mid-prefill across steps (at most one)
         self._done: list[Sequence] = []  # emitted their last event this step
+        # The last finished sequence, KV still in its slot (see _retire_done); not in _seqs.
+        self._retained: Sequence | None = None
         self._pending: dict[str, Sequence] = {}  # fork child id -> parent, until spawned
         self._stats = EngineStats()
         self._gen = torch.Generator(device=loaded.device)
@@ -75,8 +78,10 @@ class Engine:
         """Queue a sequence. Raises ValueError on a malformed request (nothing is queued).
 
         The id of a sequence that finished (and is not an unreleased prefill_only) may be reused
-        at once; its KV is dropped then rather than at the next step.
+        at once. Last step's finished sequences are retired first, so the last of them can
+        lend this one its KV (see _retain).
         """
+        self._retire_done()
         old = self._seqs.get(req.seq_id)
         if old is not None and old.done and not old.prefill_only:
             self._drop(old)
@@ -85,14 +90,18 @@ class Engine:
         check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
         p = req.params
         seq = Sequence(req.seq_id, list(req.token_ids), req.num_prompt_tokens, p,
-                       stop_ids_for(p, self.eos_token_ids), prefill_only=req.prefill_only)
+                       stop_ids_for(p, self.eos_token_ids), prefill_only=req.prefill_only,
+                       cache_salt=req.cache_salt)
         if p.prompt_logprobs is not None:
             seq.prompt_lps = [None]  # needs every prompt position's logits: full prefill
-        elif req.prefix_kv is not None and req.prefix_len > 0:
-            # Keep one token to feed: its logits give the next token.
-            seq.kv_len = min(req.prefix_len, len(seq.token_ids) - 1)
-            seq.held_blocks, seq.held_flat = trim_prefix(
-                req.prefix_kv, req.prefix_tail, seq.kv_len, self.layout)
+        else:
+            if req.prefix_kv is not None and req.prefix_len > 0:
+                # Keep one token to feed: its logits give the next token.
+                seq.kv_len = min(req.prefix_len, len(seq.token_ids) - 1)
+                seq.held_blocks, seq.held_flat = trim_prefix(
+                    req.prefix_kv, req.prefix_tail, seq.kv_len, self.layout)
+            self._adopt_retained(seq)
+        seq.reused = seq.kv_len
         self._seqs[seq.seq_id] = seq
         self._waiting.append(seq)
 
@@ -183,31 +192,82 @@ class Engine:
 
     # --- scheduling ---------------------------------------------------------------------------
 
+    @torch.inference_mode()  # also called from add(): slot copies need it either way
     def _retire_done(self) -> None:
-        """Free last step's finished sequences; park unreleased prefill_only ones off-slot."""
+        """Free last step's finished sequences (keeping the last one's KV resident); park
+        unreleased prefill_only ones off-slot."""
         for seq in self._done:
             if self._seqs.get(seq.seq_id) is not seq:
                 continue  # aborted or released meanwhile
-            if not seq.prefill_only:
+            if seq.prefill_only:
+                if seq.slot >= 0:
+                    seq.held_blocks, seq.held_flat = None, self._kv_view(seq).clone()
+                    self._slots.free(seq)
+            elif self.config.retain_finished and seq.slot >= 0 and seq.kv_len >= (
+                    self.layout.block_size):
+                self._retain(seq)
+            else:
                 self._drop(seq)
-            elif seq.slot >= 0:
-                seq.held_blocks, seq.held_flat = None, self._kv_view(seq).clone()
-                self._slots.free(seq)
         self._done.clear()
-        if self._slots.num_held == 0:
-            self._store.reset()  # idle: give back what a burst grew
+        if self._slots.num_held == (self._retained is not None):
+            self._shrink()
+
+    def _retain(self, seq: Sequence) -> None:
+        """Keep a finished sequence's slot, like a one-entry prefix cache of the last chat:
+        the next turn, or the next question on the same document, reuses its KV token by token
+        with no store load or copy (what a paged cache's prefix caching gives vLLM)."""
+        self._drop(seq, free_slot=False)
+        if self._retained is not None:
+            self._evict_retained()
+        self._retained = seq
+
+    def _evict_retained(self) -> None:
+        seq, self._retained = self._retained, None
+        self._slots.free(seq)
+
+    def _adopt_retained(self, seq: Sequence) -> None:
+        """Start seq in the retained slot when that reuses at least as many tokens as its
+        store import would (same tenant only: the salt is part of the match)."""
+        old = self._retained
+        if old is None or old.cache_salt != seq.cache_salt:
+            return
+        n = common_prefix(old.token_ids, seq.token_ids, min(old.kv_len, len(seq.token_ids) - 1))
+        # Under a block (chats share their template's first tokens) reuse would only trade the
+        # maskless prefill from position 0 for a slower masked one.
+        if n < max(seq.kv_len, self.layout.block_size):
+            return
+        self._retained = None
+        self._slots.hand_over(old, seq)
+        seq.kv_len = n
+        seq.held_blocks = seq.held_flat = None
+
+    def _has_room(self) -> bool:
+        """Is a slot free? The retained sequence gives way rather than refuse a slot or make
+        the cache grow (growth zero-fills slots x capacity: 0.19 GB per 4k-token slot)."""
+        if self._retained is not None and self._slots.num_held >= self._store.num_slots:
+            self._evict_retained()
+        return self._slots.has_free()
+
+    def _shrink(self) -> None:
+        """Idle: give back the slots a burst grew, keeping the retained KV (in slot 0)."""
+        keep = self._retained
+        if keep is not None and keep.slot != 0:
+            self._slots.move_to(keep, 0)
+        self._store.reset(keep=keep.kv_len if keep is not None else 0)
 
     def _admit_imported(self) -> None:
         """Waiting sequences with one token left need no prefill: give them slots to decode."""
         for seq in [s for s in self._waiting if s.todo == 1]:
-            if not self._slots.has_free():
+            if seq.slot < 0 and not self._has_room():
                 return
             self._place(seq)
 
     def _place(self, seq: Sequence) -> None:
-        """Move a waiting sequence into a free slot, copying in any KV it holds."""
+        """Move a waiting sequence into a free slot (unless it adopted one), copying in any KV
+        it holds."""
         self._waiting.remove(seq)
-        self._slots.alloc(seq)
+        if seq.slot < 0:
+            self._slots.alloc(seq)
         if seq.held_blocks is not None:
             self._store.write_blocks(seq.slot, seq.held_blocks)
         if seq.held_flat is not None:
@@ -222,8 +282,8 @@ class Engine:
             seq = self._prefilling or (self._waiting[0] if self._waiting else None)
             if seq is None:
                 break
-            if seq.slot < 0:
-                if not self._slots.has_free():
+            if seq is not self._prefilling:  # the queue's head: place it
+                if seq.slot < 0 and not self._has_room():
                     break
                 self._place(seq)
             if seq.todo == 1:
@@ -280,6 +340,7 @@ class Engine:
         seq.sampled = True
         reason = seq.finish_check(out.token_id, self.max_model_len)
         ev = TokenEvent(seq.seq_id, out.token_id, out.logprob, out.top_logprobs, reason)
+        ev.num_cached_tokens, seq.reused = seq.reused, None
         if seq.prompt_lps is not None:
             ev.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
         if reason is not None or seq.prefill_only:
@@ -293,7 +354,7 @@ class Engine:
                          stop_ids_for(params, self.eos_token_ids), kv_len=parent.kv_len,
                          sampled=True)
         self._seqs[child_id] = child
-        if parent.slot >= 0 and self._slots.has_free():
+        if parent.slot >= 0 and self._has_room():
             self._slots.alloc(child)
             self._store.move(parent.slot, child.slot, parent.kv_len)
             self._slots.copies += 1
@@ -316,11 +377,11 @@ class Engine:
             return self._store.read(0, 0, 0)
         return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self._store.device)
 
-    def _drop(self, seq: Sequence) -> None:
+    def _drop(self, seq: Sequence, free_slot: bool = True) -> None:
         del self._seqs[seq.seq_id]
-        if seq.slot >= 0:
+        if seq.slot >= 0 and free_slot:
             self._slots.free(seq)
-        elif seq in self._waiting:
+        if seq in self._waiting:  # a waiting sequence may hold an adopted slot
             self._waiting.remove(seq)
         if self._prefilling is seq:
             self._prefilling = None

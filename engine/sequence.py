@@ -41,6 +41,8 @@ class SeqRequest:
     prefix_len: int = 0
     prefill_only: bool = False  # stop after one token; keep the KV until release()
     prefix_tail: torch.Tensor | None = None
+    # Tenancy tag: resident KV is reused only between sequences with the same tag.
+    cache_salt: str = ""
 
 
 @dataclass(slots=True)
@@ -53,6 +55,8 @@ class TokenEvent:
     # First event only, when params.prompt_logprobs is set: one entry per prompt token, the
     # first None (nothing predicts it).
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    # First event only: leading tokens whose KV was reused (store import or resident), not fed.
+    num_cached_tokens: int | None = None
 
 
 @dataclass(slots=True, eq=False)  # identity equality: deque.remove must not compare tensors
@@ -63,7 +67,9 @@ class Sequence:
     params: SamplingParams
     stop_ids: frozenset[int]  # EOS (unless ignore_eos) + stop_token_ids
     prefill_only: bool = False
+    cache_salt: str = ""
     kv_len: int = 0
+    reused: int | None = None  # kv_len at admission, until the first event reports it
     slot: int = -1  # -1: no slot (waiting, or parked)
     # K/V held outside the slots: an import waiting for admission, or a parked prefill.
     held_blocks: torch.Tensor | list[torch.Tensor] | None = None  # n blocks: tokens [0, n * B)

@@ -45,6 +45,18 @@ class SlotTable:
         while self.holders and self.holders[-1] is None:
             self.holders.pop()
 
+    def hand_over(self, old: Sequence, new: Sequence) -> None:
+        """`new` takes over `old`'s slot and the KV in it."""
+        assert new.slot < 0 and self.holders[old.slot] is old
+        new.slot, old.slot = old.slot, -1
+        self.holders[new.slot] = new
+
+    def move_to(self, seq: Sequence, dst: int) -> None:
+        """Copy seq's KV into the free slot dst and hold that one instead."""
+        self._move(seq, dst)
+        while self.holders and self.holders[-1] is None:
+            self.holders.pop()
+
     def _move(self, seq: Sequence, dst: int) -> None:
         assert self.holders[dst] is None
         self.cache.move(seq.slot, dst, seq.kv_len)

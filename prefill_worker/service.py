@@ -74,6 +74,7 @@ async def run_prefill(worker: Worker, body: PrefillRequest) -> tuple[PrefillResp
         params=params,
         **prefix.seq_fields(),
         prefill_only=True,
+        cache_salt=body.cache_salt,
     )
     worker.counters.requests_total += 1
     worker.counters.prefix_tokens_loaded_total += prefix.length

@@ -115,7 +115,8 @@ class Worker:
             length += 0 if tail is None else tail.shape[3]
         if not length:
             return NO_PREFIX
-        nbytes = sum(t.numel() * t.element_size() for t in [*blocks, *[tail][: tail is not None]])
+        loaded = blocks + ([tail] if tail is not None else [])
+        nbytes = sum(t.numel() * t.element_size() for t in loaded)
         self.handoff.observe("load", nbytes, time.perf_counter() - start)
         return PrefixKV(blocks or None, tail, min(length, limit), len(blocks))
 

@@ -106,9 +106,10 @@ class LevelRun:
 
 
 async def run_benchmark(cfg: BenchConfig) -> BenchResult:
-    """Runs the same seeded plan once per concurrency level, over one HTTP client."""
+    """Runs one seeded plan per concurrency level, over one HTTP client. Level i draws its
+    prompts with seed + i, so a server's prefix cache cannot carry one level's prompts into
+    the next (a sweep measures fresh prompts at every level, and reruns stay identical)."""
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    plan = build_plan(cfg)
     async with make_client(cfg) as client:
         if cfg.model is None:
             model = await fetch_model(client)
@@ -117,7 +118,8 @@ async def run_benchmark(cfg: BenchConfig) -> BenchResult:
                                  "pass --model")
             cfg = dataclasses.replace(cfg, model=model)
         levels = []
-        for concurrency in cfg.concurrency:
+        for i, concurrency in enumerate(cfg.concurrency):
+            plan = build_plan(dataclasses.replace(cfg, seed=cfg.seed + i))
             log.info("concurrency %d: %d planned requests", concurrency, plan_size(plan))
             level = await LevelRun(client, cfg, concurrency).run(plan)
             log.info("concurrency %d: %d sent in %.2f s", concurrency, len(level.records),

@@ -90,12 +90,11 @@ class SlotKVCache:
         self.kv = bigger
 
     def reset(self, keep: int = 0) -> None:
-        """Back to the initial slot count, keeping the token capacity. Only when no slot is
-        held: growth doubles every slot's capacity, so a cache left at 32 slots by a burst would
-        make the next 3k-token prompt zero and copy 6 GB (measured ~20 s on CPU) instead of
-        0.19 GB. One slot of capacity stays (at most max_len x 45 KB, 0.37 GB for SmolLM2 fp32),
-        so back-to-back long prompts do not zero it again each time. Tokens [0, keep) of slot
-        0 survive."""
+        """Back to the initial slot count, keeping the token capacity and tokens [0, keep) of
+        slot 0 (the retained sequence). Called when idle: growth doubles every slot's capacity,
+        so a cache left at 32 slots by a burst would make the next 3k-token prompt zero and
+        copy 6 GB (measured ~20 s on CPU) instead of 0.19 GB; keeping the capacity (at most
+        max_len x 45 KB) spares back-to-back long prompts the zero-fill."""
         if self.num_slots > self._init_shape[0]:
             kv = self._alloc(self._init_shape[0], self.capacity)
             kv[:, :, 0, :, :keep] = self.kv[:, :, 0, :, :keep]

@@ -29,7 +29,8 @@ def _add_workload(p: argparse.ArgumentParser, d: BenchConfig) -> None:
     g.add_argument("--workload", choices=WORKLOADS, default=d.workload,
                    help="default %(default)s")
     g.add_argument("--seed", type=int, default=d.seed,
-                   help="same seed, same prompts (default %(default)s)")
+                   help="same seed, same prompts; concurrency level i uses seed + i "
+                   "(default %(default)s)")
     g.add_argument("--input-len", type=int, default=d.input_len,
                    help="mean words per prompt (random) or per question (default %(default)s)")
     g.add_argument("--output-len", type=int, default=d.output_len,

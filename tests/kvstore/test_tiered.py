@@ -85,6 +85,16 @@ def test_returned_tensors_are_owned_by_the_caller(disk_dir):
     assert bit_equal(store.get_many([key])[0], make_block(seed=9))
 
 
+def test_borrowed_memory_hits_view_the_tier_without_a_copy(disk_dir):
+    store = build_store(StoreConfig(tiers="memory+disk", disk_path=str(disk_dir)))
+    store.put_many({"k": make_block(seed=4)})
+    a, b = store.get_many(["k"], borrow=True)[0], store.get_many(["k"], borrow=True)[0]
+    assert bit_equal(a, make_block(seed=4))
+    assert a.data_ptr() == b.data_ptr()  # both view the memory tier's one buffer
+    owned = store.get_many(["k"])[0]
+    assert owned.data_ptr() != a.data_ptr() and bit_equal(owned, a)
+
+
 def test_tail_keys_get_the_tail_ttl(disk_dir, redis_url):
     ns = make_ns()
     tail, block_key = tail_key("req-7", ns), "block"

@@ -195,24 +195,32 @@ class DisaggregatedBackend:
         log.warning("no prefill worker took %s; decode worker prefills", req.request_id)
         return None
 
-    async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> AsyncIterator:
-        """Yields the reply's head (PrefillResponse) as soon as it arrives, then
-        PrefillCommitted once the worker has stored the KV."""
+    async def _ndjson(self, w: WorkerInfo, path: str, body) -> AsyncIterator[str]:
+        """The non-empty lines of a worker's NDJSON reply, holding a lease on the worker.
+        Raises WorkerRefused (429/503) or WorkerFailed (connection, status, cut stream)."""
         async with self.pool.lease(w):
             try:
                 async with self.client.stream(
-                    "POST", f"{w.url}/prefill", json=body.model_dump(),
+                    "POST", f"{w.url}{path}", json=body.model_dump(),
                     headers={"X-Request-Id": body.request_id},
                 ) as r:
                     if r.status_code != 200:
                         await r.aread()
                         check_status(r)
-                    lines = (line async for line in r.aiter_lines() if line)
-                    yield PrefillResponse.model_validate_json(await anext(lines))
-                    self.pool.mark_ok(w)
-                    yield PrefillCommitted.model_validate_json(await anext(lines))
+                    async for line in r.aiter_lines():
+                        if line:
+                            yield line
             except httpx.HTTPError as e:
                 raise WorkerFailed(repr(e)) from e
+
+    async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> AsyncIterator:
+        """Yields the reply's head (PrefillResponse) as soon as it arrives, then
+        PrefillCommitted once the worker has stored the KV."""
+        async with aclosing(self._ndjson(w, "/prefill", body)) as lines:
+            try:
+                yield PrefillResponse.model_validate_json(await anext(lines))
+                self.pool.mark_ok(w)
+                yield PrefillCommitted.model_validate_json(await anext(lines))
             except (ValueError, StopAsyncIteration) as e:
                 raise WorkerFailed(f"bad prefill reply: {e!r}") from e
 
@@ -277,28 +285,17 @@ class DisaggregatedBackend:
             await asyncio.sleep(WAIT_POLL_S)
 
     async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[WireEvent]:
-        async with self.pool.lease(w):
-            try:
-                async with self.client.stream(
-                    "POST", f"{w.url}/generate", json=body.model_dump(),
-                    headers={"X-Request-Id": body.request_id},
-                ) as r:
-                    if r.status_code != 200:
-                        await r.aread()
-                        check_status(r)
-                    marked = False
-                    async for line in r.aiter_lines():
-                        if not line:
-                            continue
-                        wire = WireEvent.model_validate_json(line)
-                        if not marked:
-                            self.pool.mark_ok(w)
-                            marked = True
-                        yield wire
-            except httpx.HTTPError as e:
-                raise WorkerFailed(repr(e)) from e
-            except ValueError as e:  # a line cut short by a dying worker
-                raise WorkerFailed(f"bad stream line: {e}") from e
+        async with aclosing(self._ndjson(w, "/generate", body)) as lines:
+            marked = False
+            async for line in lines:
+                try:
+                    wire = WireEvent.model_validate_json(line)
+                except ValueError as e:  # a line cut short by a dying worker
+                    raise WorkerFailed(f"bad stream line: {e}") from e
+                if not marked:
+                    self.pool.mark_ok(w)
+                    marked = True
+                yield wire
 
     # --- fault bookkeeping --------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ class BlockWriter:
     written: int  # leading blocks already in the store
 
     def on_event(self, engine: Engine, ev: TokenEvent) -> TokenEvent:
-        if ev.finish_reason is None and self.worker.store is not None:
+        if ev.finish_reason is None:
             self._flush(engine, ev.seq_id)
         self.tokens.append(ev.token_id)
         return ev

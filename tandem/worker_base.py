@@ -23,6 +23,7 @@ from engine.loader import LoadedModel, load_model
 from engine.registry import resolve_model
 from engine.runner import EngineRunner
 from kvstore import KeyNamespace, block_keys, build_store
+from kvstore.tiered import TieredStore
 from tandem.admission import Admission, Ticket
 from tandem.drain import Lifecycle
 from tandem.http_metrics import HttpMetricsMiddleware, HttpRequestCounts
@@ -71,7 +72,7 @@ class Worker:
     lm: LoadedModel
     engine: Engine
     runner: EngineRunner
-    store: object | None
+    store: TieredStore
     registry: CollectorRegistry
     handoff: HandoffMetrics
     admission: Admission
@@ -97,7 +98,7 @@ class Worker:
 
         Stops at the first missing or malformed block; everything after it is recomputed.
         """
-        if self.store is None or limit <= 0:
+        if limit <= 0:
             return NO_PREFIX
         start = time.perf_counter()
         keys = block_keys(token_ids, ns)
@@ -218,8 +219,7 @@ def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
             await lifecycle.stop()
             worker.runner.stop()
             worker.writer.shutdown(wait=True)
-            if worker.store is not None:
-                worker.store.close()
+            worker.store.close()
 
     app = FastAPI(title=f"tandem {settings.role} worker", lifespan=lifespan)
     app.add_middleware(HttpMetricsMiddleware, counts=http_counts)

@@ -81,10 +81,7 @@ class Engine:
         at once. Last step's finished sequences are retired first, so the last of them can
         lend this one its KV (see _retain).
         """
-        self._retire_done()
-        old = self._seqs.get(req.seq_id)
-        if old is not None and old.done and not old.prefill_only:
-            self._drop(old)
+        self._retire_done()  # also frees a finished sequence's id for reuse
         if req.seq_id in self._seqs or req.seq_id in self._pending:
             raise ValueError(f"duplicate seq_id {req.seq_id!r}")
         check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)

@@ -36,6 +36,7 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from decode_worker.service import routes
-from tandem.worker_base import create_worker_app
-from tandem.worker_settings import WorkerSettings
+from worker.app import create_worker_app
+from worker.settings import WorkerSettings
 
 
 def create_app(settings: WorkerSettings) -> FastAPI:

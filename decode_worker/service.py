@@ -16,9 +16,10 @@ from fastapi import APIRouter, Response
 
 from engine.engine import Engine, SeqRequest, TokenEvent
 from kvstore import KeyNamespace, block_keys
-from tandem.admission import TicketedStream
-from tandem.internal_api import DecodeRequest, WireEvent, params_from_wire
-from tandem.worker_base import Worker, WorkerDep
+from wire.internal_api import DecodeRequest, WireEvent, params_from_wire
+from worker.admission import TicketedStream
+from worker.app import WorkerDep
+from worker.runtime import Worker
 
 routes = APIRouter()
 
@@ -96,7 +97,7 @@ async def event_lines(worker: Worker, body: DecodeRequest) -> AsyncIterator[str]
 @routes.post("/generate")
 async def generate(body: DecodeRequest, worker: WorkerDep) -> Response:
     # A resume carries generated tokens beyond the prefill worker's first one: the client has
-    # seen them already, so it is admitted past the queue limit (tandem/admission.py).
+    # seen them already, so it is admitted past the queue limit (worker/admission.py).
     resume = len(body.token_ids) > body.num_prompt_tokens + 1
     ticket = worker.try_admit(resume)
     if isinstance(ticket, Response):

@@ -22,15 +22,16 @@ from fastapi import APIRouter, Response
 
 from engine.engine import Engine, SeqRequest, TokenEvent
 from kvstore import KeyNamespace, block_keys, tail_key
-from tandem.admission import TicketedStream
-from tandem.internal_api import (
+from wire.internal_api import (
     PrefillCommitted,
     PrefillRequest,
     PrefillResponse,
     WireEvent,
     params_from_wire,
 )
-from tandem.worker_base import NO_PREFIX, Worker, WorkerDep
+from worker.admission import TicketedStream
+from worker.app import WorkerDep
+from worker.runtime import NO_PREFIX, Worker
 
 routes = APIRouter()
 

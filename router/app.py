@@ -19,9 +19,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from router import routes_chat, routes_completions, routes_models, routes_tokenizer
-from router.backend import Backend
+from router.api import chat as routes_chat
+from router.api import completions as routes_completions
+from router.api import models as routes_models
+from router.api import tokenizer as routes_tokenizer
 from router.deps import RouterState
+from router.dispatch.backend import Backend
 from router.errors import install_error_handlers
 from router.model_info import ServedModel, load_from_settings
 from router.settings import RouterSettings

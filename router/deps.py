@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from router.backend import Backend
+from router.dispatch.backend import Backend
 from router.errors import APIError, model_not_found
 from router.model_info import ServedModel
 from router.settings import RouterSettings

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.backend import BackendOverloaded, BackendUnavailable
+from router.dispatch.backend import BackendOverloaded, BackendUnavailable
 from router.validation_errors import describe_validation_error
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ Two sources, so that every count is the one the client was billed:
     MeteredBackend (per choice, around the Backend)      timings: TTFT, ITL, e2e, prefill, decode
     record_request (per HTTP request, after the response) tokens, finish reasons, cache hits, log
 
-Counts come from the API layer's UsageCounter (request.state.usage, set by router/respond.py),
+Counts come from the API layer's UsageCounter (request.state.usage, set by router/api/respond.py),
 never from backend events: a `max_tokens: 0` echo runs one backend token that the API layer
 drops, and a stop string ends a choice with "stop" although the backend never said so.
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from router.backend import Backend, GenerateEvent, GenerateRequest
-from router.collect import UsageCounter
-from tandem.http_metrics import HttpRequestCounts
+from router.dispatch.backend import Backend, GenerateEvent, GenerateRequest
+from router.output.collect import UsageCounter
+from wire.http_metrics import HttpRequestCounts
 
 log = logging.getLogger("tandem.requests")
 

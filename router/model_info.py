@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 
 from engine.loader import materialize
 from engine.registry import resolve_model
+from router.output.token_text import TokenText
 from router.settings import MAX_INFERRED_MODEL_LEN, RouterSettings
-from router.token_text import TokenText
 
 log = logging.getLogger(__name__)
 

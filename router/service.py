@@ -10,14 +10,14 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from router import routes_ops
+from router.api import ops as routes_ops
 from router.app import create_app
-from router.backend import Backend
-from router.dispatch import DisaggregatedBackend
+from router.dispatch.backend import Backend
+from router.dispatch.disaggregated import DisaggregatedBackend
 from router.metrics import MeteredBackend, RouterMetrics, record_request
 from router.model_info import ServedModel
 from router.settings import RouterSettings
-from tandem.http_metrics import HttpMetricsMiddleware
+from wire.http_metrics import HttpMetricsMiddleware
 
 
 class PoolCollector:

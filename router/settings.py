@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
-from tandem.worker_settings import StoreSettings
+from wire.settings import StoreSettings
 
 # Never infer a context longer than this from the model config: SmolLM2 says 8192 and bigger
 # models say 128k+, which no worker here is sized for. An explicit --max-model-len overrides it.

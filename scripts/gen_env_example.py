@@ -9,7 +9,7 @@ import sys
 
 from router.settings import RouterSettings
 from tandem.cmd_serve import ServeSettings
-from tandem.worker_settings import WorkerSettings
+from worker.settings import WorkerSettings
 
 SECTIONS = [
     ("Shared by every process", None),

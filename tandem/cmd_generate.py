@@ -15,8 +15,9 @@ from engine.loader import load_model
 from engine.registry import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest
+from tandem.flags import add_settings_args, settings_from_args
 from tandem.logs import setup_logging
-from tandem.settings import TandemSettings, add_settings_args, settings_from_args
+from wire.settings import TandemSettings
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,11 @@ import uvicorn
 from pydantic import Field
 
 from router.settings import RouterSettings
+from tandem.flags import add_settings_args, settings_from_args
 from tandem.logs import setup_logging
-from tandem.settings import TandemSettings, add_settings_args, settings_from_args
 from tandem.supervisor import Child, Supervisor, child_argv
-from tandem.worker_settings import WorkerSettings
+from wire.settings import TandemSettings
+from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

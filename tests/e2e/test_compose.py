@@ -11,7 +11,7 @@ import yaml
 
 from router.settings import RouterSettings
 from tandem.cli import build_parser
-from tandem.worker_settings import WorkerSettings
+from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_BY_COMMAND = {

@@ -19,8 +19,6 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from kvstore import KeyNamespace, block_keys
-from tandem.heartbeat import member_key
-from tandem.internal_api import DecodeRequest, PrefillRequest, WireEvent, params_to_wire
 from tests.e2e.faults import (
     MODEL,
     complete,
@@ -42,6 +40,8 @@ from tests.e2e.faults import (
 )
 from tests.e2e.stack import Stack, free_port
 from tests.redis_server import RedisServer
+from wire.internal_api import DecodeRequest, PrefillRequest, WireEvent, params_to_wire
+from wire.membership import member_key
 
 # 105 tokens: the prompt fills block 0 and most of block 1, so ~20 generated tokens complete
 # block 1, which only the decode worker can store.

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from router.backend import BackendError, BackendUnavailable, GenerateEvent, GenerateRequest
+from router.dispatch.backend import BackendError, BackendUnavailable, GenerateEvent, GenerateRequest
 
 Script = Callable[[GenerateRequest], list[GenerateEvent]]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.backend import GenerateEvent
-from router.planning import derive_seed
+from router.api.planning import derive_seed
+from router.dispatch.backend import GenerateEvent
 from tests.router.conftest import MAX_MODEL_LEN
 from tests.router.fake_backend import (
     CACHED_TOKENS,

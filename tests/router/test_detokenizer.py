@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.detokenizer import REPLACEMENT, IncrementalDetokenizer
-from router.token_text import TokenText
+from router.output.detokenizer import REPLACEMENT, IncrementalDetokenizer
+from router.output.token_text import TokenText
 
 
 def stream(tokenizer, ids, prompt=(), skip=True) -> list[str]:

@@ -12,13 +12,13 @@ import httpx
 import pytest
 
 from engine.sampling_params import SamplingParams
-from router import dispatch
-from router.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
-from router.circuit import Circuit
-from router.dispatch import DisaggregatedBackend
-from router.pool import WorkerPool
+from router.dispatch import disaggregated as dispatch
+from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
+from router.dispatch.circuit import Circuit
+from router.dispatch.disaggregated import DisaggregatedBackend
+from router.dispatch.pool import WorkerPool
 from router.settings import RouterSettings
-from tandem.heartbeat import WorkerAd
+from wire.membership import WorkerAd
 
 P, D1, D2 = "http://p:1", "http://d1:1", "http://d2:1"
 PROMPT = list(range(10, 20))  # under a block: no prefill hop unless a test says so

@@ -9,7 +9,7 @@ import json
 import httpx
 
 from engine.sampling_params import SamplingParams
-from router.backend import GenerateRequest
+from router.dispatch.backend import GenerateRequest
 from tests.router.test_dispatch_faults import D1, D2, P, Workers, ndjson, run
 
 PROMPT = list(range(10, 30))  # 20 tokens: 5 blocks of 4

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.backend import BackendUnavailable
+from router.dispatch.backend import BackendUnavailable
 from router.metrics import RouterMetrics
 from router.service import create_metered_app
 from router.settings import RouterSettings

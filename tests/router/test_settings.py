@@ -6,7 +6,7 @@ import argparse
 
 from router.model_info import load_served_model
 from router.settings import RouterSettings
-from tandem.settings import add_settings_args, settings_from_args
+from tandem.flags import add_settings_args, settings_from_args
 
 
 def test_defaults_bind_loopback(monkeypatch):

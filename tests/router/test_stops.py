@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.stops import StopMatcher
+from router.output.stops import StopMatcher
 
 
 def run(stops, pieces, include=False) -> tuple[str, str | None]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router.backend import BackendOverloaded, BackendUnavailable, GenerateEvent
+from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateEvent
 from tests.router.fake_backend import reply_ids, reply_text
 from tests.router.helpers import chat, cmpl, sse_payloads, stream_text
 

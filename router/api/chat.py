@@ -1,0 +1,216 @@
+"""POST /v1/chat/completions: messages through the chat template to a plan of choices, then
+the response body or its stream chunks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from transformers import PreTrainedTokenizerBase
+
+from router.api.openapi_docs import generation_responses
+from router.api.planning import (
+    PromptInput,
+    base_seed,
+    check_fan_out,
+    check_sampling_tokens,
+    output_options,
+    plan_choices,
+    resolve_max_tokens,
+)
+from router.api.respond import respond
+from router.auth import require_api_key
+from router.deps import ChatId, JsonBody, RouterState, State
+from router.errors import bad_request
+from router.model_info import ServedModel
+from router.output.collect import ChoiceResult, UsageCounter
+from router.output.generation import ChoicePlan, ChoiceUpdate
+from router.output.logprobs import chat_logprobs
+from router.protocol.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessage,
+)
+from router.protocol.common import Usage
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["openai"])
+
+
+def build_chat_job(body: ChatCompletionRequest, state: RouterState, request_id: str) -> ChatJob:
+    """Everything that can fail on the request's own terms fails here, before any backend call."""
+    body.check()
+    body.log_unknown_fields()
+    model = state.model(body.model)
+    ids = chat_prompt_ids(
+        model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message
+    )
+    if not ids:
+        raise bad_request("The messages render to an empty prompt.", "messages")
+    n = body.n or 1
+    check_fan_out(1, n)
+    check_sampling_tokens(body, model)
+    # Omitted max tokens: whatever the context window has left after the prompt.
+    budget = resolve_max_tokens(model, len(ids), body.requested_max_tokens(), "messages",
+                                "messages")
+    params = body.to_sampling_params(budget, base_seed(body.seed), model.vocab_size)
+    options = output_options(
+        body, model, params.logprobs, drop_output=False,
+    )
+    plans = plan_choices(
+        request_id, model, [PromptInput(ids)], lambda _: params, n, options,
+        body.cache_salt or "",
+    )
+    log.debug("%s: chat prompt of %d tokens", request_id, len(ids))
+    return ChatJob(request_id, int(time.time()), model, body, len(ids), plans)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=generation_responses(),
+    dependencies=[Depends(require_api_key), JsonBody],
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, state: State, request_id: ChatId
+) -> Response:
+    job = build_chat_job(body, state, request_id)
+    return await respond(
+        request, state, job.model.tokenizer, job.plans, UsageCounter([job.prompt_len]),
+        stream=bool(body.stream),
+        chunks=lambda updates, usage: chat_chunks(job, updates, usage),
+        body=lambda results, usage: chat_body(job, results, usage),
+    )
+
+
+def _conversation(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    # "developer" is OpenAI's newer name for "system"; templates only know the latter.
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in messages
+    ]
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[ChatMessage],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """The templated prompt text. Template failures are the client's conversation's fault."""
+    if not tokenizer.chat_template:
+        raise bad_request("This model has no chat template; use /v1/completions.", "messages")
+    if continue_final_message and messages[-1].role != "assistant":
+        raise bad_request(
+            "`continue_final_message` needs the last message to be from the assistant.",
+            "messages",
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            _conversation(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+    except (jinja2.TemplateError, ValueError, TypeError) as exc:
+        raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from exc
+    assert isinstance(text, str)
+    return text
+
+
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[ChatMessage],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """Template, then tokenize. The template writes BOS/role tokens itself, so by default no
+    special tokens are added on top (vLLM does the same)."""
+    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+@dataclass(slots=True)
+class ChatJob:
+    request_id: str
+    created: int
+    model: ServedModel
+    body: ChatCompletionRequest
+    prompt_len: int
+    plans: list[ChoicePlan]
+
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.model.name, choices=choices,
+            usage=usage,
+        )
+
+
+def chat_body(job: ChatJob, results: Sequence[ChoiceResult], usage: UsageCounter) -> dict:
+    choices = [
+        ChatChoice(
+            index=r.index,
+            message=AssistantMessage(content=r.text),
+            logprobs=chat_logprobs(job.model, r.logprobs) if job.body.logprobs else None,
+            finish_reason=r.finish_reason,  # type: ignore[arg-type]
+        )
+        for r in results
+    ]
+    response = ChatCompletionResponse(
+        id=job.request_id, created=job.created, model=job.model.name, choices=choices,
+        usage=usage.usage(),
+    )
+    return response.model_dump(mode="json")
+
+
+def _chunk_choice(job: ChatJob, u: ChoiceUpdate) -> ChatChunkChoice | None:
+    """None when the update carries nothing a client could see."""
+    logprobs = chat_logprobs(job.model, u.logprobs) if u.logprobs else None
+    if not u.text and logprobs is None and u.finish_reason is None:
+        return None
+    return ChatChunkChoice(
+        index=u.index,
+        delta=ChatDelta(content=u.text or None),
+        logprobs=logprobs,
+        finish_reason=u.finish_reason,  # type: ignore[arg-type]
+    )
+
+
+async def chat_chunks(
+    job: ChatJob, updates: AsyncIterator[ChoiceUpdate], usage: UsageCounter
+) -> AsyncIterator[list[dict[str, Any]]]:
+    opts = job.body.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    # OpenAI: with include_usage every chunk has "usage" (null until the last one).
+    exclude = None if include_usage else {"usage"}
+
+    def dump(choice: ChatChunkChoice) -> dict[str, Any]:
+        chunk = job.chunk([choice], usage.usage() if continuous else None)
+        return chunk.model_dump(mode="json", exclude=exclude)
+
+    try:
+        # Every choice opens with the assistant role (and empty content), as OpenAI's do.
+        yield [dump(ChatChunkChoice(index=p.index, delta=ChatDelta(role="assistant", content="")))
+               for p in job.plans]
+        async for u in updates:
+            usage.add(u)
+            choice = _chunk_choice(job, u)
+            if choice is not None:
+                yield [dump(choice)]
+        if include_usage:
+            yield [job.chunk([], usage.usage()).model_dump(mode="json")]
+    finally:
+        await updates.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,66 @@
+"""The seam between the OpenAI API layer and whatever generates tokens.
+
+The API layer (routes, validation, detokenization, stop strings, SSE) sees only this protocol.
+The production backend dispatches to prefill/decode workers over HTTP
+(router/dispatch/disaggregated.py); unit tests use a scripted fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class GenerateRequest:
+    request_id: str
+    model: str
+    token_ids: list[int]  # the full prompt, already templated and tokenized
+    params: SamplingParams  # seed is always set by the router (position-deterministic)
+    cache_salt: str = ""  # per-tenant namespace for the prefix cache
+
+
+@dataclass(slots=True)
+class GenerateEvent:
+    """One generated token. The first event of a request also carries prompt-level facts."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+    finish_reason: str | None = None  # None, "stop" or "length"
+    num_cached_tokens: int | None = None  # first event: prompt tokens served from the KV store
+    # first event, when params.prompt_logprobs is set: one entry per prompt token, the first None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+
+
+class BackendError(Exception):
+    """Base for failures the API layer maps to an HTTP status."""
+
+
+class BackendUnavailable(BackendError):
+    """No ready worker can take the request (HTTP 503)."""
+
+
+class BackendOverloaded(BackendError):
+    """Queues are full (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Backend(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        """Yields events until one has finish_reason. Closing the iterator cancels the work."""
+        ...
+
+    async def ready(self) -> bool: ...
+
+    async def workers(self) -> list[dict[str, Any]]: ...

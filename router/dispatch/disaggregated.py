@@ -1,0 +1,320 @@
+"""The production Backend: prefix lookup, prefill on a prefill worker, decode on a decode worker.
+
+    router ──/prefill──▶ prefill worker ──blocks──▶ store ──blocks──▶ decode worker
+       └────────────────────/generate (prompt + first token)─────────────┘
+
+Faults (docs/RELIABILITY.md):
+- A broken decode stream (killed worker, reset, timeout) resumes on another decode worker with
+  prompt + tokens so far; that worker reloads the stored blocks and recomputes only the tail.
+  Seeds are always set and sampling is position-deterministic, so the resumed text is the text
+  the dead worker would have produced. The request id stays the same, so a retry that lands on
+  the same worker supersedes the first attempt instead of generating twice.
+- A failed prefill is retried on another prefill worker, else the decode worker prefills.
+  The prefill worker's first token goes to the client at once (that is TTFT); a worker that
+  dies before storing the KV only costs the decode worker a recompute.
+- A worker that refuses (429 full, 503 draining) is skipped without spending the budget;
+  when every decode worker refuses a request the client holds no token of, it gets 429
+  (BackendOverloaded); one already streaming waits for room instead.
+  Full prefill workers are skipped like failed ones: the decode worker prefills.
+- Failures spend the request's budget (`max_failovers`), back off with jitter, and strike the
+  worker's circuit (router/dispatch/circuit.py). After a failure the request waits (bounded) for a
+  worker to come back; a new request with no worker ready gets 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import replace
+
+import httpx
+
+from kvstore import KeyNamespace, block_keys, build_store
+from router.dispatch.backend import (
+    BackendOverloaded,
+    BackendUnavailable,
+    GenerateEvent,
+    GenerateRequest,
+)
+from router.dispatch.faults import RetryState, WorkerFailed, WorkerRefused, check_status
+from router.dispatch.membership import Membership
+from router.dispatch.pool import WorkerInfo, WorkerPool
+from wire.internal_api import (
+    INTERNAL_TOKEN_HEADER,
+    DecodeRequest,
+    PrefillCommitted,
+    PrefillRequest,
+    PrefillResponse,
+    WireEvent,
+    params_to_wire,
+)
+
+log = logging.getLogger(__name__)
+
+# After a failure, how long a request waits for some worker of the role to be back (a worker
+# restart under load takes 10-20 s on a 2-vCPU box). The router's idle timeout still applies.
+FAILOVER_WAIT_S = 45.0
+WAIT_POLL_S = 0.2  # pool re-checks while waiting; probes run every health_interval_s anyway
+BACKOFF_BASE_S = 0.05  # first retry delay; doubles per failure, capped, times U(1, 2) jitter
+BACKOFF_MAX_S = 1.0
+
+
+def to_event(w: WireEvent, **extra) -> GenerateEvent:
+    return GenerateEvent(
+        token_id=w.token_id, logprob=w.logprob, top_logprobs=w.top_logprobs,
+        finish_reason=w.finish_reason, **extra,
+    )
+
+
+def backoff_s(failures: int) -> float:
+    """Exponential with jitter, so retries of requests that failed together spread out."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1)) * (1 + random.random())
+
+
+class DisaggregatedBackend:
+    def __init__(self, settings, transport: httpx.AsyncBaseTransport | None = None):
+        self.settings = settings
+        self.client: httpx.AsyncClient | None = None
+        self.pool: WorkerPool | None = None
+        self.lookup_store = None
+        self.failovers_total = 0  # failed worker calls retried elsewhere (or prefilled locally)
+        self.refusals_total = 0  # 429/503 answers that sent a request to another worker
+        self._transport = transport  # tests inject a mock transport
+        headers = {}
+        if settings.internal_token:
+            headers[INTERNAL_TOKEN_HEADER] = settings.internal_token
+        self._headers = headers
+
+    async def start(self) -> None:
+        s = self.settings
+        timeout = httpx.Timeout(s.worker_timeout_s, connect=2.0)
+        self.client = httpx.AsyncClient(timeout=timeout, headers=self._headers,
+                                        transport=self._transport)
+        membership = Membership(s.redis_url, s.redis_timeout_s) if s.redis_url else None
+        self.pool = WorkerPool(self.client, s.prefill_urls, s.decode_urls, s.health_interval_s,
+                               headers=self._headers, membership=membership)
+        await self.pool.start()
+        config = s.store_config(lookup=True) if s.prefix_cache else None
+        if config is not None:
+            self.lookup_store = await asyncio.to_thread(build_store, config)
+
+    async def close(self) -> None:
+        if self.pool:
+            await self.pool.close()
+        if self.client:
+            await self.client.aclose()
+        if self.lookup_store is not None:
+            self.lookup_store.close()
+
+    async def ready(self) -> bool:
+        return self.pool is not None and self.pool.ready()
+
+    async def workers(self) -> list[dict]:
+        return [w.summary() for w in self.pool.workers()] if self.pool else []
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        state = RetryState(self.settings.max_failovers)
+        if not self.settings.prefix_cache:
+            # No reuse across requests, but the store still carries this request's handoff.
+            req = replace(req, cache_salt=f"{req.cache_salt}/{req.request_id}")
+        cached = await self._cached_tokens(req)
+        tokens = list(req.token_ids)
+        body = DecodeRequest(
+            request_id=req.request_id, token_ids=tokens, num_prompt_tokens=len(tokens),
+            params=params_to_wire(req.params), cache_salt=req.cache_salt,
+        )
+        handoff = await self._prefill(req, state) if self._needs_prefill(req, cached) else None
+        if handoff is not None:
+            head, rest = handoff
+            async with aclosing(rest):
+                # TTFT: the client gets the prefill worker's token now, while its KV is stored.
+                yield to_event(head.event, num_cached_tokens=head.num_cached_tokens,
+                               prompt_logprobs=head.event.prompt_logprobs)
+                state.streaming = True
+                committed = await self._await_commit(rest)
+            if head.event.finish_reason is not None:
+                return
+            body.token_ids = tokens + [head.event.token_id]
+            if committed:
+                body.tail_key, body.tail_start = head.tail_key, head.tail_start
+        async for ev in self._decode(body, state, report_cached=handoff is None):
+            yield ev
+
+    async def _cached_tokens(self, req: GenerateRequest) -> int:
+        """Leading prompt tokens already in the shared tiers; any failure counts as a miss."""
+        health = self.pool.any_health() if self.pool else None
+        if self.lookup_store is None or health is None:
+            return 0
+        ns = KeyNamespace(health.fingerprint, health.dtype, health.block_size, req.cache_salt)
+        keys = block_keys(req.token_ids, ns)
+        try:
+            n = await asyncio.wait_for(
+                asyncio.to_thread(self.lookup_store.lookup_prefix, keys),
+                self.settings.redis_timeout_s * 2,
+            )
+        except Exception:  # a store outage is a miss, never a failed request
+            log.warning("prefix lookup failed; treating as a miss", exc_info=True)
+            return 0
+        return n * health.block_size
+
+    def _needs_prefill(self, req: GenerateRequest, cached: int) -> bool:
+        """A prefill hop pays for itself only on a long uncached part: a short one is computed
+        by the decode worker (Dynamo's conditional disaggregation), which spares the store
+        round trip of the whole prefix; all but the last token cached never needs one."""
+        if not self.pool.has_role("prefill"):
+            return False
+        if req.params.prompt_logprobs is not None:
+            return True
+        uncached = len(req.token_ids) - 1 - cached
+        return uncached >= max(1, self.settings.local_prefill_tokens)
+
+    async def _prefill(
+        self, req: GenerateRequest, state: RetryState
+    ) -> tuple[PrefillResponse, AsyncIterator] | None:
+        """Try prefill workers in turn: (the reply's first line, the open rest of it), or None
+        when the decode worker must prefill itself."""
+        body = PrefillRequest(
+            request_id=req.request_id, token_ids=list(req.token_ids),
+            params=params_to_wire(req.params), cache_salt=req.cache_salt,
+        )
+        while (w := self.pool.pick_or_none("prefill", state.excluded)) is not None:
+            lines = self._call_prefill(w, body)
+            try:
+                return await anext(lines), lines
+            except WorkerRefused as e:
+                self._refused(w, e, state)
+            except WorkerFailed as e:
+                log.warning("prefill on %s failed (%s)", w.url, e)
+                if not self._failed(w, state):
+                    break
+                await asyncio.sleep(backoff_s(state.failures))
+            await lines.aclose()
+        # Every prefill worker failed or is full: the decode worker computes the prompt itself
+        # (whether the request is admitted at all is the decode workers' call).
+        log.warning("no prefill worker took %s; decode worker prefills", req.request_id)
+        return None
+
+    async def _ndjson(self, w: WorkerInfo, path: str, body) -> AsyncIterator[str]:
+        """The non-empty lines of a worker's NDJSON reply, holding a lease on the worker.
+        Raises WorkerRefused (429/503) or WorkerFailed (connection, status, cut stream)."""
+        async with self.pool.lease(w):
+            try:
+                async with self.client.stream(
+                    "POST", f"{w.url}{path}", json=body.model_dump(),
+                    headers={"X-Request-Id": body.request_id},
+                ) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        check_status(r)
+                    async for line in r.aiter_lines():
+                        if line:
+                            yield line
+            except httpx.HTTPError as e:
+                raise WorkerFailed(repr(e)) from e
+
+    async def _call_prefill(self, w: WorkerInfo, body: PrefillRequest) -> AsyncIterator:
+        """Yields the reply's head (PrefillResponse) as soon as it arrives, then
+        PrefillCommitted once the worker has stored the KV."""
+        async with aclosing(self._ndjson(w, "/prefill", body)) as lines:
+            try:
+                yield PrefillResponse.model_validate_json(await anext(lines))
+                self.pool.mark_ok(w)
+                yield PrefillCommitted.model_validate_json(await anext(lines))
+            except (ValueError, StopAsyncIteration) as e:
+                raise WorkerFailed(f"bad prefill reply: {e!r}") from e
+
+    async def _await_commit(self, rest: AsyncIterator) -> bool:
+        """Whether the prefill worker stored the prompt's KV. If it died first, the decode
+        worker loads whatever blocks did land and recomputes the rest: same output, slower."""
+        try:
+            await anext(rest)
+            return True
+        except WorkerFailed as e:
+            log.warning("prefill worker failed before storing the KV (%s); decode "
+                        "recomputes it", e)
+            return False
+
+    async def _decode(
+        self, body: DecodeRequest, state: RetryState, report_cached: bool
+    ) -> AsyncIterator[GenerateEvent]:
+        """Stream from decode workers until a finish, resuming on another after a failure."""
+        while True:
+            w = await self._pick_decode(state)
+            try:
+                async with aclosing(self._call_decode(w, body)) as wires:
+                    async for wire in wires:
+                        cached = wire.num_cached_tokens if report_cached else None
+                        report_cached = False
+                        state.streaming = True
+                        yield to_event(wire, num_cached_tokens=cached,
+                                       prompt_logprobs=wire.prompt_logprobs)
+                        if wire.finish_reason is not None:
+                            return
+                        body.token_ids.append(wire.token_id)
+                raise WorkerFailed("stream ended without a finish reason")
+            except WorkerRefused as e:
+                self._refused(w, e, state)
+            except WorkerFailed as e:
+                log.warning("decode on %s failed after %d tokens (%s)", w.url,
+                            len(body.token_ids) - body.num_prompt_tokens, e)
+                state.streaming = True
+                if not self._failed(w, state):
+                    raise BackendUnavailable(
+                        f"decode failed {state.failures} times; giving up") from e
+                await asyncio.sleep(backoff_s(state.failures))
+
+    async def _pick_decode(self, state: RetryState) -> WorkerInfo:
+        """A decode worker not yet tried (else a tried one that recovered). Before the client
+        has any token the answer is immediate (429 if all refused, 503 if none is up); after,
+        the request waits for a worker up to FAILOVER_WAIT_S, retrying refusals as room frees
+        up, since an error now would cut a stream the client is reading."""
+        while True:
+            w = (self.pool.pick_or_none("decode", state.excluded)
+                 or self.pool.pick_or_none("decode", state.refused))
+            if w is not None:
+                return w
+            if not state.streaming:
+                if state.busy is not None:
+                    raise BackendOverloaded("every decode worker is at capacity", state.busy)
+                raise BackendUnavailable("no healthy decode worker is available")
+            state.deadline = state.deadline or time.monotonic() + FAILOVER_WAIT_S
+            if time.monotonic() >= state.deadline:
+                raise BackendUnavailable(f"no decode worker recovered in {FAILOVER_WAIT_S:g} s")
+            state.refused.clear()  # a full worker may have room by the next look
+            await asyncio.sleep(WAIT_POLL_S)
+
+    async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[WireEvent]:
+        async with aclosing(self._ndjson(w, "/generate", body)) as lines:
+            marked = False
+            async for line in lines:
+                try:
+                    wire = WireEvent.model_validate_json(line)
+                except ValueError as e:  # a line cut short by a dying worker
+                    raise WorkerFailed(f"bad stream line: {e}") from e
+                if not marked:
+                    self.pool.mark_ok(w)
+                    marked = True
+                yield wire
+
+    # --- fault bookkeeping --------------------------------------------------------------------
+
+    def _refused(self, w: WorkerInfo, e: WorkerRefused, state: RetryState) -> None:
+        log.info("%s worker %s refused (%s); trying another", w.role, w.url, e)
+        self.refusals_total += 1
+        state.refuse(w.url, e)
+        if e.draining:
+            self.pool.mark_draining(w)
+
+    def _failed(self, w: WorkerInfo, state: RetryState) -> bool:
+        """Record a failed call; True if the request may retry."""
+        self.pool.mark_failed(w)
+        if not state.spend(w.url):
+            return False
+        self.failovers_total += 1
+        return True

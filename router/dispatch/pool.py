@@ -1,0 +1,241 @@
+"""The router's view of its workers: discovery, health probes, load, least-loaded choice,
+and a circuit breaker per worker (router/dispatch/circuit.py).
+
+A configured URL whose host name resolves to several addresses (compose `--scale decode=2`
+behind one service name) becomes one worker per address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from router.dispatch.backend import BackendUnavailable
+from router.dispatch.circuit import Circuit
+from router.dispatch.membership import Membership
+from wire.internal_api import WorkerHealth
+from wire.membership import WorkerAd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    url: str
+    role: str  # "prefill" | "decode"
+    healthy: bool = False
+    failures: int = 0  # consecutive failed probes
+    inflight: int = 0  # requests this router has open on it
+    health: WorkerHealth | None = None
+    last_ok: float = 0.0
+    discovered: bool = False  # learned from Redis membership rather than configured
+    missing_scans: int = 0  # membership listings in a row without its ad
+    circuit: Circuit = field(default_factory=Circuit)
+
+    def summary(self) -> dict:
+        h = self.health
+        return {
+            "url": self.url, "role": self.role, "healthy": self.healthy, "inflight": self.inflight,
+            "running": h.running if h else None, "pid": h.pid if h else None,
+            "failures": self.failures, "counters": h.counters if h else {},
+            "circuit": self.circuit.state(time.monotonic()), "discovered": self.discovered,
+        }
+
+
+async def expand_url(url: str) -> list[str]:
+    """One URL per address when a service name resolves to several (DNS round robin)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if host == "localhost" or _is_ip(host):
+        return [url]
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, parts.port, family=socket.AF_INET, type=socket.SOCK_STREAM
+        )
+    except OSError:
+        return [url]
+    addrs = sorted({info[4][0] for info in infos})
+    if len(addrs) <= 1:
+        return [url]
+    return [urlunsplit(parts._replace(netloc=f"{a}:{parts.port}")) for a in addrs]
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class WorkerPool:
+    """Owns every WorkerInfo. Health comes from probes; membership (optional) adds the workers
+    that heartbeat in Redis and removes them when their ad lapses; request outcomes drive each
+    worker's circuit."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, prefill_urls: list[str], decode_urls: list[str],
+        probe_interval_s: float = 1.0, unhealthy_after: int = 2, headers: dict | None = None,
+        membership: Membership | None = None,
+    ):
+        self._client = client
+        self._configured = {"prefill": prefill_urls, "decode": decode_urls}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._interval = probe_interval_s
+        self._unhealthy_after = unhealthy_after
+        self._headers = headers or {}
+        self._membership = membership
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._probe_loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._membership is not None:
+            await self._membership.close()
+
+    def workers(self, role: str | None = None) -> list[WorkerInfo]:
+        return [w for w in self._workers.values() if role is None or w.role == role]
+
+    def has_role(self, role: str) -> bool:
+        return bool(self._configured[role]) or bool(self.workers(role))
+
+    def ready(self) -> bool:
+        need = ["decode"] + (["prefill"] if self.has_role("prefill") else [])
+        return all(any(w.healthy for w in self.workers(r)) for r in need)
+
+    def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo:
+        """The available worker of `role` with the fewest requests in flight."""
+        w = self.pick_or_none(role, exclude)
+        if w is None:
+            raise BackendUnavailable(f"no healthy {role} worker is available")
+        return w
+
+    def pick_or_none(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
+        now = time.monotonic()
+        candidates = [w for w in self.workers(role)
+                      if w.healthy and w.url not in exclude and w.circuit.available(now)]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda w: (w.inflight, w.health.running if w.health else 0))
+
+    def any_health(self) -> WorkerHealth | None:
+        for w in self._workers.values():
+            if w.healthy and w.health is not None:
+                return w.health
+        return None
+
+    @contextlib.asynccontextmanager
+    async def lease(self, worker: WorkerInfo) -> AsyncIterator[WorkerInfo]:
+        worker.inflight += 1
+        trial = worker.circuit.on_lease(time.monotonic())
+        try:
+            yield worker
+        finally:
+            worker.inflight -= 1
+            if trial:
+                worker.circuit.trial = False  # resolved or not, the next request may try
+
+    def mark_ok(self, worker: WorkerInfo) -> None:
+        worker.circuit.on_success()
+
+    def mark_failed(self, worker: WorkerInfo) -> None:
+        """A request to it broke: out of rotation until a probe succeeds, and one more strike
+        on its circuit."""
+        worker.healthy = False
+        worker.circuit.on_failure(time.monotonic())
+        if worker.circuit.state(time.monotonic()) == "open":
+            log.warning("%s worker %s: circuit open after %d failures", worker.role,
+                        worker.url, worker.circuit.failures)
+
+    def mark_draining(self, worker: WorkerInfo) -> None:
+        """It refused with 503 (shutting down): skip it until a probe says otherwise."""
+        worker.healthy = False
+
+    # --- discovery and probes -----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """One round: configured URLs, then Redis membership (if any), then probe everyone."""
+        for role, urls in self._configured.items():
+            for configured in urls:
+                for url in await expand_url(configured):
+                    self._workers.setdefault(url, WorkerInfo(url, role))
+        if self._membership is not None:
+            ads = await self._membership.scan()
+            if ads is not None:
+                self.sync_members(ads)
+        await asyncio.gather(*(self._probe(w) for w in list(self._workers.values())))
+
+    def sync_members(self, ads: list[WorkerAd]) -> None:
+        """Add advertised workers; drop discovered ones whose ad is gone two listings in a row
+        (the ad's TTL already covers missed heartbeats; the second listing rides out a Redis
+        restart, which forgets every ad until the next beat)."""
+        seen = set()
+        for ad in ads:
+            seen.add(ad.url)
+            w = self._workers.get(ad.url)
+            if w is None:
+                w = self._workers[ad.url] = WorkerInfo(ad.url, ad.role, discovered=True)
+                log.info("discovered %s worker %s (pid %d)", ad.role, ad.url, ad.pid)
+            w.missing_scans = 0
+            if ad.draining:
+                w.healthy = False
+        for w in list(self._workers.values()):
+            if not w.discovered or w.url in seen:
+                continue
+            w.missing_scans += 1
+            if w.missing_scans >= 2:
+                log.warning("%s worker %s stopped heartbeating; removed", w.role, w.url)
+                del self._workers[w.url]
+
+    async def _probe(self, w: WorkerInfo) -> None:
+        try:
+            r = await self._client.get(f"{w.url}/health", timeout=2.0, headers=self._headers)
+            r.raise_for_status()
+            health = WorkerHealth.model_validate(r.json())
+        except (httpx.HTTPError, ValueError):
+            w.failures += 1
+            if w.failures >= self._unhealthy_after or not w.healthy:
+                w.healthy = False
+            return
+        if w.discovered and not self._compatible(w, health):
+            if w.health is None:  # log once, not every probe round
+                log.warning("ignoring %s: its model/KV layout differs from the pool's", w.url)
+            w.health, w.healthy = health, False
+            return
+        if w.health is not None and w.health.pid != health.pid:
+            w.circuit.reset()
+        if not w.healthy:
+            log.info("%s worker %s is healthy (pid %d)", w.role, w.url, health.pid)
+        w.health = health
+        w.healthy, w.failures, w.last_ok = True, 0, time.monotonic()
+
+    def _compatible(self, w: WorkerInfo, health: WorkerHealth) -> bool:
+        """A discovered worker must share the model and KV layout of the others: it reads and
+        writes the same blocks, and resumes their streams."""
+        ref = next((x.health for x in self._workers.values()
+                    if x is not w and x.healthy and x.health is not None), None)
+        layout = (health.fingerprint, health.dtype, health.block_size)
+        return ref is None or layout == (ref.fingerprint, ref.dtype, ref.block_size)
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.refresh()
+            except Exception:  # a probe bug must not kill discovery
+                log.exception("worker probe failed")

@@ -1,0 +1,2 @@
+"""From backend token events to client text: detokenizer, stop strings, logprobs, choice
+state, collection, merging and SSE."""

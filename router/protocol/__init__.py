@@ -1,0 +1,1 @@
+"""The OpenAI wire models, grouped by endpoint (as vLLM's entrypoints do)."""

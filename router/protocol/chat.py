@@ -1,0 +1,205 @@
+"""POST /v1/chat/completions: the request body (fields in OpenAI's order, then vLLM's extras),
+the response and its stream chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    StrictBool,
+    StrictStr,
+    field_validator,
+    model_serializer,
+)
+from pydantic_core import PydanticCustomError
+
+from engine.sampling_params import SamplingParams
+from router.errors import bad_request
+from router.protocol.common import (
+    CacheSalt,
+    Flag,
+    LogitBias,
+    MinP,
+    MinTokens,
+    ModelName,
+    N,
+    Penalty,
+    RepetitionPenalty,
+    Seed,
+    Stop,
+    StopTokenIds,
+    StreamOptions,
+    Temperature,
+    TopK,
+    TopP,
+    Usage,
+    WireModel,
+    _Sampling,
+)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    # validate_default: a missing content must reach _content_required too.
+    content: StrictStr | list[TextPart] | None = Field(None, validate_default=True)
+    name: StrictStr | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, value: Any, info) -> Any:
+        # Only an assistant turn may omit content (OpenAI: when it made tool calls).
+        if value is None and info.data.get("role", "assistant") != "assistant":
+            raise PydanticCustomError("missing", "content is required for this role")
+        return value
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: Literal["text"] = Field(description="only plain text output is supported")
+
+
+class ChatCompletionRequest(_Sampling, WireModel):
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: ModelName
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias = None
+    logprobs: Flag = False
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias")
+    n: N = 1
+    presence_penalty: Penalty = 0.0
+    response_format: ResponseFormat | None = None
+    seed: Seed = None
+    stop: Stop = None
+    stream: Flag = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature = 1.0
+    tool_choice: Literal["none"] | None = Field(None, description="tools are not supported")
+    tools: list[dict[str, Any]] | None = Field(None, description="must be absent or empty")
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_p: TopP = 1.0
+    user: StrictStr | None = None
+    # vLLM extras
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    ignore_eos: Flag = False
+    min_tokens: MinTokens = None
+    stop_token_ids: StopTokenIds = None
+    include_stop_str_in_output: Flag = False
+    skip_special_tokens: Flag = True
+    cache_salt: CacheSalt = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+
+    @field_validator("tools", "tool_choice", mode="before")
+    @classmethod
+    def _no_tools(cls, value: Any) -> Any:
+        if value in (None, [], "none"):
+            return value
+        raise PydanticCustomError("unsupported", "tool calling is not supported by this server")
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("`top_logprobs` requires `logprobs` to be true.", "top_logprobs")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request(
+                "`continue_final_message` needs `add_generation_prompt` false.",
+                "continue_final_message",
+            )
+        self.check_common(self.requested_max_tokens())
+
+    def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int) -> SamplingParams:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self.sampling_params(
+            max_tokens=max_tokens, seed=seed, logprobs=logprobs, vocab_size=vocab_size
+        )
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    system_fingerprint: str | None = None
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI sends only what the delta carries: {"content": "x"}, and {} at the end.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: str | None = None
+    usage: Usage | None = None

@@ -1,0 +1,73 @@
+"""A worker's FastAPI app skeleton: lifespan (engine thread, store, heartbeat), /health,
+/metrics, and the internal token on every service route.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from wire.http_metrics import HttpMetricsMiddleware, HttpRequestCounts
+from wire.internal_api import INTERNAL_TOKEN_HEADER, WorkerHealth
+from worker.lifecycle import Lifecycle
+from worker.runtime import Worker, build_worker
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+def get_worker(request: Request) -> Worker:
+    return request.app.state.worker
+
+
+def check_internal_token(request: Request) -> None:
+    expected = request.app.state.worker.settings.internal_token
+    if expected and request.headers.get(INTERNAL_TOKEN_HEADER) != expected:
+        raise HTTPException(status_code=401, detail="bad internal token")
+
+
+WorkerDep = Annotated[Worker, Depends(get_worker)]
+
+
+def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
+    http_counts = HttpRequestCounts()  # made before the registry, which the lifespan builds
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker = build_worker(settings)
+        worker.registry.register(http_counts)
+        worker.runner.start()
+        app.state.worker = worker
+        lifecycle = Lifecycle(worker)  # heartbeat in Redis, drain on SIGTERM
+        await lifecycle.start()
+        log.info("%s worker ready on %s:%d (advertised as %s)", settings.role, settings.host,
+                 settings.port, settings.advertised_url())
+        try:
+            yield
+        finally:
+            await lifecycle.stop()
+            worker.runner.stop()
+            worker.writer.shutdown(wait=True)
+            worker.store.close()
+
+    app = FastAPI(title=f"tandem {settings.role} worker", lifespan=lifespan)
+    app.add_middleware(HttpMetricsMiddleware, counts=http_counts)
+
+    @app.get("/health", response_model=WorkerHealth)
+    async def health(worker: WorkerDep) -> WorkerHealth | JSONResponse:
+        if worker.admission.draining:  # probes take it out of rotation; the body still reads
+            return JSONResponse(worker.health().model_dump(), status_code=503)
+        return worker.health()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(worker: WorkerDep) -> Response:
+        return Response(generate_latest(worker.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(routes, dependencies=[Depends(check_internal_token)])
+    return app

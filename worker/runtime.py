@@ -1,0 +1,183 @@
+"""What prefill and decode workers share: the loaded model, engine thread, KV store and the
+prefix load/write helpers (the app skeleton is worker/app.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+
+from engine.device import dtype_name
+from engine.engine import Engine, EngineConfig
+from engine.loader import LoadedModel, load_model
+from engine.registry import resolve_model
+from engine.runner import EngineRunner
+from kvstore import KeyNamespace, block_keys, build_store
+from kvstore.tiered import TieredStore
+from wire.internal_api import WorkerHealth
+from worker.admission import Admission, Ticket
+from worker.metrics import EngineCollector, HandoffMetrics, QueueMetrics, StoreMetrics
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    """Monotonic counters that tests and operators read from /health (and /metrics)."""
+
+    requests_total: int = 0
+    prompt_tokens_computed_total: int = 0  # prompt tokens whose KV this worker computed
+    prefix_tokens_loaded_total: int = 0  # tokens whose KV came from the store instead
+    # Tokens fed when a sequence was admitted (prompt rest + carried generated tokens): 1 for a
+    # plain handoff, under a block for a failover resume that found the dead worker's blocks.
+    admit_tokens_computed_total: int = 0
+    blocks_loaded_total: int = 0
+    blocks_written_total: int = 0
+    requests_refused_total: int = 0  # answered 429 (full) or 503 (draining)
+
+
+@dataclass(slots=True)
+class PrefixKV:
+    blocks: list[torch.Tensor] | None  # each [L, 2, H, B, D]: tokens [0, num_blocks * B)
+    tail: torch.Tensor | None  # [L, 2, H, t, D], t < B: the request's partial last block
+    length: int  # tokens covered (blocks + tail), capped at the caller's limit
+    num_blocks: int
+
+    def seq_fields(self) -> dict:
+        """The SeqRequest fields that import this prefix."""
+        if self.blocks is None:  # a tail alone (a prompt under one block) is a flat prefix
+            return {"prefix_kv": self.tail, "prefix_len": self.length}
+        return {"prefix_kv": self.blocks, "prefix_tail": self.tail, "prefix_len": self.length}
+
+
+NO_PREFIX = PrefixKV(None, None, 0, 0)
+
+
+@dataclass
+class Worker:
+    settings: WorkerSettings
+    lm: LoadedModel
+    engine: Engine
+    runner: EngineRunner
+    store: TieredStore
+    registry: CollectorRegistry
+    handoff: HandoffMetrics
+    admission: Admission
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    writer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
+    )
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.layout.block_size
+
+    def namespace(self, cache_salt: str) -> KeyNamespace:
+        return KeyNamespace(
+            self.lm.fingerprint, dtype_name(self.lm.dtype), self.block_size, cache_salt
+        )
+
+    def load_prefix(
+        self, token_ids: list[int], ns: KeyNamespace, limit: int, tail_key: str | None = None,
+        tail_start: int = 0,
+    ) -> PrefixKV:
+        """Leading KV from the store for token_ids[:limit] (blocking: call from a thread).
+
+        Stops at the first missing or malformed block; everything after it is recomputed.
+        """
+        if limit <= 0:
+            return NO_PREFIX
+        start = time.perf_counter()
+        keys = block_keys(token_ids, ns)
+        keys = keys[: self.store.lookup_prefix(keys)]
+        blocks = []
+        for t in self.store.get_many(keys, borrow=True) if keys else []:
+            if not self._fits(t, full=True):
+                break
+            blocks.append(t)
+        length = len(blocks) * self.block_size
+        tail = None
+        if tail_key and tail_start == length and length < limit:
+            tail = self.store.get_many([tail_key], borrow=True)[0]
+            tail = tail if self._fits(tail, full=False) else None
+            length += 0 if tail is None else tail.shape[3]
+        if not length:
+            return NO_PREFIX
+        loaded = blocks + ([tail] if tail is not None else [])
+        nbytes = sum(t.numel() * t.element_size() for t in loaded)
+        self.handoff.observe("load", nbytes, time.perf_counter() - start)
+        return PrefixKV(blocks or None, tail, min(length, limit), len(blocks))
+
+    def _fits(self, t: torch.Tensor | None, full: bool) -> bool:
+        """A stored tensor matches this engine's layout (a tail may hold fewer tokens)."""
+        if t is None or t.dtype != self.lm.dtype or t.dim() != 5:
+            return False
+        want = self.engine.layout.block_shape
+        tokens_ok = t.shape[3] == want[3] if full else 0 < t.shape[3] < want[3]
+        return tokens_ok and t.shape[:3] == want[:3] and t.shape[4] == want[4]
+
+    def write_blocks(self, items: dict[str, torch.Tensor], ttl_s: int | None = None):
+        """Queue a store write off the engine thread; returns its Future."""
+        self.counters.blocks_written_total += len(items)
+        return self.writer.submit(self.store.put_many, items, ttl_s=ttl_s)
+
+    def try_admit(self, resume: bool = False) -> Ticket | JSONResponse:
+        """A ticket to hold while serving the request, or the 429/503 to answer with."""
+        refusal = self.admission.refusal(resume)
+        if refusal is not None:
+            self.counters.requests_refused_total += 1
+            return refusal
+        return self.admission.admit()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) from other threads: only len() of containers, which is atomic;
+        iterating the engine's dicts here could race the engine thread."""
+        waiting = self.engine.num_waiting
+        return max(0, self.runner.num_running - waiting), waiting
+
+    def health(self) -> WorkerHealth:
+        return WorkerHealth(
+            role=self.settings.role,
+            model=self.lm.name,
+            pid=os.getpid(),
+            fingerprint=self.lm.fingerprint,
+            dtype=dtype_name(self.lm.dtype),
+            block_size=self.block_size,
+            max_model_len=self.engine.max_model_len,
+            running=self.load()[0],
+            waiting=self.load()[1],
+            counters=asdict(self.counters),
+        )
+
+
+def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
+    lm = load_model(resolve_model(settings.model), dtype=settings.dtype, device=settings.device)
+    config = EngineConfig(
+        max_slots=settings.max_slots,
+        block_size=settings.block_size,
+        prefill_chunk=settings.prefill_chunk,
+        max_model_len=settings.max_model_len,
+    )
+    engine = Engine(lm, config)
+    registry = CollectorRegistry()
+    observer = StoreMetrics(registry, lm.name)
+    # Built even with --no-prefix-cache: the store also carries the prefill->decode handoff
+    # (the router then salts keys per request, so nothing is reused across requests).
+    store = build_store(settings.store_config(), observer)
+    runner = EngineRunner(engine, after_step=after_step,
+                          on_scheduled=QueueMetrics(registry, lm.name).observe)
+    admission = Admission(settings.max_slots + settings.max_queue)
+    worker = Worker(settings, lm, engine, runner, store, registry,
+                    HandoffMetrics(registry, lm.name), admission)
+    registry.register(EngineCollector(
+        lm.name, lambda: (*worker.load(), config.max_slots, worker.counters)))
+    return worker
+
+

@@ -62,7 +62,7 @@ def build_store(config: StoreConfig, observer: StoreObserver | None = None,
     (the tier starts down and is probed later); a malformed redis_url raises ValueError."""
     tiers: list[Tier] = []
     for name in config.tier_names:
-        breaker = Breaker(name, config.backoff_s, config.max_backoff_s, clock)
+        breaker = Breaker(f"kvstore tier {name}", config.backoff_s, config.max_backoff_s, clock)
         if name == "memory":
             tiers.append(MemoryTier(config.memory_bytes, clock))
         elif name == "disk":

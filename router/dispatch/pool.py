@@ -1,5 +1,7 @@
 """The router's view of its workers: discovery, health probes, load, least-loaded choice,
-and a circuit breaker per worker (router/dispatch/circuit.py).
+and a circuit breaker per worker (kvstore/breaker.py). Probes decide whether a worker is up;
+its breaker catches a worker that answers /health but fails requests, so it stops taking traffic
+for a while instead of failing every request sent to it.
 
 A configured URL whose host name resolves to several addresses (compose `--scale decode=2`
 behind one service name) becomes one worker per address.
@@ -13,19 +15,29 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from kvstore.breaker import Breaker
 from router.dispatch.backend import BackendUnavailable
-from router.dispatch.circuit import Circuit
 from router.dispatch.membership import Membership
 from wire.internal_api import WorkerHealth
 from wire.membership import WorkerAd
 
 log = logging.getLogger(__name__)
+
+FAILURE_THRESHOLD = 3  # consecutive failed requests before the circuit opens
+COOLDOWN_S = 5.0  # first open period; a worker restart under load takes about this long
+MAX_COOLDOWN_S = 60.0  # a worker that keeps failing still gets a trial request once a minute
+
+
+def worker_breaker(url: str, clock: Callable[[], float] = time.monotonic) -> Breaker:
+    """Request failures, not health probes, open it. mark_failed logs the opening itself."""
+    return Breaker(f"worker {url}", COOLDOWN_S, MAX_COOLDOWN_S, clock,
+                   threshold=FAILURE_THRESHOLD, log_level=logging.DEBUG)
 
 
 @dataclass(slots=True)
@@ -39,7 +51,10 @@ class WorkerInfo:
     last_ok: float = 0.0
     discovered: bool = False  # learned from Redis membership rather than configured
     missing_scans: int = 0  # membership listings in a row without its ad
-    circuit: Circuit = field(default_factory=Circuit)
+    breaker: Breaker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.breaker = worker_breaker(self.url)
 
     def summary(self) -> dict:
         h = self.health
@@ -47,7 +62,7 @@ class WorkerInfo:
             "url": self.url, "role": self.role, "healthy": self.healthy, "inflight": self.inflight,
             "running": h.running if h else None, "pid": h.pid if h else None,
             "failures": self.failures, "counters": h.counters if h else {},
-            "circuit": self.circuit.state(time.monotonic()), "discovered": self.discovered,
+            "circuit": self.breaker.state(), "discovered": self.discovered,
         }
 
 
@@ -80,7 +95,7 @@ def _is_ip(host: str) -> bool:
 class WorkerPool:
     """Owns every WorkerInfo. Health comes from probes; membership (optional) adds the workers
     that heartbeat in Redis and removes them when their ad lapses; request outcomes drive each
-    worker's circuit."""
+    worker's breaker."""
 
     def __init__(
         self, client: httpx.AsyncClient, prefill_urls: list[str], decode_urls: list[str],
@@ -126,9 +141,8 @@ class WorkerPool:
         return w
 
     def pick_or_none(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
-        now = time.monotonic()
         candidates = [w for w in self.workers(role)
-                      if w.healthy and w.url not in exclude and w.circuit.available(now)]
+                      if w.healthy and w.url not in exclude and w.breaker.available()]
         if not candidates:
             return None
         return min(candidates, key=lambda w: (w.inflight, w.health.running if w.health else 0))
@@ -142,25 +156,26 @@ class WorkerPool:
     @contextlib.asynccontextmanager
     async def lease(self, worker: WorkerInfo) -> AsyncIterator[WorkerInfo]:
         worker.inflight += 1
-        trial = worker.circuit.on_lease(time.monotonic())
+        # is this request the half-open trial? (one event loop: nothing runs between the calls)
+        trial = worker.breaker.state() == "half_open" and worker.breaker.allow()
         try:
             yield worker
         finally:
             worker.inflight -= 1
             if trial:
-                worker.circuit.trial = False  # resolved or not, the next request may try
+                worker.breaker.end_trial()  # resolved or not, the next request may try
 
     def mark_ok(self, worker: WorkerInfo) -> None:
-        worker.circuit.on_success()
+        worker.breaker.succeeded()
 
     def mark_failed(self, worker: WorkerInfo) -> None:
         """A request to it broke: out of rotation until a probe succeeds, and one more strike
-        on its circuit."""
+        on its breaker."""
         worker.healthy = False
-        worker.circuit.on_failure(time.monotonic())
-        if worker.circuit.state(time.monotonic()) == "open":
+        worker.breaker.failed()
+        if worker.breaker.state() == "open":
             log.warning("%s worker %s: circuit open after %d failures", worker.role,
-                        worker.url, worker.circuit.failures)
+                        worker.url, worker.breaker.consecutive)
 
     def mark_draining(self, worker: WorkerInfo) -> None:
         """It refused with 503 (shutting down): skip it until a probe says otherwise."""
@@ -218,7 +233,7 @@ class WorkerPool:
             w.health, w.healthy = health, False
             return
         if w.health is not None and w.health.pid != health.pid:
-            w.circuit.reset()
+            w.breaker.reset()
         if not w.healthy:
             log.info("%s worker %s is healthy (pid %d)", w.role, w.url, health.pid)
         w.health = health

@@ -14,10 +14,10 @@ import pytest
 from engine.sampling_params import SamplingParams
 from router.dispatch import disaggregated as dispatch
 from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
-from router.dispatch.circuit import Circuit
 from router.dispatch.disaggregated import DisaggregatedBackend
-from router.dispatch.pool import WorkerPool
+from router.dispatch.pool import WorkerPool, worker_breaker
 from router.settings import RouterSettings
+from tests.kvstore.helpers import FakeClock
 from wire.membership import WorkerAd
 
 P, D1, D2 = "http://p:1", "http://d1:1", "http://d2:1"
@@ -175,19 +175,26 @@ def test_failed_prefill_falls_back_to_decode_prefilling():
 
 
 def test_circuit_opens_after_consecutive_failures_and_half_opens():
-    c = Circuit(threshold=3, base_cooldown_s=5.0)
-    for _ in range(2):
-        c.on_failure(now=0.0)
-    assert c.state(0.0) == "closed"
-    c.on_failure(now=0.0)
-    assert c.state(1.0) == "open" and not c.available(1.0)
-    assert c.state(5.0) == "half_open" and c.available(5.0)
-    assert c.on_lease(5.0) and not c.available(5.0)  # one trial at a time
-    c.on_failure(now=5.0)  # the trial failed: open again, twice as long
-    assert c.state(14.9) == "open" and c.state(15.0) == "half_open"
-    c.on_lease(15.0)
-    c.on_success()
-    assert c.state(15.0) == "closed" and c.failures == 0
+    clock = FakeClock()
+    b = worker_breaker(D1, clock)
+    b.failed()
+    b.failed()
+    assert b.state() == "closed" and b.available()
+    b.failed()
+    clock.advance(1.0)
+    assert b.state() == "open" and not b.available()
+    clock.advance(4.0)
+    assert b.state() == "half_open" and b.available()
+    assert b.allow() and not b.available()  # one trial at a time
+    b.failed()  # the trial failed: open again, twice as long
+    clock.advance(9.5)
+    assert b.state() == "open"
+    clock.advance(0.5)
+    assert b.state() == "half_open" and b.allow()
+    b.end_trial()  # its lease ended without a verdict: the next request is the trial
+    assert b.allow()
+    b.succeeded()
+    assert b.state() == "closed" and b.consecutive == 0
 
 
 def test_membership_adds_advertised_workers_and_drops_lapsed_ones():

@@ -1,10 +1,15 @@
 """Model forwards over the slot cache, through the unmodified transformers model code.
 
-transformers decoders (Llama, Qwen2, Mistral, ...) call `past_key_values.update(k, v, layer)`
-once per layer and attend over whatever it returns, under the 4D mask we pass (used as is;
+transformers decoders (Llama, Qwen2, Mistral, ...) call `cache.update(k, v, layer)` once per
+layer and attend over whatever it returns, under the 4D mask we pass (used as is;
 needs attn_implementation "sdpa", as the loader sets, or "eager"). `StepCache` is that hook: it
 writes each row's new K/V into its slot at the row's own position and returns views of the slot
 buffers, so there is no DynamicCache-style concatenation.
+
+This is the engine's seam to transformers' model code. The forward kwarg that takes the cache
+is read from the model's signature once (`cache`, or `past_key_values` before transformers
+renamed it), and every forward checks that `update` ran once per layer: a model that ignored
+our cache would build its own and return wrong logits without complaint.
 
 Two kinds of forward:
 
@@ -18,6 +23,7 @@ Two kinds of forward:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -62,20 +68,22 @@ class _SlotLayer(CacheLayerMixin):
         return self.owner.plan.start + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.owner.store.max_len
+        return self.owner.slot_cache.max_len
 
 
 class StepCache(Cache):
     """A transformers `Cache` over the slot buffers, re-aimed by `plan` before each forward."""
 
-    def __init__(self, store: SlotKVCache):
-        self.store = store
+    def __init__(self, slot_cache: SlotKVCache):
+        self.slot_cache = slot_cache
         self.plan = StepPlan()
-        super().__init__(layers=[_SlotLayer(self) for _ in range(store.layout.num_layers)])
+        self.updates = 0  # update() calls since the forward began; Forward checks == num_layers
+        super().__init__(layers=[_SlotLayer(self) for _ in range(slot_cache.layout.num_layers)])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states, value_states: [B, H, q, D]
-        k_buf, v_buf = self.store.kv[layer_idx]  # each [S, H, T, D]
+        self.updates += 1
+        k_buf, v_buf = self.slot_cache.kv[layer_idx]  # each [S, H, T, D]
         p = self.plan
         if p.positions is None:
             t = key_states.shape[2]
@@ -110,42 +118,54 @@ def decode_mask(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> tor
     return mask[:, None, None, :]
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which `model.forward` takes a Cache: `cache`, else `past_key_values`.
+
+    transformers 5.x renamed `past_key_values` to `cache` and keeps the old name only as a
+    deprecated alias (a FutureWarning per call, until its removal). Passing a name the model
+    does not know would land in **kwargs and be ignored, so a model naming neither is refused.
+    """
+    params = inspect.signature(model.forward).parameters
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for name in ("cache", "past_key_values"):
+        if name in params and params[name].kind in named:
+            return name
+    raise TypeError(
+        f"{type(model).__name__}.forward has neither a `cache` nor a `past_key_values` "
+        "parameter, so it cannot take the engine's KV cache (unsupported transformers version?)"
+    )
+
+
 class Forward:
     """Runs the model over the slot cache. Returns float32 logits."""
 
-    def __init__(self, model: torch.nn.Module, store: SlotKVCache):
+    def __init__(self, model: torch.nn.Module, slot_cache: SlotKVCache):
         self.model = model
-        self.store = store
-        self.cache = StepCache(store)
-        self.dtype = store.layout.dtype
+        self.slot_cache = slot_cache
+        self.cache = StepCache(slot_cache)
+        self.cache_kwarg = cache_kwarg(model)
+        self.dtype = slot_cache.layout.dtype
 
     def prefill(
         self, slot: int, token_ids: list[int], start: int, all_logits: bool
     ) -> torch.Tensor:
         """Feed tokens at [start, start + t) of `slot`. Returns logits [t, V], or [1, V] (last)."""
         t = len(token_ids)
-        dev = self.store.device
-        self.store.reserve(length=start + t)
+        dev = self.slot_cache.device
+        self.slot_cache.reserve(length=start + t)
         self.cache.plan = StepPlan(start=start, slot=slot)
         ids = torch.tensor([token_ids], device=dev)  # [1, t]
         pos = torch.arange(start, start + t, device=dev)[None]  # [1, t]
         mask = None if start == 0 else chunk_mask(start, t, self.dtype, dev)
-        out = self.model(
-            input_ids=ids,
-            position_ids=pos,
-            attention_mask=mask,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
-        )
-        return out.logits[0].float()
+        logits = self._run(ids, pos, mask, logits_to_keep=0 if all_logits else 1)
+        return logits[0].float()
 
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token per row for slots [0, n); row i's token sits at positions[i]. -> [n, V]."""
         n = len(token_ids)
-        dev = self.store.device
+        dev = self.slot_cache.device
         kv_len = max(positions) + 1
-        self.store.reserve(length=kv_len)
+        self.slot_cache.reserve(length=kv_len)
         pos = torch.tensor(positions, device=dev)  # [n]
         self.cache.plan = StepPlan(
             start=kv_len - 1, positions=pos, rows=torch.arange(n, device=dev), kv_len=kv_len
@@ -153,12 +173,29 @@ class Forward:
         # One row attending to all of its kv_len keys needs no mask: the same SDPA call as HF's
         # batch-1 decode, so batch-1 output matches generate() bit for bit.
         mask = None if n == 1 else decode_mask(pos, kv_len, self.dtype)
+        ids = torch.tensor(token_ids, device=dev)[:, None]  # [n, 1]
+        logits = self._run(ids, pos[:, None], mask, logits_to_keep=1)  # [n, 1, V]
+        return logits[:, -1].float()
+
+    def _run(self, ids, pos, mask, logits_to_keep: int) -> torch.Tensor:
+        """One model forward through `self.cache`; raises unless every layer wrote through it."""
+        self.cache.updates = 0
+        # use_cache=True is transformers' documented way to pass a cache in (cache_utils'
+        # examples); None would fall back to config.use_cache, which some checkpoints set False.
         out = self.model(
-            input_ids=torch.tensor(token_ids, device=dev)[:, None],  # [n, 1]
-            position_ids=pos[:, None],  # [n, 1]
+            input_ids=ids,
+            position_ids=pos,
             attention_mask=mask,
-            past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=logits_to_keep,
+            **{self.cache_kwarg: self.cache},
         )
-        return out.logits[:, -1].float()
+        want = self.slot_cache.layout.num_layers
+        if self.cache.updates != want:
+            raise RuntimeError(
+                f"{type(self.model).__name__}.forward called StepCache.update "
+                f"{self.cache.updates} times, expected {want} (once per layer): the model "
+                f"bypassed the engine's KV cache (passed as `{self.cache_kwarg}=`), so its "
+                "logits are wrong. Check the transformers version (see README)."
+            )
+        return out.logits

@@ -118,11 +118,6 @@ class SlotKVCache:
         for i, block in enumerate(blocks):
             self.kv[:, :, slot, :, i * B : (i + 1) * B] = block
 
-    def read_blocks(self, slot: int, first: int, count: int) -> torch.Tensor:
-        """Blocks [first, first + count) of a slot as a new tensor [count, L, 2, H, B, D]."""
-        B = self.layout.block_size
-        return flat_to_blocks(self.read(slot, first * B, (first + count) * B), B)
-
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy tokens [0, length) of slot src into slot dst (one sequence, not the cache)."""
         self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]

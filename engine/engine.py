@@ -19,10 +19,10 @@ from collections import deque
 
 import torch
 
-from engine.admission import check_request, common_prefix, trim_prefix
 from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
 from engine.config import EngineConfig, EngineStats, default_max_len, eos_ids
 from engine.forward import Forward
+from engine.intake import check_request, common_prefix, trim_prefix
 from engine.kv_layout import KVLayout
 from engine.loader import LoadedModel
 from engine.sampler import Sampled, prompt_logprobs, sample
@@ -52,9 +52,9 @@ class Engine:
         self.max_model_len = config.max_model_len or default_max_len(loaded.config)
         self.layout = KVLayout.from_config(loaded.config, config.block_size, loaded.dtype)
         self.eos_token_ids = eos_ids(loaded.model)
-        self._store = SlotKVCache(self.layout, config.max_slots, self.max_model_len, loaded.device)
-        self._slots = SlotTable(self._store)
-        self._fwd = Forward(loaded.model, self._store)
+        self._cache = SlotKVCache(self.layout, config.max_slots, self.max_model_len, loaded.device)
+        self._slots = SlotTable(self._cache)
+        self._fwd = Forward(loaded.model, self._cache)
         self._seqs: dict[str, Sequence] = {}
         self._waiting: deque[Sequence] = deque()  # FIFO, no slot yet
         self._prefilling: Sequence | None = None  # mid-prefill across steps (at most one)
@@ -183,10 +183,6 @@ class Engine:
     def num_running(self) -> int:
         return sum(1 for s in self._seqs.values() if not s.done) - len(self._waiting)
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self._store.nbytes
-
     # --- scheduling ---------------------------------------------------------------------------
 
     @torch.inference_mode()  # also called from add(): slot copies need it either way
@@ -241,7 +237,7 @@ class Engine:
     def _has_room(self) -> bool:
         """Is a slot free? The retained sequence gives way rather than refuse a slot or make
         the cache grow (growth zero-fills slots x capacity: 0.19 GB per 4k-token slot)."""
-        if self._retained is not None and self._slots.num_held >= self._store.num_slots:
+        if self._retained is not None and self._slots.num_held >= self._cache.num_slots:
             self._evict_retained()
         return self._slots.has_free()
 
@@ -250,7 +246,7 @@ class Engine:
         keep = self._retained
         if keep is not None and keep.slot != 0:
             self._slots.move_to(keep, 0)
-        self._store.reset(keep=keep.kv_len if keep is not None else 0)
+        self._cache.reset(keep=keep.kv_len if keep is not None else 0)
 
     def _admit_imported(self) -> None:
         """Waiting sequences with one token left need no prefill: give them slots to decode."""
@@ -266,10 +262,10 @@ class Engine:
         if seq.slot < 0:
             self._slots.alloc(seq)
         if seq.held_blocks is not None:
-            self._store.write_blocks(seq.slot, seq.held_blocks)
+            self._cache.write_blocks(seq.slot, seq.held_blocks)
         if seq.held_flat is not None:
             blocks = 0 if seq.held_blocks is None else len(seq.held_blocks)
-            self._store.write(seq.slot, blocks * self.layout.block_size, seq.held_flat)
+            self._cache.write(seq.slot, blocks * self.layout.block_size, seq.held_flat)
         seq.held_blocks = seq.held_flat = None
 
     def _prefill_phase(self, budget: int) -> list[TokenEvent]:
@@ -336,7 +332,7 @@ class Engine:
         seq.token_ids.append(out.token_id)
         seq.sampled = True
         reason = seq.finish_check(out.token_id, self.max_model_len)
-        ev = TokenEvent(seq.seq_id, out.token_id, out.logprob, out.top_logprobs, reason)
+        ev = TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason, seq_id=seq.seq_id)
         ev.num_cached_tokens, seq.reused = seq.reused, None
         if seq.prompt_lps is not None:
             ev.prompt_logprobs, seq.prompt_lps = seq.prompt_lps, None
@@ -353,7 +349,7 @@ class Engine:
         self._seqs[child_id] = child
         if parent.slot >= 0 and self._has_room():
             self._slots.alloc(child)
-            self._store.move(parent.slot, child.slot, parent.kv_len)
+            self._cache.move(parent.slot, child.slot, parent.kv_len)
             self._slots.copies += 1
         else:  # no slot now: hold a copy and wait at the front of the queue
             child.held_flat = self._kv_view(parent).clone()
@@ -363,7 +359,7 @@ class Engine:
     def _kv_view(self, seq: Sequence) -> torch.Tensor:
         """Tokens [0, kv_len) of a sequence, wherever they are: [L, 2, H, kv_len, D]."""
         if seq.slot >= 0:
-            return self._store.read(seq.slot, 0, seq.kv_len)
+            return self._cache.read(seq.slot, 0, seq.kv_len)
         parts = []
         if seq.held_blocks is not None:
             held = seq.held_blocks
@@ -371,8 +367,8 @@ class Engine:
         if seq.held_flat is not None:
             parts.append(seq.held_flat)
         if not parts:  # waiting, nothing imported
-            return self._store.read(0, 0, 0)
-        return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self._store.device)
+            return self._cache.read(0, 0, 0)
+        return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self._cache.device)
 
     def _drop(self, seq: Sequence, free_slot: bool = True) -> None:
         del self._seqs[seq.seq_id]

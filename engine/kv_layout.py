@@ -37,13 +37,3 @@ class KVLayout:
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
-
-    @property
-    def block_nbytes(self) -> int:
-        n = 1
-        for d in self.block_shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
-
-    def num_full_blocks(self, num_tokens: int) -> int:
-        return num_tokens // self.block_size

@@ -47,16 +47,20 @@ class SeqRequest:
 
 @dataclass(slots=True)
 class TokenEvent:
-    seq_id: str
+    """One generated token: what the engine emits, what workers send the router (one NDJSON
+    line each, see wire/internal_api.py) and what the router's Backend yields. One type from
+    the engine to the API layer; `seq_id` routes it inside a worker and is not sent."""
+
     token_id: int
     logprob: float | None = None  # raw logprob of token_id, when params.logprobs is set
     top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
     finish_reason: str | None = None  # None, "stop" or "length"
+    # First event only: leading tokens whose KV was reused (store import or resident), not fed.
+    num_cached_tokens: int | None = None
     # First event only, when params.prompt_logprobs is set: one entry per prompt token, the
     # first None (nothing predicts it).
     prompt_logprobs: list[PromptLogprob | None] | None = None
-    # First event only: leading tokens whose KV was reused (store import or resident), not fed.
-    num_cached_tokens: int | None = None
+    seq_id: str = ""  # the engine sequence it belongs to
 
 
 @dataclass(slots=True, eq=False)  # identity equality: deque.remove must not compare tensors

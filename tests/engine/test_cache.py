@@ -39,7 +39,7 @@ def test_blocks_round_trip_lossless():
     c = _cache()
     kv = _kv(8 * 3 + 5)
     c.write(0, 0, kv)
-    blocks = c.read_blocks(0, 0, 3)
+    blocks = flat_to_blocks(c.read(0, 0, 24), 8)
     assert blocks.shape == (3, *LAYOUT.block_shape) and blocks.is_contiguous()
     assert torch.equal(blocks[1], kv[:, :, :, 8:16])
     c.write_blocks(1, blocks)
@@ -98,7 +98,7 @@ def test_exported_blocks_never_alias_the_cache():
     # One slot, one block of capacity, exported whole: the permuted view is contiguous.
     c = SlotKVCache(LAYOUT, 1, 8, torch.device("cpu"), init_slots=1)
     c.write(0, 0, _kv(8))
-    block = c.read_blocks(0, 0, 1)
+    block = flat_to_blocks(c.read(0, 0, 8), 8)
     c.write(0, 0, _kv(8, seed=9))
     assert torch.equal(blocks_to_flat(block), _kv(8))
 
@@ -108,9 +108,9 @@ def test_idle_engine_gives_back_a_grown_cache(tiny_fp32):
     from tests.engine.helpers import greedy, make_request, run
 
     engine = Engine(tiny_fp32, EngineConfig(max_slots=16))
-    initial = engine.kv_cache_bytes
+    initial = engine._cache.nbytes
     reqs = [make_request(str(i), list(range(5, 15)), greedy(3, ignore_eos=True)) for i in range(16)]
     run(engine, reqs)
-    assert engine._store.num_slots == 16  # the burst grew it...
+    assert engine._cache.num_slots == 16  # the burst grew it...
     engine.step()  # idle step: nothing held
-    assert engine.kv_cache_bytes == initial  # ...and idleness gave it back
+    assert engine._cache.nbytes == initial  # ...and idleness gave it back

@@ -59,7 +59,7 @@ def test_a_needed_slot_evicts_it_and_a_burst_keeps_it(smollm_fp32, prompt_ids):
     burst = [make_request(str(i), ids, greedy(4)) for i, ids in enumerate(prompt_ids[:3])]
     run(engine, burst + [make_request("doc", doc, greedy(NEW))])  # "doc" finishes last
     engine.step()  # idle: the cache shrinks to one slot, keeping the retained KV
-    assert engine._store.num_slots == 1
+    assert engine._cache.num_slots == 1
     got = run(engine, [make_request("again", doc + [42], greedy(NEW))])["again"]
     assert first_event_cached(got) == len(doc)
     assert got.tokens == hf_greedy(smollm_fp32, doc + [42], NEW)[0]

@@ -1,4 +1,4 @@
-"""The engine's edge: checking a SeqRequest, and trimming its imported prefix KV to the tokens
+"""The engine's intake: checking a SeqRequest, and trimming its imported prefix KV to the tokens
 the sequence will use.
 
 A prefix arrives as whole blocks [n, L, 2, H, B, D] or a list of n blocks [L, 2, H, B, D] (from

@@ -1,6 +1,6 @@
 """One choice: backend token events in, text updates out (detokenize, stop strings, finish).
 
-    backend.generate() --GenerateEvent--> ChoiceState.consume() --ChoiceUpdate--> formatter
+    backend.generate() --TokenEvent--> ChoiceState.consume() --ChoiceUpdate--> formatter
                                             |- IncrementalDetokenizer (whole characters)
                                             '- StopMatcher (cut at stop strings)
 
@@ -17,8 +17,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from router.dispatch.backend import Backend, BackendUnavailable, GenerateEvent, GenerateRequest
-from router.output.detokenizer import IncrementalDetokenizer
+from engine.sequence import TokenEvent
+from router.dispatch.backend import Backend, BackendUnavailable, GenerateRequest
+from router.output.detokenizer import make_detokenizer
 from router.output.stops import StopMatcher
 
 PromptLogprobs = list[tuple[float, list[tuple[int, float]]] | None]
@@ -72,13 +73,13 @@ class ChoiceState:
     def __init__(self, plan: ChoicePlan, tokenizer: PreTrainedTokenizerBase):
         self.plan = plan
         self.opts = plan.options
-        self.detok = IncrementalDetokenizer(
+        self.detok = make_detokenizer(
             tokenizer, plan.request.token_ids, self.opts.skip_special_tokens
         )
         self.stops = StopMatcher(self.opts.stop, self.opts.include_stop_str_in_output)
         self.count = 0
 
-    def _finish_reason(self, ev: GenerateEvent, is_stop_token: bool) -> str | None:
+    def _finish_reason(self, ev: TokenEvent, is_stop_token: bool) -> str | None:
         if is_stop_token:
             return "stop"  # EOS on the last allowed token is still a stop, never "length"
         if ev.finish_reason in ("stop", "length"):
@@ -87,7 +88,7 @@ class ChoiceState:
             return "length"  # the backend should have said so; we stop regardless
         return None
 
-    def _text(self, ev: GenerateEvent, hide: bool, finishing: bool) -> str:
+    def _text(self, ev: TokenEvent, hide: bool, finishing: bool) -> str:
         text = "" if hide else self.detok.push(ev.token_id)
         if finishing:
             text += self.detok.flush()
@@ -98,12 +99,12 @@ class ChoiceState:
             released += self.stops.flush()
         return released
 
-    def _logprob(self, ev: GenerateEvent, offset: int) -> TokenLogprob:
+    def _logprob(self, ev: TokenEvent, offset: int) -> TokenLogprob:
         k = self.opts.top_logprobs or 0
         top = list(ev.top_logprobs or [])[:k]
         return TokenLogprob(ev.token_id, finite_logprob(ev.logprob), top, offset)
 
-    def consume(self, ev: GenerateEvent) -> ChoiceUpdate:
+    def consume(self, ev: TokenEvent) -> ChoiceUpdate:
         update = ChoiceUpdate(self.plan.index, self.plan.prompt_index)
         if self.opts.drop_output:
             update.finish_reason = "length"

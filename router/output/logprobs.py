@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from router.model_info import ServedModel
-from router.output.detokenizer import IncrementalDetokenizer
+from router.output.detokenizer import make_detokenizer
 from router.output.generation import PromptLogprobs, TokenLogprob, finite_logprob
 from router.output.token_text import TokenText
 from router.protocol.chat import ChatLogprobs, TokenLogprobOut, TopLogprob
@@ -48,7 +48,7 @@ def echo_logprobs(
 ) -> CompletionLogprobs:
     """The prompt's own tokens, scored (lm-eval's loglikelihood reads these)."""
     tt = model.token_text
-    detok = IncrementalDetokenizer(model.tokenizer, (), skip_special_tokens)
+    detok = make_detokenizer(model.tokenizer, (), skip_special_tokens)
     out = CompletionLogprobs()
     scores = list(prompt_logprobs or [])
     for i, token_id in enumerate(prompt_ids):

@@ -2,6 +2,7 @@
 
     ns = KeyNamespace(model_fingerprint, dtype="float32", block_size=64, cache_salt="")
     keys = block_keys(token_ids, ns)          # one per full block, chained blake2b
+    chain = KeyChain(ns); chain.extend(ids)   # the same keys, incrementally as ids grow
     store = build_store(StoreConfig(tiers="memory+disk+redis", redis_url=...))
     n = store.lookup_prefix(keys)             # leading blocks present
     blocks = store.get_many(keys[:n])         # list[Tensor | None]
@@ -20,21 +21,22 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
     from kvstore.codec import CorruptBlock, ExpiredBlock, decode, encode
     from kvstore.config import TIER_CHOICES, StoreConfig, build_store
-    from kvstore.keys import KeyInfo, KeyNamespace, block_keys, parse_key, tail_key
+    from kvstore.keys import KeyChain, KeyInfo, KeyNamespace, block_keys, parse_key, tail_key
     from kvstore.observer import NullObserver, StoreObserver
     from kvstore.tiered import TieredStore
 
 __all__ = [
-    "TIER_CHOICES", "CorruptBlock", "ExpiredBlock", "KeyInfo", "KeyNamespace", "NullObserver",
-    "StoreConfig", "StoreObserver", "TieredStore", "block_keys", "build_store", "decode",
-    "encode", "parse_key", "tail_key",
+    "TIER_CHOICES", "CorruptBlock", "ExpiredBlock", "KeyChain", "KeyInfo", "KeyNamespace",
+    "NullObserver", "StoreConfig", "StoreObserver", "TieredStore", "block_keys", "build_store",
+    "decode", "encode", "parse_key", "tail_key",
 ]
 _HOMES = MappingProxyType({  # lazy name -> the module that defines it
     "CorruptBlock": "kvstore.codec", "ExpiredBlock": "kvstore.codec",
     "decode": "kvstore.codec", "encode": "kvstore.codec",
     "TIER_CHOICES": "kvstore.config", "StoreConfig": "kvstore.config",
     "build_store": "kvstore.config",
-    "KeyInfo": "kvstore.keys", "KeyNamespace": "kvstore.keys", "block_keys": "kvstore.keys",
+    "KeyChain": "kvstore.keys", "KeyInfo": "kvstore.keys", "KeyNamespace": "kvstore.keys",
+    "block_keys": "kvstore.keys",
     "parse_key": "kvstore.keys", "tail_key": "kvstore.keys",
     "NullObserver": "kvstore.observer", "StoreObserver": "kvstore.observer",
     "TieredStore": "kvstore.tiered",

@@ -91,19 +91,48 @@ def _token_bytes(token_ids) -> bytes:
     return ids.astype("<i4").tobytes()
 
 
+class KeyChain:
+    """The block keys of one growing sequence. Block i's key is chained from block i-1's
+    digest, so keying a new block hashes that block's tokens only: a sequence of n blocks
+    costs O(n) to key as it grows, not O(n^2) from rehashing the prefix each time.
+
+        chain = KeyChain(ns)
+        chain.extend(prompt_ids)          # keys of the prompt's full blocks
+        chain.extend(prompt_ids + gen)    # + the blocks completed since (the rest unchanged)
+        chain.keys                        # one per full block so far
+    """
+
+    __slots__ = ("keys", "_block_size", "_parent", "_prefix")
+
+    def __init__(self, ns: KeyNamespace):
+        self.keys: list[str] = []
+        self._block_size = ns.block_size
+        self._parent = ns.root()
+        self._prefix = ns.prefix
+
+    def extend(self, token_ids) -> list[str]:
+        """Key the full blocks of `token_ids` (the whole sequence so far: list, array or CPU
+        tensor of ints) past those already keyed, and return the new keys. The tokens already
+        keyed must be the ones given before: only the new blocks are read."""
+        B = self._block_size
+        start, end = len(self.keys) * B, len(token_ids) // B * B
+        if end <= start:
+            return []
+        raw = _token_bytes(token_ids[start:end])
+        step = 4 * B  # bytes per block of int32 ids
+        new = []
+        for offset in range(0, len(raw), step):
+            self._parent = hashlib.blake2b(self._parent + raw[offset:offset + step],
+                                           digest_size=DIGEST_BYTES).digest()
+            new.append(f"{self._prefix}@{self._parent.hex()}")
+        self.keys += new
+        return new
+
+
 def block_keys(token_ids, ns: KeyNamespace) -> list[str]:
     """One key per *full* block of `token_ids` (list, array or CPU tensor of ints); the
     partial tail (len % block_size tokens) gets no key here, see `tail_key`."""
-    raw = _token_bytes(token_ids)
-    step = 4 * ns.block_size  # bytes per block of int32 ids
-    parent = ns.root()
-    prefix = ns.prefix
-    keys = []
-    for start in range(0, len(raw) - step + 1, step):
-        parent = hashlib.blake2b(parent + raw[start:start + step],
-                                 digest_size=DIGEST_BYTES).digest()
-        keys.append(f"{prefix}@{parent.hex()}")
-    return keys
+    return KeyChain(ns).extend(token_ids)
 
 
 def tail_key(request_id: str, ns: KeyNamespace) -> str:

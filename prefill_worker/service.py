@@ -20,18 +20,13 @@ from dataclasses import dataclass
 import torch
 from fastapi import APIRouter, Response
 
-from engine.engine import Engine, SeqRequest, TokenEvent
-from kvstore import KeyNamespace, block_keys, tail_key
-from wire.internal_api import (
-    PrefillCommitted,
-    PrefillRequest,
-    PrefillResponse,
-    WireEvent,
-    params_from_wire,
-)
-from worker.admission import TicketedStream
+from engine.engine import Engine, TokenEvent
+from kvstore import tail_key
+from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
+from wire.streaming import ClosingStreamingResponse
 from worker.app import WorkerDep
-from worker.runtime import NO_PREFIX, Worker
+from worker.runtime import Worker
+from worker.sequence import Started, count_reuse, start_sequence
 
 routes = APIRouter()
 
@@ -43,65 +38,33 @@ class PromptExport:
     tail: torch.Tensor | None  # [L, 2, H, t, D], t < B
 
 
-def export_prompt(
-    engine: Engine, ev: TokenEvent, token_ids: list[int], ns: KeyNamespace, first_block: int
-) -> PromptExport:
-    """On the engine thread, while the slot still holds the prompt's KV."""
-    bs = engine.layout.block_size
-    n_full = len(token_ids) // bs
+def export_prompt(engine: Engine, ev: TokenEvent, started: Started) -> PromptExport:
+    """On the engine thread, while the slot still holds the prompt's KV: the full blocks past
+    the loaded prefix, and the partial tail."""
+    n, bs = len(started.req.token_ids), engine.layout.block_size
+    first, n_full = started.prefix.num_blocks, n // bs
     blocks: dict[str, torch.Tensor] = {}
-    if n_full > first_block:
-        kv = engine.export_blocks(ev.seq_id, first_block, n_full - first_block)
-        keys = block_keys(token_ids, ns)[first_block:n_full]
-        blocks = dict(zip(keys, kv.unbind(0), strict=True))
-    tail = None
-    if len(token_ids) > n_full * bs:
-        tail = engine.export_kv(ev.seq_id, n_full * bs, len(token_ids))
+    if n_full > first:
+        kv = engine.export_blocks(ev.seq_id, first, n_full - first)  # [n, L, 2, H, B, D]
+        blocks = dict(zip(started.keys.keys[first:n_full], kv.unbind(0), strict=True))
+    tail = engine.export_kv(ev.seq_id, n_full * bs, n) if n > n_full * bs else None
     return PromptExport(ev, blocks, tail)
 
 
 async def run_prefill(worker: Worker, body: PrefillRequest) -> tuple[PrefillResponse, Future]:
     """Compute the prompt; returns the reply head and the Future of the KV's store writes."""
-    params = params_from_wire(body.params)
-    ns = worker.namespace(body.cache_salt)
     n = len(body.token_ids)
-    prefix = NO_PREFIX
-    if params.prompt_logprobs is None:  # prompt logprobs need every position computed
-        prefix = await asyncio.to_thread(worker.load_prefix, body.token_ids, ns, n - 1)
-    req = SeqRequest(
-        seq_id=body.request_id,
-        token_ids=body.token_ids,
-        num_prompt_tokens=n,
-        params=params,
-        **prefix.seq_fields(),
-        prefill_only=True,
-        cache_salt=body.cache_salt,
-    )
-    worker.counters.requests_total += 1
-    worker.counters.prefix_tokens_loaded_total += prefix.length
-    worker.counters.prompt_tokens_computed_total += n - prefix.length
-    worker.counters.admit_tokens_computed_total += n - prefix.length
+    started = await start_sequence(worker, body, n, prefill_only=True)
 
     def on_event(engine: Engine, ev: TokenEvent) -> PromptExport:
-        return export_prompt(engine, ev, body.token_ids, ns, prefix.num_blocks)
+        return export_prompt(engine, ev, started)
 
     # A prefill_only stream yields exactly one item: the first token with its exported KV.
-    [out] = [item async for item in worker.runner.stream(req, on_event=on_event)]
-    tkey = tail_key(body.request_id, ns) if out.tail is not None else None
-    ev = out.event
-    head = PrefillResponse(
-        event=WireEvent(
-            token_id=ev.token_id,
-            logprob=ev.logprob,
-            top_logprobs=ev.top_logprobs,
-            finish_reason=ev.finish_reason,
-            prompt_logprobs=ev.prompt_logprobs,
-        ),
-        num_cached_tokens=prefix.length,
-        num_computed_tokens=n - prefix.length,
-        tail_key=tkey,
-        tail_start=(n // worker.block_size) * worker.block_size,
-    )
+    [out] = [item async for item in worker.runner.stream(started.req, on_event=on_event)]
+    count_reuse(worker, started.req, out.event.num_cached_tokens or 0)
+    tkey = tail_key(body.request_id, started.ns) if out.tail is not None else None
+    head = PrefillResponse(event=out.event, tail_key=tkey,
+                           tail_start=(n // worker.block_size) * worker.block_size)
     worker.counters.blocks_written_total += len(out.blocks) + (tkey is not None)
     return head, worker.writer.submit(_store, worker, out, tkey)
 
@@ -124,7 +87,7 @@ async def reply_lines(head: PrefillResponse, stored: Future) -> AsyncIterator[st
     # The first token goes out now (the router streams it to the client: that is TTFT); the
     # decode worker reads the KV only after the second line says it is stored. The writes
     # finish even if the router goes away, so the prefix stays cached.
-    yield head.model_dump_json(exclude_none=True) + "\n"
+    yield head.model_dump_json(exclude_none=True, exclude={"event": {"seq_id"}}) + "\n"
     nbytes = await asyncio.shield(asyncio.wrap_future(stored))
     yield PrefillCommitted(stored_bytes=nbytes).model_dump_json() + "\n"
 
@@ -139,4 +102,5 @@ async def prefill(body: PrefillRequest, worker: WorkerDep) -> Response:
     except BaseException:
         ticket.release()
         raise
-    return TicketedStream(reply_lines(head, stored), ticket, media_type="application/x-ndjson")
+    return ClosingStreamingResponse(reply_lines(head, stored), on_close=ticket.release,
+                                    media_type="application/x-ndjson")

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from router.dispatch.backend import Backend, GenerateEvent, GenerateRequest
+from engine.sequence import TokenEvent
+from router.dispatch.backend import Backend, GenerateRequest
 from router.output.collect import UsageCounter
 from wire.http_metrics import HttpRequestCounts
 
@@ -154,7 +155,7 @@ class MeteredBackend:
     async def workers(self) -> list[dict]:
         return await self.inner.workers()
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         m, t = self.metrics, _Timing(time.perf_counter())
         m.in_flight.labels(req.model).inc()
         try:

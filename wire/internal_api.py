@@ -3,50 +3,46 @@ tensors travel through the store, never over these calls."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from engine.sampling_params import SamplingParams
+from engine.sequence import TokenEvent
 
 INTERNAL_TOKEN_HEADER = "X-Tandem-Token"
 
-
-def params_to_wire(p: SamplingParams) -> dict:
-    d = asdict(p)
-    d["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
-    return d
+# The token event is the engine's own dataclass; pydantic reads and writes it as is, so the
+# engine, the workers' NDJSON lines and the router's Backend share one type.
+_EVENT = TypeAdapter(TokenEvent)
 
 
-def params_from_wire(d: dict) -> SamplingParams:
-    d = dict(d)
-    d["logit_bias"] = {int(k): float(v) for k, v in d.get("logit_bias", {}).items()}
-    return SamplingParams(**d)
+def event_line(ev: TokenEvent) -> str:
+    """One NDJSON line: the event's set fields, without the worker-local seq_id."""
+    return _EVENT.dump_json(ev, exclude={"seq_id"}, exclude_none=True).decode() + "\n"
 
 
-class WireEvent(BaseModel):
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-    num_cached_tokens: int | None = None
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+def parse_event(line: str | bytes) -> TokenEvent:
+    """Raises pydantic.ValidationError (a ValueError) on a malformed line."""
+    return _EVENT.validate_json(line)
 
 
-class PrefillRequest(BaseModel):
+class SequenceRequest(BaseModel):
+    """What both worker calls carry. `params` travels as the engine's own SamplingParams."""
+
     request_id: str
-    token_ids: list[int]
-    params: dict
+    token_ids: list[int]  # prefill: the prompt; decode: prompt + every token generated so far
+    params: SamplingParams
     cache_salt: str = ""
+
+
+class PrefillRequest(SequenceRequest):
+    pass
 
 
 class PrefillResponse(BaseModel):
     """The first line of /prefill's NDJSON body, sent as soon as the first token is sampled;
     a `PrefillCommitted` line follows once the prompt's KV is in the store."""
 
-    event: WireEvent  # the first generated token
-    num_cached_tokens: int  # prompt tokens whose KV came from the store
-    num_computed_tokens: int
+    event: TokenEvent  # the first generated token; num_cached_tokens: prompt tokens reused
     tail_key: str | None = None  # request-scoped key of the prompt's partial last block
     tail_start: int = 0  # token position where the tail begins
 
@@ -58,12 +54,8 @@ class PrefillCommitted(BaseModel):
     stored_bytes: int = 0
 
 
-class DecodeRequest(BaseModel):
-    request_id: str
-    token_ids: list[int]  # prompt + every token generated so far
+class DecodeRequest(SequenceRequest):
     num_prompt_tokens: int
-    params: dict
-    cache_salt: str = ""
     tail_key: str | None = None
     tail_start: int = 0
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
 from dataclasses import dataclass
 
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse
 
 log = logging.getLogger(__name__)
 
@@ -72,23 +70,6 @@ class Ticket:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-class TicketedStream(StreamingResponse):
-    """A streaming response that releases its ticket and closes its body on every exit
-    (finished, client gone, server shutting down), so the sequence behind it is aborted now
-    and its slot freed, not whenever the garbage collector gets to the generator."""
-
-    def __init__(self, content, ticket: Ticket, **kwargs):
-        super().__init__(content, **kwargs)
-        self.ticket = ticket
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with aclosing(self.body_iterator):  # type: ignore[type-var]
-                await super().__call__(scope, receive, send)
-        finally:
-            self.ticket.release()
 
 
 def _error(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:

@@ -1,11 +1,10 @@
-"""What prefill and decode workers share: the loaded model, engine thread, KV store and the
-prefix load/write helpers (the app skeleton is worker/app.py)."""
+"""What prefill and decode workers share: the loaded model, engine thread, KV store, admission
+and counters (a sequence's start is worker/sequence.py, the app skeleton worker/app.py)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -18,7 +17,7 @@ from engine.engine import Engine, EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.registry import resolve_model
 from engine.runner import EngineRunner
-from kvstore import KeyNamespace, block_keys, build_store
+from kvstore import KeyNamespace, build_store
 from kvstore.tiered import TieredStore
 from wire.internal_api import WorkerHealth
 from worker.admission import Admission, Ticket
@@ -41,23 +40,6 @@ class WorkerCounters:
     blocks_loaded_total: int = 0
     blocks_written_total: int = 0
     requests_refused_total: int = 0  # answered 429 (full) or 503 (draining)
-
-
-@dataclass(slots=True)
-class PrefixKV:
-    blocks: list[torch.Tensor] | None  # each [L, 2, H, B, D]: tokens [0, num_blocks * B)
-    tail: torch.Tensor | None  # [L, 2, H, t, D], t < B: the request's partial last block
-    length: int  # tokens covered (blocks + tail), capped at the caller's limit
-    num_blocks: int
-
-    def seq_fields(self) -> dict:
-        """The SeqRequest fields that import this prefix."""
-        if self.blocks is None:  # a tail alone (a prompt under one block) is a flat prefix
-            return {"prefix_kv": self.tail, "prefix_len": self.length}
-        return {"prefix_kv": self.blocks, "prefix_tail": self.tail, "prefix_len": self.length}
-
-
-NO_PREFIX = PrefixKV(None, None, 0, 0)
 
 
 @dataclass
@@ -83,45 +65,6 @@ class Worker:
         return KeyNamespace(
             self.lm.fingerprint, dtype_name(self.lm.dtype), self.block_size, cache_salt
         )
-
-    def load_prefix(
-        self, token_ids: list[int], ns: KeyNamespace, limit: int, tail_key: str | None = None,
-        tail_start: int = 0,
-    ) -> PrefixKV:
-        """Leading KV from the store for token_ids[:limit] (blocking: call from a thread).
-
-        Stops at the first missing or malformed block; everything after it is recomputed.
-        """
-        if limit <= 0:
-            return NO_PREFIX
-        start = time.perf_counter()
-        keys = block_keys(token_ids, ns)
-        keys = keys[: self.store.lookup_prefix(keys)]
-        blocks = []
-        for t in self.store.get_many(keys, borrow=True) if keys else []:
-            if not self._fits(t, full=True):
-                break
-            blocks.append(t)
-        length = len(blocks) * self.block_size
-        tail = None
-        if tail_key and tail_start == length and length < limit:
-            tail = self.store.get_many([tail_key], borrow=True)[0]
-            tail = tail if self._fits(tail, full=False) else None
-            length += 0 if tail is None else tail.shape[3]
-        if not length:
-            return NO_PREFIX
-        loaded = blocks + ([tail] if tail is not None else [])
-        nbytes = sum(t.numel() * t.element_size() for t in loaded)
-        self.handoff.observe("load", nbytes, time.perf_counter() - start)
-        return PrefixKV(blocks or None, tail, min(length, limit), len(blocks))
-
-    def _fits(self, t: torch.Tensor | None, full: bool) -> bool:
-        """A stored tensor matches this engine's layout (a tail may hold fewer tokens)."""
-        if t is None or t.dtype != self.lm.dtype or t.dim() != 5:
-            return False
-        want = self.engine.layout.block_shape
-        tokens_ok = t.shape[3] == want[3] if full else 0 < t.shape[3] < want[3]
-        return tokens_ok and t.shape[:3] == want[:3] and t.shape[4] == want[4]
 
     def write_blocks(self, items: dict[str, torch.Tensor], ttl_s: int | None = None):
         """Queue a store write off the engine thread; returns its Future."""

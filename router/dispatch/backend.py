@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.sampling_params import SamplingParams
+from engine.sequence import TokenEvent
 
 
 @dataclass(slots=True)
@@ -21,19 +22,6 @@ class GenerateRequest:
     token_ids: list[int]  # the full prompt, already templated and tokenized
     params: SamplingParams  # seed is always set by the router (position-deterministic)
     cache_salt: str = ""  # per-tenant namespace for the prefix cache
-
-
-@dataclass(slots=True)
-class GenerateEvent:
-    """One generated token. The first event of a request also carries prompt-level facts."""
-
-    token_id: int
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
-    finish_reason: str | None = None  # None, "stop" or "length"
-    num_cached_tokens: int | None = None  # first event: prompt tokens served from the KV store
-    # first event, when params.prompt_logprobs is set: one entry per prompt token, the first None
-    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 class BackendError(Exception):
@@ -57,8 +45,10 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        """Yields events until one has finish_reason. Closing the iterator cancels the work."""
+    def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """Yields the engine's token events until one has a finish_reason (the first also
+        carries num_cached_tokens and any prompt_logprobs). Closing the iterator cancels the
+        work."""
         ...
 
     async def ready(self) -> bool: ...

@@ -17,8 +17,9 @@ Faults (docs/RELIABILITY.md):
   (BackendOverloaded); one already streaming waits for room instead.
   Full prefill workers are skipped like failed ones: the decode worker prefills.
 - Failures spend the request's budget (`max_failovers`), back off with jitter, and strike the
-  worker's circuit (router/dispatch/circuit.py). After a failure the request waits (bounded) for a
-  worker to come back; a new request with no worker ready gets 503 at once.
+  worker's breaker (kvstore/breaker.py, one per worker: router/dispatch/pool.py). After a
+  failure the request waits (bounded) for a worker to come back; a new request with no worker
+  ready gets 503 at once.
 """
 
 from __future__ import annotations
@@ -33,13 +34,9 @@ from dataclasses import replace
 
 import httpx
 
+from engine.sequence import TokenEvent
 from kvstore import KeyNamespace, block_keys, build_store
-from router.dispatch.backend import (
-    BackendOverloaded,
-    BackendUnavailable,
-    GenerateEvent,
-    GenerateRequest,
-)
+from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
 from router.dispatch.faults import RetryState, WorkerFailed, WorkerRefused, check_status
 from router.dispatch.membership import Membership
 from router.dispatch.pool import WorkerInfo, WorkerPool
@@ -49,8 +46,7 @@ from wire.internal_api import (
     PrefillCommitted,
     PrefillRequest,
     PrefillResponse,
-    WireEvent,
-    params_to_wire,
+    parse_event,
 )
 
 log = logging.getLogger(__name__)
@@ -61,13 +57,6 @@ FAILOVER_WAIT_S = 45.0
 WAIT_POLL_S = 0.2  # pool re-checks while waiting; probes run every health_interval_s anyway
 BACKOFF_BASE_S = 0.05  # first retry delay; doubles per failure, capped, times U(1, 2) jitter
 BACKOFF_MAX_S = 1.0
-
-
-def to_event(w: WireEvent, **extra) -> GenerateEvent:
-    return GenerateEvent(
-        token_id=w.token_id, logprob=w.logprob, top_logprobs=w.top_logprobs,
-        finish_reason=w.finish_reason, **extra,
-    )
 
 
 def backoff_s(failures: int) -> float:
@@ -118,7 +107,7 @@ class DisaggregatedBackend:
 
     # --- generation ---------------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         state = RetryState(self.settings.max_failovers)
         if not self.settings.prefix_cache:
             # No reuse across requests, but the store still carries this request's handoff.
@@ -127,20 +116,21 @@ class DisaggregatedBackend:
         tokens = list(req.token_ids)
         body = DecodeRequest(
             request_id=req.request_id, token_ids=tokens, num_prompt_tokens=len(tokens),
-            params=params_to_wire(req.params), cache_salt=req.cache_salt,
+            params=req.params, cache_salt=req.cache_salt,
         )
         handoff = await self._prefill(req, state) if self._needs_prefill(req, cached) else None
         if handoff is not None:
             head, rest = handoff
             async with aclosing(rest):
                 # TTFT: the client gets the prefill worker's token now, while its KV is stored.
-                yield to_event(head.event, num_cached_tokens=head.num_cached_tokens,
-                               prompt_logprobs=head.event.prompt_logprobs)
+                yield head.event
                 state.streaming = True
                 committed = await self._await_commit(rest)
             if head.event.finish_reason is not None:
                 return
             body.token_ids = tokens + [head.event.token_id]
+            # The prompt logprobs came with the first token: decode must not recompute them.
+            body.params = replace(req.params, prompt_logprobs=None)
             if committed:
                 body.tail_key, body.tail_start = head.tail_key, head.tail_start
         async for ev in self._decode(body, state, report_cached=handoff is None):
@@ -180,8 +170,8 @@ class DisaggregatedBackend:
         """Try prefill workers in turn: (the reply's first line, the open rest of it), or None
         when the decode worker must prefill itself."""
         body = PrefillRequest(
-            request_id=req.request_id, token_ids=list(req.token_ids),
-            params=params_to_wire(req.params), cache_salt=req.cache_salt,
+            request_id=req.request_id, token_ids=list(req.token_ids), params=req.params,
+            cache_salt=req.cache_salt,
         )
         while (w := self.pool.pick_or_none("prefill", state.excluded)) is not None:
             lines = self._call_prefill(w, body)
@@ -206,8 +196,8 @@ class DisaggregatedBackend:
         async with self.pool.lease(w):
             try:
                 async with self.client.stream(
-                    "POST", f"{w.url}{path}", json=body.model_dump(),
-                    headers={"X-Request-Id": body.request_id},
+                    "POST", f"{w.url}{path}", content=body.model_dump_json(),
+                    headers={"X-Request-Id": body.request_id, "Content-Type": "application/json"},
                 ) as r:
                     if r.status_code != 200:
                         await r.aread()
@@ -242,21 +232,22 @@ class DisaggregatedBackend:
 
     async def _decode(
         self, body: DecodeRequest, state: RetryState, report_cached: bool
-    ) -> AsyncIterator[GenerateEvent]:
-        """Stream from decode workers until a finish, resuming on another after a failure."""
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream from decode workers until a finish, resuming on another after a failure.
+        Only the request's first event reports cached tokens (a resume's count is not news)."""
         while True:
             w = await self._pick_decode(state)
             try:
-                async with aclosing(self._call_decode(w, body)) as wires:
-                    async for wire in wires:
-                        cached = wire.num_cached_tokens if report_cached else None
+                async with aclosing(self._call_decode(w, body)) as events:
+                    async for ev in events:
+                        if not report_cached:
+                            ev.num_cached_tokens = None
                         report_cached = False
                         state.streaming = True
-                        yield to_event(wire, num_cached_tokens=cached,
-                                       prompt_logprobs=wire.prompt_logprobs)
-                        if wire.finish_reason is not None:
+                        yield ev
+                        if ev.finish_reason is not None:
                             return
-                        body.token_ids.append(wire.token_id)
+                        body.token_ids.append(ev.token_id)
                 raise WorkerFailed("stream ended without a finish reason")
             except WorkerRefused as e:
                 self._refused(w, e, state)
@@ -289,18 +280,18 @@ class DisaggregatedBackend:
             state.refused.clear()  # a full worker may have room by the next look
             await asyncio.sleep(WAIT_POLL_S)
 
-    async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[WireEvent]:
+    async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[TokenEvent]:
         async with aclosing(self._ndjson(w, "/generate", body)) as lines:
             marked = False
             async for line in lines:
                 try:
-                    wire = WireEvent.model_validate_json(line)
+                    ev = parse_event(line)
                 except ValueError as e:  # a line cut short by a dying worker
                     raise WorkerFailed(f"bad stream line: {e}") from e
                 if not marked:
                     self.pool.mark_ok(w)
                     marked = True
-                yield wire
+                yield ev
 
     # --- fault bookkeeping --------------------------------------------------------------------
 

@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from router.errors import api_error_from
+from wire.streaming import ClosingStreamingResponse
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,19 +31,11 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
 
 
-class SSEResponse(StreamingResponse):
-    """Closes its body iterator on every exit (the client leaving included), so the backend
-    work behind it is cancelled now rather than when the garbage collector gets to it."""
+class SSEResponse(ClosingStreamingResponse):
+    """Closing its body on every exit (the client leaving included) cancels the backend work
+    behind it now rather than when the garbage collector gets to it."""
 
     media_type = "text/event-stream"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                await close()
 
 
 async def prime(source: AsyncIterator[T]) -> AsyncIterator[T]:

@@ -40,7 +40,7 @@ from tests.e2e.faults import (
 )
 from tests.e2e.stack import Stack, free_port
 from tests.redis_server import RedisServer
-from wire.internal_api import DecodeRequest, PrefillRequest, WireEvent, params_to_wire
+from wire.internal_api import DecodeRequest, PrefillRequest, parse_event
 from wire.membership import member_key
 
 # 105 tokens: the prompt fills block 0 and most of block 1, so ~20 generated tokens complete
@@ -120,6 +120,9 @@ def test_decode_killed_mid_stream_greedy_resumes_exactly(stack):
     check_resume_counters(survivor)
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def test_corrupt_block_between_prefill_and_decode_is_recomputed(stack, redis):
     """Injected after /prefill stored the prompt and before /generate reads it: 64 bytes XOR
     0xFF in the middle (the tensor payload) of block 1, in its disk file and its Redis value.
@@ -127,15 +130,16 @@ def test_corrupt_block_between_prefill_and_decode_is_recomputed(stack, redis):
     workers = [w for w in stack.workers() if w["healthy"]]
     prefill = next(w["url"] for w in workers if w["role"] == "prefill")
     decode = next(w["url"] for w in workers if w["role"] == "decode")
-    params = params_to_wire(SamplingParams(max_tokens=16, temperature=0.0, seed=7))
+    params = SamplingParams(max_tokens=16, temperature=0.0, seed=7)
     ids = httpx.post(f"{stack.url}/tokenize", timeout=30, json={
         "model": MODEL, "prompt": STORY + COUNT}).json()["tokens"]
     assert len(ids) > 3 * BLOCK
 
     def prefill_then_decode(inject) -> list[int]:
         rid, cache_salt = f"corrupt-{salt()}", salt()
-        pre = httpx.post(f"{prefill}/prefill", timeout=120, json=PrefillRequest(
-            request_id=rid, token_ids=ids, params=params, cache_salt=cache_salt).model_dump())
+        pre = httpx.post(f"{prefill}/prefill", timeout=120, content=PrefillRequest(
+            request_id=rid, token_ids=ids, params=params, cache_salt=cache_salt
+        ).model_dump_json(), headers=JSON)
         assert pre.status_code == 200, pre.text
         head, committed = [json.loads(line) for line in pre.text.splitlines()]
         assert committed["committed"] and committed["stored_bytes"] > 0
@@ -145,10 +149,10 @@ def test_corrupt_block_between_prefill_and_decode_is_recomputed(stack, redis):
         body = DecodeRequest(request_id=rid, token_ids=ids + [first], num_prompt_tokens=len(ids),
                              params=params, cache_salt=cache_salt, tail_key=pre["tail_key"],
                              tail_start=pre["tail_start"])
-        with httpx.stream("POST", f"{decode}/generate", json=body.model_dump(),
-                          timeout=120) as r:
+        with httpx.stream("POST", f"{decode}/generate", content=body.model_dump_json(),
+                          headers=JSON, timeout=120) as r:
             assert r.status_code == 200
-            return [first] + [WireEvent.model_validate_json(line).token_id
+            return [first] + [parse_event(line).token_id
                               for line in r.iter_lines() if line]
 
     def corrupt_block_1(cache_salt: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.keys import KeyNamespace, block_keys, parse_key, tail_key
+from kvstore.keys import KeyChain, KeyNamespace, block_keys, parse_key, tail_key
 from tests.kvstore.helpers import FINGERPRINT, make_ns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,3 +144,32 @@ def test_keys_of_a_prefix_are_a_prefix(tokens, block_size):
     assert len(keys) == len(tokens) // block_size
     cut = len(tokens) // 2
     assert block_keys(tokens[:cut], ns) == keys[:cut // block_size]
+
+
+def _reference_keys(tokens: list[int], ns: KeyNamespace) -> list[str]:
+    """The chain as the module docstring defines it, written out independently."""
+    parent, keys, B = ns.root(), [], ns.block_size
+    for i in range(len(tokens) // B):
+        raw = np.asarray(tokens[i * B:(i + 1) * B], dtype="<i4").tobytes()
+        parent = hashlib.blake2b(parent + raw, digest_size=16).digest()
+        keys.append(f"{ns.prefix}@{parent.hex()}")
+    return keys
+
+
+def test_block_keys_follow_the_documented_chain():
+    ns = make_ns()
+    assert block_keys(TOKENS, ns) == _reference_keys(TOKENS, ns)
+
+
+@given(st.lists(st.integers(0, 49151), max_size=300), st.lists(st.integers(1, 90), min_size=1))
+@settings(max_examples=50, deadline=None)
+def test_chain_grown_in_any_steps_equals_keying_at_once(tokens, steps):
+    """However a sequence grows (one token at a time, blocks at once, partial blocks), the
+    chain ends with the keys of the whole sequence, and each extend returns only new keys."""
+    ns = KeyNamespace(FINGERPRINT, "float32", 16)
+    chain, seen, n, i = KeyChain(ns), [], 0, 0
+    while n < len(tokens):
+        n = min(len(tokens), n + steps[i % len(steps)])
+        i += 1
+        seen += chain.extend(tokens[:n])
+    assert seen == chain.keys == block_keys(tokens, ns)

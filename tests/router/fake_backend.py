@@ -1,4 +1,4 @@
-"""A scripted Backend: each generate() plays a list of GenerateEvents, and records what happened.
+"""A scripted Backend: each generate() plays a list of TokenEvents, and records what happened.
 
 The default script replies with a fixed text that depends on the seed (so n>1 choices differ),
 ends with EOS, honours max_tokens, logprobs and prompt_logprobs with made-up but deterministic
@@ -14,9 +14,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from router.dispatch.backend import BackendError, BackendUnavailable, GenerateEvent, GenerateRequest
+from engine.sequence import TokenEvent
+from router.dispatch.backend import BackendError, BackendUnavailable, GenerateRequest
 
-Script = Callable[[GenerateRequest], list[GenerateEvent]]
+Script = Callable[[GenerateRequest], list[TokenEvent]]
 
 # Multi-byte on purpose: CJK and an emoji split over several byte-level BPE tokens.
 REPLY = "Hello world! 你好 😀 seed {seed}. The end."
@@ -47,7 +48,7 @@ def prompt_logprob(i: int) -> float:
 
 def script_from_ids(
     ids: list[int], req: GenerateRequest, vocab: int, eos: int | None
-) -> list[GenerateEvent]:
+) -> list[TokenEvent]:
     """Events for `ids` (+ EOS), cut at max_tokens, with logprobs as requested."""
     p = req.params
     seq = ids + ([eos] if eos is not None else [])
@@ -56,7 +57,7 @@ def script_from_ids(
     for i, tid in enumerate(seq):
         lp = token_logprob(i)
         top = top_list(tid, lp, p.logprobs, vocab) if p.logprobs is not None else None
-        events.append(GenerateEvent(tid, lp if p.logprobs is not None else None, top))
+        events.append(TokenEvent(tid, lp if p.logprobs is not None else None, top))
     last = events[-1]
     last.finish_reason = "stop" if last.token_id == eos else "length"
     first = events[0]
@@ -97,15 +98,15 @@ class FakeBackend:
     async def workers(self) -> list[dict[str, Any]]:
         return []
 
-    def default_script(self, req: GenerateRequest) -> list[GenerateEvent]:
+    def default_script(self, req: GenerateRequest) -> list[TokenEvent]:
         ids = reply_ids(self.tokenizer, req.params.seed)
         return script_from_ids(ids, req, len(self.tokenizer), self.eos)
 
-    def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         self.requests.append(req)
         return self._play(req)
 
-    async def _play(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    async def _play(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         rid = req.request_id
         try:
             if self.fail_before is not None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from engine.sequence import TokenEvent
 from router.api.planning import derive_seed
-from router.dispatch.backend import GenerateEvent
 from tests.router.conftest import MAX_MODEL_LEN
 from tests.router.fake_backend import (
     CACHED_TOKENS,
@@ -53,8 +53,8 @@ def test_max_tokens_gives_length(client, tokenizer):
 
 
 def test_eos_on_the_last_allowed_token_is_stop(client, fake):
-    fake.script = lambda req: [GenerateEvent(40, finish_reason=None),
-                               GenerateEvent(2, finish_reason="length")]
+    fake.script = lambda req: [TokenEvent(40, finish_reason=None),
+                               TokenEvent(2, finish_reason="length")]
     body = post(client, max_tokens=2).json()
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"]["completion_tokens"] == 2
@@ -155,7 +155,7 @@ def test_stop_token_ids(client, tokenizer):
 
 
 def test_ignore_eos_and_special_tokens(client, fake):
-    fake.script = lambda req: [GenerateEvent(40), GenerateEvent(2), GenerateEvent(40,
+    fake.script = lambda req: [TokenEvent(40), TokenEvent(2), TokenEvent(40,
                                finish_reason="length")]
     body = post(client, max_tokens=3, ignore_eos=True).json()
     assert body["choices"][0]["finish_reason"] == "length"

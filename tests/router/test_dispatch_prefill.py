@@ -18,8 +18,8 @@ PROMPT = list(range(10, 30))  # 20 tokens: 5 blocks of 4
 def prefill_reply(first: int, commit: bool = True, tail_key: str | None = "tail:r"):
     """A /prefill body: the head line, then (unless the worker died) the commit line."""
     async def body():
-        head = {"event": {"token_id": first}, "num_cached_tokens": 0,
-                "num_computed_tokens": len(PROMPT), "tail_key": tail_key, "tail_start": 16}
+        head = {"event": {"token_id": first, "num_cached_tokens": 0}, "tail_key": tail_key,
+                "tail_start": 16}
         yield (json.dumps(head) + "\n").encode()
         if commit:
             yield b'{"committed": true, "stored_bytes": 1024}\n'

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateEvent
+from engine.sequence import TokenEvent
+from router.dispatch.backend import BackendOverloaded, BackendUnavailable
 from tests.router.fake_backend import reply_ids, reply_text
 from tests.router.helpers import chat, cmpl, sse_payloads, stream_text
 
@@ -111,7 +112,7 @@ def test_backend_bug_is_an_enveloped_500_or_error_event(client, fake):
 
 def test_backend_bug_mid_stream(client, fake, tokenizer):
     def half_broken(req):
-        return [GenerateEvent(40), "not an event"]
+        return [TokenEvent(40), "not an event"]
 
     fake.script = half_broken
     _, events = stream(client, "/v1/completions", cmpl())

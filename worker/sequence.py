@@ -1,0 +1,130 @@
+"""Starting a sequence, the same for prefill and decode: params -> namespace -> block keys ->
+prefix load from the store -> engine request -> counters.
+
+    known tokens:  |-- block 0 --|-- block 1 --|-- block 2 --|- tail -|
+                   |<- loaded from the store ->|<- computed by the engine ->|
+
+The block keys are a `KeyChain` made once here; a decode worker extends it as it generates, so
+keying each new block costs that block only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import SeqRequest
+from kvstore import KeyChain, KeyNamespace
+from wire.internal_api import SequenceRequest
+from worker.runtime import Worker
+
+
+@dataclass(slots=True)
+class PrefixKV:
+    blocks: list[torch.Tensor] | None  # each [L, 2, H, B, D]: tokens [0, num_blocks * B)
+    tail: torch.Tensor | None  # [L, 2, H, t, D], t < B: the request's partial last block
+    length: int  # tokens covered (blocks + tail), capped at the caller's limit
+    num_blocks: int
+
+    def seq_fields(self) -> dict:
+        """The SeqRequest fields that import this prefix."""
+        if self.blocks is None:  # a tail alone (a prompt under one block) is a flat prefix
+            return {"prefix_kv": self.tail, "prefix_len": self.length}
+        return {"prefix_kv": self.blocks, "prefix_tail": self.tail, "prefix_len": self.length}
+
+
+NO_PREFIX = PrefixKV(None, None, 0, 0)
+
+
+
+@dataclass(slots=True)
+class Started:
+    req: SeqRequest
+    ns: KeyNamespace
+    keys: KeyChain  # keys of the known tokens' full blocks
+    prefix: PrefixKV
+
+
+async def start_sequence(
+    worker: Worker, body: SequenceRequest, num_prompt_tokens: int, *, prefill_only: bool = False,
+    tail_key: str | None = None, tail_start: int = 0,
+) -> Started:
+    """Key the known tokens and load their stored prefix (on a thread: hashing and store reads
+    block), and build the engine request."""
+    ns = worker.namespace(body.cache_salt)
+    keys = KeyChain(ns)
+    # Prompt logprobs need every position computed, so nothing is loaded for them.
+    limit = len(body.token_ids) - 1 if body.params.prompt_logprobs is None else 0
+    prefix = await asyncio.to_thread(
+        _key_and_load, worker, body.token_ids, keys, limit, tail_key, tail_start
+    )
+    req = SeqRequest(
+        seq_id=body.request_id,
+        token_ids=body.token_ids,
+        num_prompt_tokens=num_prompt_tokens,
+        params=body.params,
+        prefill_only=prefill_only,
+        cache_salt=body.cache_salt,
+        **prefix.seq_fields(),
+    )
+    worker.counters.requests_total += 1
+    worker.counters.blocks_loaded_total += prefix.num_blocks
+    return Started(req, ns, keys, prefix)
+
+
+def count_reuse(worker: Worker, req: SeqRequest, cached: int) -> None:
+    """On the first event: `cached` leading tokens came from the store or the engine's
+    resident KV (possibly more than the store had), the rest were computed here."""
+    worker.counters.prefix_tokens_loaded_total += cached
+    worker.counters.prompt_tokens_computed_total += max(0, req.num_prompt_tokens - cached)
+    worker.counters.admit_tokens_computed_total += len(req.token_ids) - cached
+
+
+def _key_and_load(
+    worker: Worker, token_ids: list[int], keys: KeyChain, limit: int, tail_key: str | None,
+    tail_start: int,
+) -> PrefixKV:
+    keys.extend(token_ids)
+    return load_prefix(worker, keys.keys, limit, tail_key, tail_start)
+
+
+def load_prefix(
+    worker: Worker, keys: list[str], limit: int, tail_key: str | None = None, tail_start: int = 0,
+) -> PrefixKV:
+    """Leading KV from the store for the first `limit` tokens, whose full blocks are `keys`
+    (blocking: call from a thread). Stops at the first missing or malformed block; everything
+    after it is recomputed."""
+    if limit <= 0:
+        return NO_PREFIX
+    start = time.perf_counter()
+    store, B = worker.store, worker.block_size
+    keys = keys[: store.lookup_prefix(keys)]
+    blocks = []
+    for t in store.get_many(keys, borrow=True) if keys else []:
+        if not _fits(worker, t, full=True):
+            break
+        blocks.append(t)
+    length = len(blocks) * B
+    tail = None
+    if tail_key and tail_start == length and length < limit:
+        tail = store.get_many([tail_key], borrow=True)[0]
+        tail = tail if _fits(worker, tail, full=False) else None
+        length += 0 if tail is None else tail.shape[3]
+    if not length:
+        return NO_PREFIX
+    loaded = blocks + ([tail] if tail is not None else [])
+    nbytes = sum(t.numel() * t.element_size() for t in loaded)
+    worker.handoff.observe("load", nbytes, time.perf_counter() - start)
+    return PrefixKV(blocks or None, tail, min(length, limit), len(blocks))
+
+
+def _fits(worker: Worker, t: torch.Tensor | None, full: bool) -> bool:
+    """A stored tensor matches this engine's layout (a tail may hold fewer tokens)."""
+    if t is None or t.dtype != worker.lm.dtype or t.dim() != 5:
+        return False
+    want = worker.engine.layout.block_shape
+    tokens_ok = t.shape[3] == want[3] if full else 0 < t.shape[3] < want[3]
+    return tokens_ok and t.shape[:3] == want[:3] and t.shape[4] == want[4]

@@ -11,6 +11,8 @@ RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md ./
 COPY engine engine
 COPY kvstore kvstore
+COPY wire wire
+COPY worker worker
 COPY router router
 COPY prefill_worker prefill_worker
 COPY decode_worker decode_worker

@@ -22,7 +22,7 @@ import torch
 from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
 from engine.config import EngineConfig, EngineStats, default_max_len, eos_ids
 from engine.forward import Forward
-from engine.intake import check_request, common_prefix, trim_prefix
+from engine.intake import check_params, check_request, common_prefix, trim_prefix
 from engine.kv_layout import KVLayout
 from engine.loader import LoadedModel
 from engine.sampler import Sampled, prompt_logprobs, sample
@@ -40,7 +40,8 @@ class Engine:
     and returns the sampled tokens, abort()/release() forget them. A finished sequence's KV
     stays readable (kv_len, export_kv, export_blocks) until the next step() or add(), so an
     event hook can export it; a prefill_only sequence keeps it until release(). The last
-    finished sequence's KV then stays in its slot for a next one to reuse (see _retain).
+    finished sequence's KV then stays in its slot for a next one to reuse (see _retain). A
+    sequence whose own request breaks a step is dropped alone and reported by take_failed().
 
     Not thread-safe: one thread owns the engine (see engine/runner.py). `num_waiting` is safe
     to read from other threads (a len()).
@@ -59,6 +60,8 @@ class Engine:
         self._waiting: deque[Sequence] = deque()  # FIFO, no slot yet
         self._prefilling: Sequence | None = None  # mid-prefill across steps (at most one)
         self._done: list[Sequence] = []  # emitted their last event this step
+        # Dropped by a failure of their own (see _fail), until take_failed() reports them.
+        self._failed: list[tuple[str, Exception]] = []
         # The last finished sequence, KV still in its slot (see _retire_done); not in _seqs.
         self._retained: Sequence | None = None
         self._pending: dict[str, Sequence] = {}  # fork child id -> parent, until spawned
@@ -84,7 +87,7 @@ class Engine:
         self._retire_done()  # also frees a finished sequence's id for reuse
         if req.seq_id in self._seqs or req.seq_id in self._pending:
             raise ValueError(f"duplicate seq_id {req.seq_id!r}")
-        check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
+        self.check(req)
         p = req.params
         seq = Sequence(req.seq_id, list(req.token_ids), req.num_prompt_tokens, p,
                        stop_ids_for(p, self.eos_token_ids), prefill_only=req.prefill_only,
@@ -101,6 +104,19 @@ class Engine:
         seq.reused = seq.kv_len
         self._seqs[seq.seq_id] = seq
         self._waiting.append(seq)
+
+    def check(self, req: SeqRequest) -> None:
+        """Raise engine.intake.InvalidRequest (a ValueError) on a request add() would refuse.
+        Reads only fixed configuration, so any thread may call it: a worker does, to answer
+        400 before it starts streaming."""
+        check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
+
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        """(seq_id, error) of the sequences a step dropped for a failure of their own (an
+        import that did not fit its slot, sampling that raised for their row), since the last
+        call. They emit no further events; every other sequence carried on."""
+        failed, self._failed = self._failed, []
+        return failed
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
@@ -145,6 +161,7 @@ class Engine:
         parent = self._seqs[parent_id]
         if child_id in self._seqs or child_id in self._pending:
             raise ValueError(f"duplicate seq_id {child_id!r}")
+        check_params(params, self.loaded.config.vocab_size)
         if parent.sampled or parent.done:
             self._spawn(parent, child_id, params)
         else:
@@ -253,7 +270,17 @@ class Engine:
         for seq in [s for s in self._waiting if s.todo == 1]:
             if seq.slot < 0 and not self._has_room():
                 return
+            self._try_place(seq)
+
+    def _try_place(self, seq: Sequence) -> bool:
+        """_place, failing only `seq` if its import does not go in (the copy touches its own
+        slot only, and a cache growth swaps the tensor in only once it is complete)."""
+        try:
             self._place(seq)
+        except Exception as e:
+            self._fail(seq, e)
+            return False
+        return True
 
     def _place(self, seq: Sequence) -> None:
         """Move a waiting sequence into a free slot (unless it adopted one), copying in any KV
@@ -278,7 +305,8 @@ class Engine:
             if seq is not self._prefilling:  # the queue's head: place it
                 if seq.slot < 0 and not self._has_room():
                     break
-                self._place(seq)
+                if not self._try_place(seq):
+                    continue
             if seq.todo == 1:
                 continue  # an import: it joins the next decode step
             n = min(budget, seq.todo)
@@ -325,8 +353,30 @@ class Engine:
             seq.forks = []
         if len(rows) != len(seqs):
             logits = logits[src]
-        outs = sample(logits, [s.sample_row() for s in rows], self._gen)
+        try:
+            outs = sample(logits, [s.sample_row() for s in rows], self._gen)
+        except Exception:
+            log.exception("batched sampling failed; sampling %d rows one by one", len(rows))
+            return self._emit_each(rows, logits)
         return [self._append(s, o) for s, o in zip(rows, outs, strict=False)]
+
+    def _emit_each(self, rows: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample row by row (logits [len(rows), V]): a row that raises again fails alone."""
+        events = []
+        for i, seq in enumerate(rows):
+            try:
+                [out] = sample(logits[i : i + 1], [seq.sample_row()], self._gen)
+            except Exception as e:
+                self._fail(seq, e)
+                continue
+            events.append(self._append(seq, out))
+        return events
+
+    def _fail(self, seq: Sequence, err: Exception) -> None:
+        """Drop one sequence whose own request broke a step; take_failed() reports it."""
+        log.warning("sequence %s failed: %r", seq.seq_id, err)
+        self._drop(seq)
+        self._failed.append((seq.seq_id, err))
 
     def _append(self, seq: Sequence, out: Sampled) -> TokenEvent:
         seq.token_ids.append(out.token_id)

@@ -3,6 +3,10 @@
 The Engine is single-threaded by contract. Everything that touches it (add, abort, step,
 export) happens on the runner's thread; other threads talk to it through a command queue, and
 get results back through per-sequence asyncio queues or concurrent futures.
+
+Failures stay with the sequence that caused them: a request engine.add() refuses, or one the
+engine drops mid-step for a failure of its own (Engine.take_failed), ends only its own stream.
+Only a step that raises (a broken forward) fails every sequence in flight.
 """
 
 from __future__ import annotations
@@ -152,6 +156,7 @@ class EngineRunner:
                 continue
             self._report_scheduled(step_start)
             self._deliver(events)
+            self._fail_some(self.engine.take_failed())
             if self._after_step is not None:
                 self._after_step(self.engine, events)
 
@@ -183,6 +188,13 @@ class EngineRunner:
                 elif ev.finish_reason is None:
                     self.engine.abort(ev.seq_id)
             self._put(s, value if isinstance(value, BaseException) else (value, last))
+
+    def _fail_some(self, failed: list[tuple[str, Exception]]) -> None:
+        """Sequences the engine dropped for a failure of their own: end just their streams."""
+        for seq_id, err in failed:
+            s = self._streams.pop(seq_id, None)
+            if s is not None:
+                self._put(s, RuntimeError(f"sequence {seq_id} failed in the engine: {err!r}"))
 
     def _fail_all(self, err: Exception) -> None:
         """A failed step poisons every sequence in flight: fail them, never emit bad tokens."""

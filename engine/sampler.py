@@ -22,6 +22,9 @@ from engine.sampling_params import SamplingParams
 # top_p looks for the nucleus among this many best tokens first: a partial top-k is ~20x
 # cheaper than sorting a 49k vocabulary. Rows whose nucleus is wider fall back to a full sort.
 _NUCLEUS_CANDIDATES = 256
+# Prompt positions per prompt-logprob pass: log_softmax over [256, V] fp32 is 50 MB at
+# V = 49152, where a whole 8k-token prompt at once would be 1.6 GB per temporary.
+PROMPT_LOGPROB_CHUNK = 256
 
 
 @dataclass(slots=True)
@@ -220,7 +223,18 @@ def prompt_logprobs(
     logits: torch.Tensor, targets: list[int], k: int
 ) -> list[tuple[float, list[tuple[int, float]]]]:
     """logits [t, V] at positions i..i+t-1 and targets = the tokens at i+1..i+t (len <= t)
-    -> per target (its logprob, raw top-k)."""
+    -> per target (its logprob, raw top-k). PROMPT_LOGPROB_CHUNK rows at a time, so the
+    [rows, V] temporaries stay bounded; every op is per row, so chunking changes no value."""
+    out = []
+    for i in range(0, len(targets), PROMPT_LOGPROB_CHUNK):
+        j = i + PROMPT_LOGPROB_CHUNK
+        out += _prompt_logprobs(logits[i:j], targets[i:j], k)
+    return out
+
+
+def _prompt_logprobs(
+    logits: torch.Tensor, targets: list[int], k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
     t = len(targets)
     lp = logits[:t].log_softmax(dim=-1)  # [t, V]
     tgt = torch.tensor(targets, device=logits.device)

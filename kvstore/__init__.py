@@ -7,6 +7,7 @@
     n = store.lookup_prefix(keys)             # leading blocks present
     blocks = store.get_many(keys[:n])         # list[Tensor | None]
     store.put_many({key: block}, ttl_s=None)  # block: [L, 2, H, B, D]
+    StoreConfig(mac_key=derive_mac_key(token))  # blobs MAC'd: a store writer cannot forge KV
 
 Names load on first use (PEP 562), so `from kvstore import block_keys` costs numpy, not torch
 and redis: key computation stays cheap for processes that never touch a store.
@@ -19,7 +20,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
-    from kvstore.codec import CorruptBlock, ExpiredBlock, decode, encode
+    from kvstore.codec import CorruptBlock, ExpiredBlock, decode, derive_mac_key, encode
     from kvstore.config import TIER_CHOICES, StoreConfig, build_store
     from kvstore.keys import KeyChain, KeyInfo, KeyNamespace, block_keys, parse_key, tail_key
     from kvstore.observer import NullObserver, StoreObserver
@@ -28,11 +29,11 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
 __all__ = [
     "TIER_CHOICES", "CorruptBlock", "ExpiredBlock", "KeyChain", "KeyInfo", "KeyNamespace",
     "NullObserver", "StoreConfig", "StoreObserver", "TieredStore", "block_keys", "build_store",
-    "decode", "encode", "parse_key", "tail_key",
+    "decode", "derive_mac_key", "encode", "parse_key", "tail_key",
 ]
 _HOMES = MappingProxyType({  # lazy name -> the module that defines it
     "CorruptBlock": "kvstore.codec", "ExpiredBlock": "kvstore.codec",
-    "decode": "kvstore.codec", "encode": "kvstore.codec",
+    "decode": "kvstore.codec", "encode": "kvstore.codec", "derive_mac_key": "kvstore.codec",
     "TIER_CHOICES": "kvstore.config", "StoreConfig": "kvstore.config",
     "build_store": "kvstore.config",
     "KeyChain": "kvstore.keys", "KeyInfo": "kvstore.keys", "KeyNamespace": "kvstore.keys",

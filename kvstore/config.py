@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvstore.breaker import Breaker
 from kvstore.disk import DiskTier
@@ -39,6 +39,10 @@ class StoreConfig:
     backoff_s: float = 0.5  # first wait before probing a down tier; doubles per failure
     max_backoff_s: float = 30.0
     disk_rescan_s: float = 30.0  # how often to re-read a shared directory's state
+    cluster_id: str = "default"  # every Redis key lives under it: stacks sharing a Redis never meet
+    # derive_mac_key(secret): blobs carry a keyed MAC that reads demand; None = xxh3 only.
+    # repr=False: the key must not reach a log line that prints the config.
+    mac_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.tiers not in TIER_CHOICES:
@@ -50,6 +54,8 @@ class StoreConfig:
             raise ValueError("redis_timeout_s and backoff_s must be positive")
         if self.redis_ttl_s < 0 or self.tail_ttl_s < 0:
             raise ValueError("TTLs must be >= 0")
+        if self.mac_key is not None and not 16 <= len(self.mac_key) <= 64:  # BLAKE2b's key limit
+            raise ValueError("mac_key must be 16..64 bytes (use derive_mac_key)")
 
     @property
     def tier_names(self) -> tuple[str, ...]:
@@ -70,5 +76,5 @@ def build_store(config: StoreConfig, observer: StoreObserver | None = None,
                                   config.disk_rescan_s, clock))
         else:
             tiers.append(RedisTier(config.redis_url, breaker, config.redis_ttl_s,
-                                   config.redis_timeout_s))
-    return TieredStore(tiers, observer, config.tail_ttl_s)
+                                   config.redis_timeout_s, cluster_id=config.cluster_id))
+    return TieredStore(tiers, observer, config.tail_ttl_s, config.mac_key)

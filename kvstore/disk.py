@@ -1,26 +1,40 @@
 """Directory tier: one file per blob, capped in bytes with LRU eviction, shared by processes.
 
-    <dir>/<quoted key>.kv        a complete blob (codec.py); mtime = last use, ns
-    <dir>/.tmp-<pid>-<rand>      a blob being written; renamed into place when complete
+    <dir>/                       0700: blocks are activations of users' prompts
+    <dir>/<quoted key>.kv        a complete blob (codec.py), 0600; mtime = last use, ns
+    <dir>/.tmp-<pid>-<rand>      a blob being written (0600 from creation); renamed into place
 
 - Atomic writes: write a temp file, then rename. A reader sees the old file, no file (a miss)
   or the new one, never a torn one. No fsync: after a power loss a short or garbled file
-  fails the checksum and is a miss, which is all a cache needs.
+  fails the checksum (or MAC) and is a miss, which is all a cache needs.
 - LRU survives restarts: every use stamps the file's mtime (strictly increasing in a process)
   and start-up re-indexes the directory oldest-first.
 - Several processes may share the directory. The in-memory index is only this process's view:
-  files of other processes are picked up when seen (and on a periodic rescan), files that vanish
-  under us are misses, and each process evicts its least recently used files to keep the whole
+  files of other processes are picked up when seen and on a rescan, files that vanish under us
+  are misses, and each process evicts its least recently used files to keep the whole
   directory under the cap (LRU order across processes is approximate between rescans).
-- Any other OSError (disk full, permission, read-only) marks the tier down (breaker.py).
+- The cap holds across processes: each one rescans (a scandir: the true total, and every
+  process's files in mtime order, so the oldest of any process go first) after every
+  cap/RESCAN_FRACTION bytes it writes, and every rescan_s. The process that rescanned last
+  keeps its view under the cap, and each other one wrote less than cap/RESCAN_FRACTION since
+  its own earlier rescan, so N processes overshoot by at most (N-1) * cap/RESCAN_FRACTION plus
+  a block in flight. A rescan stats ~cap/block files, spread over cap/RESCAN_FRACTION bytes of
+  puts: RESCAN_FRACTION stats per put. (A shared byte counter would be exact, but needs a lock
+  file and repair after crashes; a recount cannot drift.)
+- Disk full (ENOSPC, EDQUOT) during a put: rescan, evict the oldest files of any process until
+  the blob fits, retry once, and hold the cap at what fitted for rescan_s, so the next puts
+  evict instead of failing. Only a failed retry, or any other OSError (permission, read-only),
+  marks the tier down (breaker.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -37,6 +51,12 @@ log = logging.getLogger(__name__)
 SUFFIX = ".kv"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_S = 600.0  # a temp file this old belongs to a writer that died; reap it on rescan
+DIR_MODE = 0o700  # whoever can read the folder reads prompts' KV; whoever can write it plants it
+FILE_MODE = 0o600
+# Rescan after every cap/16 bytes written: 16 stats per put amortized, and each other process
+# sharing the folder can overshoot the cap by at most 1/16 of it between rescans.
+RESCAN_FRACTION = 16
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskTier:
@@ -54,11 +74,15 @@ class DiskTier:
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # key -> file bytes; LRU first
         self._used = 0
+        self._cap = capacity_bytes  # lowered while the disk is full (_make_room)
+        self._full_until = 0.0  # clock seconds: the lowered cap holds until then
         self._stamp_ns = 0
         self._last_scan = clock()
+        self._written = 0  # bytes this process wrote since its last rescan
         self._evictions = 0
+        self._disk_full = 0
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self._ensure_dir()
             self.rescan()
         except OSError as exc:
             breaker.failed(exc)
@@ -66,6 +90,22 @@ class DiskTier:
     @property
     def up(self) -> bool:
         return self.breaker.up
+
+    def _ensure_dir(self) -> None:
+        """Make the directory 0700; tighten one we own that is open wider, warn about one that
+        another user owns (we cannot fix it)."""
+        self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        st = self.path.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o077:
+            return
+        if st.st_uid == os.getuid():
+            os.chmod(self.path, DIR_MODE)
+            log.warning("kvstore disk: %s was mode %o; tightened to %o", self.path, mode,
+                        DIR_MODE)
+        else:
+            log.warning("kvstore disk: %s is mode %o and owned by uid %d: other users can read "
+                        "or plant blocks", self.path, mode, st.st_uid)
 
     def _file(self, key: str) -> Path:
         return self.path / (quote(key, safe="@-_.") + SUFFIX)
@@ -93,7 +133,7 @@ class DiskTier:
     def _victims_locked(self) -> list[str]:
         """Pop least recently used entries until under the cap (never the newest one)."""
         victims = []
-        while self._used > self.capacity_bytes and len(self._index) > 1:
+        while self._used > self._cap and len(self._index) > 1:
             victim, size = self._index.popitem(last=False)
             self._used -= size
             victims.append(victim)
@@ -128,6 +168,9 @@ class DiskTier:
             self._used = sum(s for _, _, s in found)
             self._stamp_ns = max([self._stamp_ns] + [m for m, _, _ in found])
             self._last_scan = self._clock()
+            self._written = 0
+            if self._last_scan >= self._full_until:
+                self._cap = self.capacity_bytes  # the next ENOSPC lowers it again
             victims = self._victims_locked()
         self._unlink(victims)
 
@@ -198,16 +241,48 @@ class DiskTier:
                 nbytes = memoryview(blob).nbytes
                 if nbytes > self.capacity_bytes:
                     continue
-                self._write(self._file(key), blob)
-                self._unlink(self._note(key, nbytes))
+                self._put_one(key, blob, nbytes)
                 stored += nbytes
-            if self._clock() - self._last_scan > self._rescan_s:
-                self.rescan()
         except OSError as exc:
             self.breaker.failed(exc)
             return stored
         self.breaker.succeeded()
         return stored
+
+    def _put_one(self, key: str, blob: Blob, nbytes: int) -> None:
+        path = self._file(key)
+        try:
+            self._write(path, blob)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS or not self._make_room(nbytes):
+                raise
+            log.warning("kvstore disk %s is full (%s): evicted the oldest blocks; retrying",
+                        self.path, exc)
+            self._write(path, blob)  # once: if this fails too, the breaker counts it
+        with self._lock:
+            self._written += nbytes
+            due = (self._written >= self.capacity_bytes // RESCAN_FRACTION
+                   or self._clock() - self._last_scan > self._rescan_s)
+        if due:
+            self.rescan()  # indexes the new file too, with every other process's
+        else:
+            self._unlink(self._note(key, nbytes))
+
+    def _make_room(self, nbytes: int) -> bool:
+        """The disk is full: evict the oldest files (of every process: rescan first) until
+        nbytes are free, and hold the cap at what fitted for rescan_s, so that later puts
+        evict instead of failing. False if there was nothing to evict."""
+        self.rescan()
+        with self._lock:
+            self._disk_full += 1
+            fitted, cap = self._used, self._cap
+            self._cap = fitted - nbytes
+            victims = self._victims_locked()
+            self._cap = min(max(fitted, nbytes), cap) if victims else cap
+            if victims:
+                self._full_until = self._clock() + self._rescan_s
+        self._unlink(victims)
+        return bool(victims)
 
     def _write(self, path: Path, blob: Blob) -> None:
         tmp = self.path / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
@@ -226,11 +301,15 @@ class DiskTier:
             raise
 
     def _open_tmp(self, tmp: Path) -> BinaryIO:
+        """A new file (O_EXCL), 0600 from its creation (less any umask): the mode is right
+        before the first byte is written, and the rename keeps it."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            return open(tmp, "wb")  # noqa: SIM115 (the caller's with closes it)
+            fd = os.open(tmp, flags, FILE_MODE)
         except FileNotFoundError:  # the directory was never made (start-up fault) or removed
-            self.path.mkdir(parents=True, exist_ok=True)
-            return open(tmp, "wb")  # noqa: SIM115
+            self._ensure_dir()
+            fd = os.open(tmp, flags, FILE_MODE)
+        return os.fdopen(fd, "wb")  # the caller's with closes it
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
@@ -246,5 +325,6 @@ class DiskTier:
     def stats(self) -> dict:
         with self._lock:
             return {"up": self.breaker.up, "bytes_used": self._used,
-                    "capacity_bytes": self.capacity_bytes, "entries": len(self._index),
-                    "evictions": self._evictions, "errors": self.breaker.failures}
+                    "capacity_bytes": self.capacity_bytes, "cap_bytes": self._cap,
+                    "entries": len(self._index), "evictions": self._evictions,
+                    "disk_full": self._disk_full, "errors": self.breaker.failures}

@@ -8,8 +8,16 @@ A key names the KV of one full block *and everything before it*, so equal keys m
 
 The readable form is LMCache-like: `tandem@v1@<fingerprint[:16]>@<dtype>@<B>@<32 hex>`. The
 namespace is mixed into the chain root, so two tenants (salts) or two models never share a block
-even where the readable prefix matches; the salt itself never appears in a key. A request's
-partial tail is not content-addressed: it lives under `...@tail-<32 hex>`, scoped to the request.
+even where the readable prefix matches; the salt itself never appears in a key.
+
+A request's partial last block (t < B tokens) lives under `...@tail-<32 hex>`, chained the same
+way from the digest before it, and scoped to the request:
+
+    tail   = blake2b(key[n-1] (root if n == 0) || NUL "tail" NUL || len-prefixed request_id
+                     || int32le(tokens[n*B : n*B + t]))
+
+so a tail key names its namespace, request and content: a worker recomputes it from its own
+tokens and never reads a key a caller merely names.
 
 Python's `hash()` is salted per process and must never be used here; blake2b is stable.
 """
@@ -102,12 +110,12 @@ class KeyChain:
         chain.keys                        # one per full block so far
     """
 
-    __slots__ = ("keys", "_block_size", "_parent", "_prefix")
+    __slots__ = ("keys", "_block_size", "_parent", "_prefix", "_root")
 
     def __init__(self, ns: KeyNamespace):
         self.keys: list[str] = []
         self._block_size = ns.block_size
-        self._parent = ns.root()
+        self._root = self._parent = ns.root()
         self._prefix = ns.prefix
 
     def extend(self, token_ids) -> list[str]:
@@ -128,6 +136,23 @@ class KeyChain:
         self.keys += new
         return new
 
+    def tail_key(self, request_id: str, token_ids, end: int | None = None) -> str:
+        """The key of the partial block that ends at `end` (default len(token_ids)): tokens
+        [end // B * B, end) of `token_ids`, for request `request_id`. The full blocks before it
+        must be keyed already (extend() with at least those tokens)."""
+        B = self._block_size
+        end = len(token_ids) if end is None else end
+        full = end // B
+        if not 0 <= end <= len(token_ids) or full > len(self.keys):
+            raise ValueError(f"tail ending at {end} needs {full} keyed blocks of "
+                             f"{len(token_ids)} tokens; {len(self.keys)} are keyed")
+        parent = self._root if full == 0 else bytes.fromhex(self.keys[full - 1].rsplit("@")[-1])
+        rid = request_id.encode("utf-8")
+        h = hashlib.blake2b(parent + b"\0tail\0" + len(rid).to_bytes(4, "little") + rid,
+                            digest_size=DIGEST_BYTES)
+        h.update(_token_bytes(token_ids[full * B : end]))
+        return f"{self._prefix}@{TAIL_TAG}{h.hexdigest()}"
+
 
 def block_keys(token_ids, ns: KeyNamespace) -> list[str]:
     """One key per *full* block of `token_ids` (list, array or CPU tensor of ints); the
@@ -135,11 +160,12 @@ def block_keys(token_ids, ns: KeyNamespace) -> list[str]:
     return KeyChain(ns).extend(token_ids)
 
 
-def tail_key(request_id: str, ns: KeyNamespace) -> str:
-    """The request-scoped key of a request's partial last block (stored with a short TTL)."""
-    h = hashlib.blake2b(ns.root() + b"\0tail\0" + request_id.encode("utf-8"),
-                        digest_size=DIGEST_BYTES)
-    return f"{ns.prefix}@{TAIL_TAG}{h.hexdigest()}"
+def tail_key(request_id: str, ns: KeyNamespace, token_ids=()) -> str:
+    """The request-scoped key of the partial last block of `token_ids` (stored with a short
+    TTL): it covers the tokens past the last full block, chained from that block's key."""
+    chain = KeyChain(ns)
+    chain.extend(token_ids)
+    return chain.tail_key(request_id, token_ids)
 
 
 def parse_key(key: str) -> KeyInfo | None:

@@ -1,5 +1,10 @@
 """Redis tier: shared across hosts, outlives any worker, bounded by TTL and `maxmemory`.
 
+Every key lives under its cluster's prefix, so stacks with different cluster ids can share one
+Redis without ever reading (or evicting on purpose) each other's blocks:
+
+    tandem:<cluster_id>:kv:<store key>    ->  blob     (store key: tandem@<fp>@...@<hash>)
+
 One Redis string per block holds the whole blob (header, key, checksum and bytes), written by a
 single SET. So a block's bytes are never visible before its metadata (they are one value), and
 an LRU/LFU `maxmemory` policy evicts both together. (LMCache writes bytes then a metadata key,
@@ -15,6 +20,7 @@ backoff window passes and one call probes. `redis://`, `rediss://` (TLS) and pas
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -37,6 +43,17 @@ T = TypeVar("T")
 # noeviction, WRONGTYPE) is a per-call failure on a healthy server.
 DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
+# A cluster id is part of every Redis key: short, and free of the ':' and glob characters
+# that would let one id's keys (or a SCAN pattern over them) reach into another's.
+CLUSTER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+
+
+def kv_prefix(cluster_id: str) -> str:
+    """The prefix of this cluster's block and tail keys in Redis."""
+    if not re.fullmatch(CLUSTER_ID_PATTERN, cluster_id):
+        raise ValueError(f"cluster id must match {CLUSTER_ID_PATTERN}, got {cluster_id!r}")
+    return f"tandem:{cluster_id}:kv:"
+
 
 class RedisTier:
     name = "redis"
@@ -44,8 +61,9 @@ class RedisTier:
     retains = False
 
     def __init__(self, url: str, breaker: Breaker, ttl_s: float = 3600.0,
-                 timeout_s: float = 0.5, window: int = 4) -> None:
+                 timeout_s: float = 0.5, window: int = 4, cluster_id: str = "default") -> None:
         self.breaker = breaker
+        self.prefix = kv_prefix(cluster_id)
         self._ttl_s = ttl_s
         # GETs in flight per connection: hides round trips to a remote server without making
         # the server buffer a whole batch (4 x 1.4 MB stays in cache; a 32-key MGET does not).
@@ -81,7 +99,7 @@ class RedisTier:
         def run() -> list[bool]:
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
-                pipe.exists(key)
+                pipe.exists(self.prefix + key)
             return [bool(n) for n in pipe.execute()]
         return self._call(run, [False] * len(keys)) if keys else []
 
@@ -91,7 +109,7 @@ class RedisTier:
     def _get_pipelined(self, keys: list[str]) -> list[Blob | None]:
         conn = self._pool.get_connection()
         try:
-            return self._read_gets(conn, keys)
+            return self._read_gets(conn, [self.prefix + k for k in keys])
         except BaseException:
             conn.disconnect()  # replies may be left in the stream: never reuse it
             raise
@@ -129,7 +147,7 @@ class RedisTier:
         def run() -> int:
             pipe = self._client.pipeline(transaction=False)
             for key, blob in blobs.items():
-                pipe.set(key, blob, px=px)
+                pipe.set(self.prefix + key, blob, px=px)
             results = pipe.execute(raise_on_error=False)
             return self._count_stored(blobs, results)
         return self._call(run, 0) if blobs else 0
@@ -147,7 +165,7 @@ class RedisTier:
 
     def delete(self, keys: list[str]) -> None:
         if keys:
-            self._call(lambda: self._client.unlink(*keys), 0)
+            self._call(lambda: self._client.unlink(*(self.prefix + k for k in keys)), 0)
 
     def close(self) -> None:
         try:

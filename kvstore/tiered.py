@@ -4,6 +4,10 @@
     get_many <──decode────── memory <── disk <── redis            (read-through, first hit wins;
                                  ^^^^ promote the hit blob ^^^^    no re-encode, no re-checksum)
 
+With a mac_key (StoreConfig.mac_key) every blob carries a keyed MAC and blobs read from a tier
+that verifies (disk, Redis) must carry a valid one: a block forged by whoever can write those
+tiers is a corrupt block (codec.py).
+
 A tier fault, a corrupt or expired block, or an observer bug is a miss, logged and counted;
 none of them reaches the caller. Only caller errors (a tensor dtype the codec cannot carry)
 raise, at the boundary. Safe to share between threads: tiers lock their own state, and the
@@ -32,11 +36,12 @@ T = TypeVar("T")
 
 class TieredStore:
     def __init__(self, tiers: Sequence[Tier], observer: StoreObserver | None = None,
-                 tail_ttl_s: float = 300.0) -> None:
+                 tail_ttl_s: float = 300.0, mac_key: bytes | None = None) -> None:
         assert tiers and len({t.name for t in tiers}) == len(tiers), "tier names must be unique"
         self.tiers = tuple(tiers)
         self._observer = observer if observer is not None else NullObserver()
         self._tail_ttl_s = tail_ttl_s
+        self._mac_key = mac_key
         self._lock = threading.Lock()
         self._counters = {t.name: TierCounters() for t in self.tiers}
         self._blocks_hit = 0
@@ -127,7 +132,7 @@ class TieredStore:
 
     def _decode(self, tier: Tier, key: str, blob: Blob, copy: bool) -> torch.Tensor | None:
         try:
-            return decode(blob, key, verify=tier.verify, copy=copy)
+            return decode(blob, key, verify=tier.verify, copy=copy, mac_key=self._mac_key)
         except ExpiredBlock:
             with self._lock:
                 self._counters[tier.name].expired += 1
@@ -164,7 +169,8 @@ class TieredStore:
             ttl = ttl_s if ttl_s is not None else (
                 self._tail_ttl_s if is_tail_key(key) else None)
             expires_at = now + ttl if ttl else 0.0
-            groups.setdefault(ttl, {})[key] = encode(key, tensor, expires_at, self._checksum)
+            groups.setdefault(ttl, {})[key] = encode(key, tensor, expires_at, self._checksum,
+                                                     self._mac_key)
         for tier in self.tiers:
             for ttl, group in groups.items():
                 self._write_tier(tier, group, ttl)

@@ -2,7 +2,9 @@
 and write the prompt's new full blocks (plus its partial tail) to the store.
 
 The reply is two NDJSON lines: the first token as soon as it is sampled (`PrefillResponse`),
-then `PrefillCommitted` once the KV is stored, so the store write is off the TTFT path.
+then `PrefillCommitted` once the KV is stored, so the store write is off the TTFT path. Both the
+checks and the prompt's computation come before the 200: a refused request is a 400 (or 429/503
+from admission), never a broken stream.
 
     prompt:  |-- block 0 --|-- block 1 --|-- block 2 --|- tail -|
              |<- loaded from the store ->|<- computed here -->|
@@ -21,12 +23,11 @@ import torch
 from fastapi import APIRouter, Response
 
 from engine.engine import Engine, TokenEvent
-from kvstore import tail_key
 from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
 from wire.streaming import ClosingStreamingResponse
 from worker.app import WorkerDep
 from worker.runtime import Worker
-from worker.sequence import Started, count_reuse, start_sequence
+from worker.sequence import Started, check_sequence, count_reuse, start_sequence
 
 routes = APIRouter()
 
@@ -62,11 +63,15 @@ async def run_prefill(worker: Worker, body: PrefillRequest) -> tuple[PrefillResp
     # A prefill_only stream yields exactly one item: the first token with its exported KV.
     [out] = [item async for item in worker.runner.stream(started.req, on_event=on_event)]
     count_reuse(worker, started.req, out.event.num_cached_tokens or 0)
-    tkey = tail_key(body.request_id, started.ns) if out.tail is not None else None
+    # The tail's key names its content (kvstore/keys.py): the decode worker recomputes it.
+    tkey = started.keys.tail_key(body.request_id, body.token_ids) if out.tail is not None else None
+    stored = worker.submit_write(len(out.blocks) + (tkey is not None), _store, worker, out, tkey)
+    if stored is None:  # backlog full: nothing stored, nothing promised, the commit comes at once
+        tkey, stored = None, Future()
+        stored.set_result(0)
     head = PrefillResponse(event=out.event, tail_key=tkey,
                            tail_start=(n // worker.block_size) * worker.block_size)
-    worker.counters.blocks_written_total += len(out.blocks) + (tkey is not None)
-    return head, worker.writer.submit(_store, worker, out, tkey)
+    return head, stored
 
 
 def _store(worker: Worker, out: PromptExport, tkey: str | None) -> int:
@@ -94,6 +99,7 @@ async def reply_lines(head: PrefillResponse, stored: Future) -> AsyncIterator[st
 
 @routes.post("/prefill")
 async def prefill(body: PrefillRequest, worker: WorkerDep) -> Response:
+    check_sequence(worker, body, len(body.token_ids))  # 400 before admission and streaming
     ticket = worker.try_admit()
     if isinstance(ticket, Response):
         return ticket  # 429 full / 503 draining: the router tries another prefill worker

@@ -26,6 +26,7 @@ from router.api import tokenizer as routes_tokenizer
 from router.deps import RouterState
 from router.dispatch.backend import Backend
 from router.errors import install_error_handlers
+from router.limits import BodyLimitMiddleware
 from router.model_info import ServedModel, load_from_settings
 from router.settings import RouterSettings
 
@@ -65,6 +66,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(routes_models.health_router)
     app.include_router(routes_models.router)
     app.include_router(routes_completions.router)

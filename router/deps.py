@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.message
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from router.dispatch.backend import Backend
 from router.errors import APIError, model_not_found
 from router.model_info import ServedModel
 from router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
 
 # An incoming X-Request-Id is echoed in logs and headers: keep it short and printable.
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -45,9 +48,16 @@ State = Annotated[RouterState, Depends(get_state)]
 
 
 def _request_id(request: Request, prefix: str) -> str:
+    """The completion's id, always ours (`cmpl-<uuid4 hex>`): it also names the worker calls,
+    their engine sequences and the KV tail block, so a client that picked it could collide
+    with another. A client's own X-Request-Id is only logged and echoed back in the header."""
+    rid = f"{prefix}-{uuid.uuid4().hex}"
     sent = request.headers.get("x-request-id", "")
-    rid = sent if _CLIENT_ID.match(sent) else f"{prefix}-{uuid.uuid4().hex}"
-    request.state.request_id = rid  # error responses carry it too
+    echo = sent if _CLIENT_ID.match(sent) else rid
+    if echo != rid:
+        log.info("%s: client X-Request-Id %s", rid, sent)
+    request.state.request_id = rid  # logs (router/metrics.py)
+    request.state.echo_request_id = echo  # the X-Request-Id response header, errors too
     return rid
 
 

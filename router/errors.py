@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.dispatch.backend import BackendOverloaded, BackendUnavailable
+from router.dispatch.backend import BackendOverloaded, BackendRejected, BackendUnavailable
 from router.validation_errors import describe_validation_error
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,34 @@ class RequestTimedOut(APIError):
         )
 
 
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is over {limit} bytes, the most this server "
+                    "accepts.", code="request_too_large")
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive()` once a request body passes the limit (router/limits.py). An
+    HTTPException because FastAPI re-raises those from its body reading (anything else would
+    become a generic 400 there)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, too_large(limit).message)
+        self.limit = limit
+
+
+def _printable(text: str | None) -> str | None:
+    """A client's text echoed in an error (a model name, a dict key) may hold a lone
+    surrogate, which no UTF-8 JSON body can carry: escape it rather than fail with a 500."""
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(
     message: str, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": type, "param": _printable(param),
+                      "code": code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -77,6 +101,11 @@ def api_error_from(exc: BaseException) -> APIError:
     """Any failure as an APIError (also used for errors inside an already-started stream)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, BodyTooLarge):
+        return too_large(exc.limit)
+    if isinstance(exc, BackendRejected):
+        # The request is wrong in itself (a worker said so): the client's error, as a 400.
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, BackendOverloaded):
         return APIError(
             429, str(exc) or "The server is overloaded; retry later.", type="rate_limit_error",
@@ -93,9 +122,9 @@ def api_error_from(exc: BaseException) -> APIError:
 
 def _response(request: Request, err: APIError) -> JSONResponse:
     headers = dict(err.headers)
-    request_id = getattr(request.state, "request_id", None)
-    if request_id:
-        headers["X-Request-Id"] = request_id
+    echo_id = getattr(request.state, "echo_request_id", None)  # router/deps.py
+    if echo_id:
+        headers["X-Request-Id"] = echo_id
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -129,6 +158,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(BackendOverloaded, _on_api_error)
     app.add_exception_handler(BackendUnavailable, _on_api_error)
+    app.add_exception_handler(BackendRejected, _on_api_error)
+    app.add_exception_handler(BodyTooLarge, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     # Exception goes to Starlette's outermost middleware: still enveloped, and still logged.

@@ -8,6 +8,14 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
+from router.protocol.common import (
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+)
 from wire.settings import StoreSettings
 
 # Never infer a context longer than this from the model config: SmolLM2 says 8192 and bigger
@@ -72,7 +80,51 @@ class RouterSettings(StoreSettings):
         "its decode worker (no prefill hop, no KV round trip through the store); 0: every "
         "prompt with an uncached token goes to a prefill worker"
     )
-    internal_token: str | None = Field(None, description="shared secret for worker APIs")
+
+    # --- what one request may ask (docs/OPERATIONS.md#limits) ----------------------------------
+    # A max-context prompt sent as token ids is ~50-100 KB of JSON (8192 ids of up to 6 digits
+    # plus commas), and as text ~40 KB of English: 8 MiB leaves room for any honest request,
+    # batches included, while it bounds what the router buffers and parses on its event loop.
+    max_body_bytes: int = Field(
+        8 * 2**20, ge=1024, description="request body bytes; a larger body is refused (413) "
+        "as soon as this much has arrived"
+    )
+    # Tokenizing runs at ~400K chars/s per core; a full 8192-token context is ~40K chars of
+    # English (a run of spaces packs up to 64 chars per token).
+    max_text_chars: int = Field(
+        2**20, ge=1, description="characters of text one request sends for tokenizing (every "
+        "prompt string, or every message's content, summed)"
+    )
+    # The `le=` bounds are the request schema's own caps: a setting only ever lowers them.
+    max_prompts: int = Field(
+        MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="prompts in one /v1/completions request"
+    )
+    max_n: int = Field(MAX_N, ge=1, le=MAX_N, description="choices per prompt (`n`)")
+    max_choices: int = Field(
+        2048, ge=1, description="backend calls one request fans out into (prompts x n)"
+    )
+    max_request_tokens: int = Field(
+        2**20, ge=1, description="tokens one request may cause: the sum over its choices of "
+        "prompt + max_tokens (128 choices of a full 8192-token context)"
+    )
+    max_stop_strings: int = Field(
+        MAX_STOP_STRINGS, ge=0, le=MAX_STOP_STRINGS, description="stop strings per request"
+    )
+    max_stop_chars: int = Field(
+        256, ge=1, description="characters in one stop string (each streamed token is "
+        "matched against every prefix of it)"
+    )
+    max_logit_bias: int = Field(
+        MAX_LOGIT_BIAS, ge=0, le=MAX_LOGIT_BIAS,
+        description="`logit_bias` entries (applied on every sampling step)",
+    )
+    max_logprobs: int = Field(
+        MAX_TOP_LOGPROBS, ge=0, le=MAX_TOP_LOGPROBS,
+        description="alternatives per token (`logprobs`, `top_logprobs`)",
+    )
+    max_messages: int = Field(
+        MAX_MESSAGES, ge=1, le=MAX_MESSAGES, description="messages in one chat request"
+    )
 
     @field_validator("api_keys", "prefill_urls", "decode_urls", mode="before")
     @classmethod

@@ -1,5 +1,11 @@
 """Wire models of the internal worker APIs (JSON / NDJSON over HTTP). Token ids only; KV
-tensors travel through the store, never over these calls."""
+tensors travel through the store, never over these calls.
+
+A worker checks every field before it answers 200 (the engine's own checks, engine/intake.py):
+a request it refuses gets a 400 in OpenAI's error envelope
+`{"error": {"message", "type": "invalid_request_error", "param", "code"}}`, as does a body these
+models reject; 401 a missing or wrong `X-Tandem-Token`, 429 full, 503 draining.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +49,9 @@ class PrefillResponse(BaseModel):
     a `PrefillCommitted` line follows once the prompt's KV is in the store."""
 
     event: TokenEvent  # the first generated token; num_cached_tokens: prompt tokens reused
-    tail_key: str | None = None  # request-scoped key of the prompt's partial last block
+    # Key of the prompt's partial last block: kvstore.keys.KeyChain.tail_key, derived from the
+    # namespace, the request id and the tail's tokens (chained from the blocks before it).
+    tail_key: str | None = None
     tail_start: int = 0  # token position where the tail begins
 
 
@@ -56,6 +64,10 @@ class PrefillCommitted(BaseModel):
 
 class DecodeRequest(SequenceRequest):
     num_prompt_tokens: int
+    # The prefill reply's tail key and start, passed on once it committed: a claim that the
+    # tail is stored. The decode worker recomputes the key from its own tokens (tokens
+    # [tail_start, num_prompt_tokens)) and loads the tail only when both match, so a caller can
+    # never make it read (or delete, when it does not decode) any other key.
     tail_key: str | None = None
     tail_start: int = 0
 

@@ -15,7 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.kv_layout import DEFAULT_BLOCK_SIZE
 from engine.registry import DEFAULT_MODEL
-from kvstore import StoreConfig
+from kvstore import StoreConfig, derive_mac_key
+from kvstore.redis_tier import CLUSTER_ID_PATTERN
 
 
 class TandemSettings(BaseSettings):
@@ -40,6 +41,11 @@ class StoreSettings(TandemSettings):
         Field("auto", description="auto = memory+disk, plus redis when --redis-url is set")
     )
     redis_url: str | None = Field(None, description="redis://[:password@]host:port/db; adds a tier")
+    cluster_id: str = Field(
+        "default", pattern=CLUSTER_ID_PATTERN,
+        description="names this stack in Redis (1-32 of A-Z a-z 0-9 _ -): stacks with "
+        "different ids share one Redis without seeing each other's blocks or workers",
+    )
     redis_ttl_s: int = 3600
     redis_timeout_s: float = 0.5
     memory_cache_bytes: int = 2 * GiB
@@ -50,6 +56,14 @@ class StoreSettings(TandemSettings):
     prefix_cache: bool = Field(
         True, description="--no-prefix-cache: no request reuses another's KV (the router salts "
         "keys per request; the store still carries the handoff)"
+    )
+    # One secret per stack, the same on the router and every worker (docs/OPERATIONS.md, "Trust
+    # boundary"): it authenticates calls to the worker APIs, signs worker ads in Redis, and keys
+    # the MAC on every stored KV block, so whoever can write Redis or the disk tier cannot forge
+    # a block a worker would load.
+    internal_token: str | None = Field(
+        None, description="shared secret for worker APIs, worker ads and KV block MACs; "
+        "required for workers bound beyond loopback"
     )
 
     def resolved_tiers(self) -> str:
@@ -74,5 +88,7 @@ class StoreSettings(TandemSettings):
             redis_ttl_s=self.redis_ttl_s,
             redis_timeout_s=self.redis_timeout_s,
             tail_ttl_s=self.tail_ttl_s,
+            cluster_id=self.cluster_id,
+            mac_key=derive_mac_key(self.internal_token) if self.internal_token else None,
             **extra,
         )

@@ -1,20 +1,22 @@
 """A worker's FastAPI app skeleton: lifespan (engine thread, store, heartbeat), /health,
-/metrics, and the internal token on every service route.
+/metrics, the internal token on every service route, and OpenAI-shaped errors (worker/errors.py).
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wire.http_metrics import HttpMetricsMiddleware, HttpRequestCounts
 from wire.internal_api import INTERNAL_TOKEN_HEADER, WorkerHealth
+from worker.errors import WorkerError, install_error_handlers
 from worker.lifecycle import Lifecycle
 from worker.runtime import Worker, build_worker
 from worker.settings import WorkerSettings
@@ -28,14 +30,21 @@ def get_worker(request: Request) -> Worker:
 
 def check_internal_token(request: Request) -> None:
     expected = request.app.state.worker.settings.internal_token
-    if expected and request.headers.get(INTERNAL_TOKEN_HEADER) != expected:
-        raise HTTPException(status_code=401, detail="bad internal token")
+    if not expected:
+        return  # only on loopback (WorkerSettings.check_exposure)
+    given = request.headers.get(INTERNAL_TOKEN_HEADER, "")
+    # Constant time: how long a wrong guess takes must not say how much of it was right.
+    # Starlette reads header bytes as latin-1: encoding back gives the bytes that were sent.
+    if not secrets.compare_digest(given.encode("latin-1"), expected.encode()):
+        raise WorkerError(401, f"missing or wrong {INTERNAL_TOKEN_HEADER} header",
+                          code="invalid_internal_token")
 
 
 WorkerDep = Annotated[Worker, Depends(get_worker)]
 
 
 def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
+    settings.check_exposure()  # refuse to start open to the network
     http_counts = HttpRequestCounts()  # made before the registry, which the lifespan builds
 
     @asynccontextmanager
@@ -58,6 +67,7 @@ def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
 
     app = FastAPI(title=f"tandem {settings.role} worker", lifespan=lifespan)
     app.add_middleware(HttpMetricsMiddleware, counts=http_counts)
+    install_error_handlers(app)
 
     @app.get("/health", response_model=WorkerHealth)
     async def health(worker: WorkerDep) -> WorkerHealth | JSONResponse:

@@ -46,7 +46,7 @@ class Lifecycle:
         if s.redis_url:
             self.heartbeat = Heartbeat(s.redis_url, lambda: worker_ad(worker),
                                        s.heartbeat_interval_s, s.heartbeat_ttl_s,
-                                       s.redis_timeout_s)
+                                       s.redis_timeout_s, s.cluster_id, s.internal_token)
         self._drain_task: asyncio.Task | None = None
 
     async def start(self) -> None:

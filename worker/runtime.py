@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -39,7 +41,10 @@ class WorkerCounters:
     admit_tokens_computed_total: int = 0
     blocks_loaded_total: int = 0
     blocks_written_total: int = 0
+    # Not queued because max_pending_writes were pending: never cached, recomputed if needed.
+    blocks_write_dropped_total: int = 0
     requests_refused_total: int = 0  # answered 429 (full) or 503 (draining)
+    requests_invalid_total: int = 0  # answered 400: a request the engine would refuse
 
 
 @dataclass
@@ -56,6 +61,8 @@ class Worker:
     writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
     )
+    pending_writes: int = 0  # queued or running on `writer`, at most max_pending_writes
+    _pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def block_size(self) -> int:
@@ -67,9 +74,34 @@ class Worker:
         )
 
     def write_blocks(self, items: dict[str, torch.Tensor], ttl_s: int | None = None):
-        """Queue a store write off the engine thread; returns its Future."""
-        self.counters.blocks_written_total += len(items)
-        return self.writer.submit(self.store.put_many, items, ttl_s=ttl_s)
+        """Queue a store write off the engine thread; returns its Future (None: dropped)."""
+        return self.submit_write(len(items), self.store.put_many, items, ttl_s=ttl_s)
+
+    def submit_write(self, blocks: int, fn: Callable, *args, **kwargs) -> Future | None:
+        """Run a store write of `blocks` blocks on a writer thread, unless max_pending_writes
+        are queued or running already: then drop it (counted) and return None. A dropped
+        block is only a cache miss later, while an unbounded backlog would hold every block's
+        tensors for as long as the store stays slow."""
+        with self._pending_lock:
+            full = self.pending_writes >= self.settings.max_pending_writes
+            if full:
+                self.counters.blocks_write_dropped_total += blocks
+            else:
+                self.pending_writes += 1
+                self.counters.blocks_written_total += blocks
+        if full:
+            return None
+        try:
+            fut = self.writer.submit(fn, *args, **kwargs)
+        except BaseException:  # the executor is shut down: nothing was queued
+            self._write_done(None)
+            raise
+        fut.add_done_callback(self._write_done)
+        return fut
+
+    def _write_done(self, _: Future | None) -> None:
+        with self._pending_lock:
+            self.pending_writes -= 1
 
     def try_admit(self, resume: bool = False) -> Ticket | JSONResponse:
         """A ticket to hold while serving the request, or the 429/503 to answer with."""

@@ -1,25 +1,32 @@
-"""Starting a sequence, the same for prefill and decode: params -> namespace -> block keys ->
+"""Starting a sequence, the same for prefill and decode: check -> namespace -> block keys ->
 prefix load from the store -> engine request -> counters.
 
     known tokens:  |-- block 0 --|-- block 1 --|-- block 2 --|- tail -|
                    |<- loaded from the store ->|<- computed by the engine ->|
 
-The block keys are a `KeyChain` made once here; a decode worker extends it as it generates, so
-keying each new block costs that block only.
+`check_sequence` runs the engine's own checks before the worker answers, so a bad request is a
+400, never a broken stream. The block keys are a `KeyChain` made once here; a decode worker
+extends it as it generates, so keying each new block costs that block only. The prompt's tail
+key is recomputed here from the worker's own tokens (kvstore/keys.py): a key the caller sends is
+only a claim that the tail was stored, and it is read only when it is that key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
+from engine.intake import InvalidRequest
 from engine.sequence import SeqRequest
 from kvstore import KeyChain, KeyNamespace
 from wire.internal_api import SequenceRequest
 from worker.runtime import Worker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -39,7 +46,6 @@ class PrefixKV:
 NO_PREFIX = PrefixKV(None, None, 0, 0)
 
 
-
 @dataclass(slots=True)
 class Started:
     req: SeqRequest
@@ -48,18 +54,31 @@ class Started:
     prefix: PrefixKV
 
 
+def check_sequence(worker: Worker, body: SequenceRequest, num_prompt_tokens: int) -> None:
+    """Raise InvalidRequest (a 400, worker/errors.py) unless the engine would run `body`: the
+    very checks engine.add makes, on the event loop before anything streams."""
+    try:
+        worker.engine.check(SeqRequest(body.request_id, body.token_ids, num_prompt_tokens,
+                                       body.params))
+    except InvalidRequest:
+        worker.counters.requests_invalid_total += 1
+        raise
+
+
 async def start_sequence(
     worker: Worker, body: SequenceRequest, num_prompt_tokens: int, *, prefill_only: bool = False,
     tail_key: str | None = None, tail_start: int = 0,
 ) -> Started:
     """Key the known tokens and load their stored prefix (on a thread: hashing and store reads
-    block), and build the engine request."""
+    block), and build the engine request. `tail_key`/`tail_start` say the prefill worker stored
+    the prompt's tail; it is loaded only if they match what this worker computes itself."""
     ns = worker.namespace(body.cache_salt)
     keys = KeyChain(ns)
     # Prompt logprobs need every position computed, so nothing is loaded for them.
     limit = len(body.token_ids) - 1 if body.params.prompt_logprobs is None else 0
+    claim = (tail_key, tail_start) if tail_key else None
     prefix = await asyncio.to_thread(
-        _key_and_load, worker, body.token_ids, keys, limit, tail_key, tail_start
+        _key_and_load, worker, body, num_prompt_tokens, keys, limit, claim
     )
     req = SeqRequest(
         seq_id=body.request_id,
@@ -84,10 +103,20 @@ def count_reuse(worker: Worker, req: SeqRequest, cached: int) -> None:
 
 
 def _key_and_load(
-    worker: Worker, token_ids: list[int], keys: KeyChain, limit: int, tail_key: str | None,
-    tail_start: int,
+    worker: Worker, body: SequenceRequest, num_prompt_tokens: int, keys: KeyChain, limit: int,
+    claim: tuple[str, int] | None,
 ) -> PrefixKV:
-    keys.extend(token_ids)
+    keys.extend(body.token_ids)
+    tail_key, tail_start = None, 0
+    if claim is not None:
+        # The prompt's partial last block, keyed from our own tokens: a forged or stale key
+        # (another namespace, request or prompt) is never read, so never deleted either.
+        tail_start = num_prompt_tokens // worker.block_size * worker.block_size
+        mine = keys.tail_key(body.request_id, body.token_ids, num_prompt_tokens)
+        if claim != (mine, tail_start):
+            log.warning("%s: ignoring a tail key that is not this prompt's", body.request_id)
+        else:
+            tail_key = mine
     return load_prefix(worker, keys.keys, limit, tail_key, tail_start)
 
 

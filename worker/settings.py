@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Literal
 
@@ -35,7 +36,24 @@ class WorkerSettings(StoreSettings):
     )
     max_model_len: int | None = Field(None, description="default: the model's, capped at 8192")
     prefill_chunk: int = Field(512, description="prompt tokens per prefill chunk")
-    internal_token: str | None = Field(None, description="shared secret for worker APIs")
+    # Each pending write holds its blocks' tensors (a decode block ~1.5-3 MB for SmolLM2, a
+    # prefill up to a whole prompt), so an unbounded backlog behind a slow store grows without
+    # limit. 64 batches ride out a store hiccup of a few steps; past that a write is dropped,
+    # which only costs a recompute later (a missing block is a miss).
+    max_pending_writes: int = Field(
+        64, ge=1, description="KV store writes queued at once; past that a write is dropped "
+        "(counted in blocks_write_dropped_total)"
+    )
+
+    def check_exposure(self) -> None:
+        """Raise ValueError when bound beyond loopback without `internal_token`: whoever can
+        reach the worker APIs could run the model and make the worker read the KV store."""
+        if not self.internal_token and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to serve the {self.role} worker on {self.host!r} without an internal "
+                "token: set TANDEM_INTERNAL_TOKEN (--internal-token), the same on the router, "
+                "or bind to 127.0.0.1"
+            )
 
     def advertised_url(self) -> str:
         if self.advertise_url:
@@ -46,3 +64,14 @@ class WorkerSettings(StoreSettings):
         elif ":" in host:
             host = f"[{host}]"  # an IPv6 literal
         return f"http://{host}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (not 0.0.0.0 or "": those bind every interface)."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another hostname: it may resolve anywhere
+        return False

@@ -3,6 +3,7 @@ the response body or its stream chunks."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -18,12 +19,13 @@ from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
     base_seed,
-    check_fan_out,
+    check_min_tokens,
     check_sampling_tokens,
     output_options,
     plan_choices,
     resolve_max_tokens,
 )
+from router.api.request_limits import at_most, check_request_tokens, check_shape, check_text
 from router.api.respond import respond
 from router.auth import require_api_key
 from router.deps import ChatId, JsonBody, RouterState, State
@@ -43,37 +45,46 @@ from router.protocol.chat import (
     ChatMessage,
 )
 from router.protocol.common import Usage
+from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
 def build_chat_job(body: ChatCompletionRequest, state: RouterState, request_id: str) -> ChatJob:
-    """Everything that can fail on the request's own terms fails here, before any backend call."""
+    """Everything that can fail on the request's own terms fails here, before any backend call.
+    Renders the template and tokenizes: call it off the event loop."""
     body.check()
     body.log_unknown_fields()
-    model = state.model(body.model)
+    model, settings = state.model(body.model), state.settings
+    check_messages(body.messages, settings)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    check_shape(body, settings, 1, top, "top_logprobs")
     ids = chat_prompt_ids(
         model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message
     )
     if not ids:
         raise bad_request("The messages render to an empty prompt.", "messages")
-    n = body.n or 1
-    check_fan_out(1, n)
     check_sampling_tokens(body, model)
     # Omitted max tokens: whatever the context window has left after the prompt.
     budget = resolve_max_tokens(model, len(ids), body.requested_max_tokens(), "messages",
                                 "messages")
+    check_min_tokens(body.min_tokens, budget)
+    n = body.n or 1
+    check_request_tokens(settings, [len(ids)], [budget], n, "max_completion_tokens")
     params = body.to_sampling_params(budget, base_seed(body.seed), model.vocab_size)
-    options = output_options(
-        body, model, params.logprobs, drop_output=False,
-    )
+    options = output_options(body, model, params.logprobs, drop_output=False)
     plans = plan_choices(
-        request_id, model, [PromptInput(ids)], lambda _: params, n, options,
-        body.cache_salt or "",
+        request_id, model, [PromptInput(ids)], [params], n, options, body.cache_salt or "",
     )
     log.debug("%s: chat prompt of %d tokens", request_id, len(ids))
     return ChatJob(request_id, int(time.time()), model, body, len(ids), plans)
+
+
+def check_messages(messages: Sequence[ChatMessage], settings: RouterSettings) -> None:
+    """How many, and how much text to template and tokenize (/tokenize's too)."""
+    at_most(len(messages), settings.max_messages, "messages", "messages")
+    check_text((m.text() for m in messages), settings, "messages")
 
 
 @router.post(
@@ -85,7 +96,9 @@ def build_chat_job(body: ChatCompletionRequest, state: RouterState, request_id: 
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: State, request_id: ChatId
 ) -> Response:
-    job = build_chat_job(body, state, request_id)
+    # Templating and tokenizing a long conversation takes a while: a thread keeps the event
+    # loop (and /health) answering meanwhile.
+    job = await asyncio.to_thread(build_chat_job, body, state, request_id)
     return await respond(
         request, state, job.model.tokenizer, job.plans, UsageCounter([job.prompt_len]),
         stream=bool(body.stream),

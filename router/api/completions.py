@@ -3,6 +3,7 @@ chunks (echo and logprobs included)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -16,12 +17,20 @@ from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
     base_seed,
-    check_fan_out,
+    check_min_tokens,
+    check_prompt_ids,
     check_sampling_tokens,
     completion_prompts,
     output_options,
     plan_choices,
     resolve_max_tokens,
+)
+from router.api.request_limits import (
+    at_most,
+    check_request_tokens,
+    check_shape,
+    check_text,
+    prompt_count,
 )
 from router.api.respond import respond
 from router.auth import require_api_key
@@ -44,29 +53,38 @@ router = APIRouter(tags=["openai"])
 
 
 def build_job(body: CompletionRequest, state: RouterState, request_id: str) -> CompletionJob:
-    """Everything that can fail on the request's own terms fails here, before any backend call."""
+    """Everything that can fail on the request's own terms fails here, before any backend call.
+    Tokenizes: call it off the event loop."""
     body.check()
     body.log_unknown_fields()
-    model = state.model(body.model)
+    model, settings = state.model(body.model), state.settings
+    num_prompts = prompt_count(body.prompt)
+    at_most(num_prompts, settings.max_prompts, "prompt", "prompts")
+    check_text(_texts(body.prompt), settings, "prompt")
+    check_shape(body, settings, num_prompts, body.logprobs, "logprobs")
     prompts = completion_prompts(model, body.prompt)
-    n = body.n or 1
-    check_fan_out(len(prompts), n)
     check_sampling_tokens(body, model)
+    budgets = [resolve_max_tokens(model, len(p.token_ids), body.max_tokens, "prompt", "prompt")
+               for p in prompts]
+    check_prompt_ids(model, prompts)  # after the context check: each holds < max_model_len
+    check_min_tokens(body.min_tokens, min(budgets))
+    n = body.n or 1
+    check_request_tokens(settings, [len(p.token_ids) for p in prompts], budgets, n,
+                         "max_tokens")
     seed = base_seed(body.seed)
-
-    def params_for(prompt: PromptInput):
-        budget = resolve_max_tokens(model, len(prompt.token_ids), body.max_tokens, "prompt",
-                                    "prompt")
-        return body.to_sampling_params(budget, seed, model.vocab_size)
-
-    options = output_options(
-        body, model, body.logprobs, drop_output=body.max_tokens == 0,
-    )
-    plans = plan_choices(request_id, model, prompts, params_for, n, options, body.cache_salt or "")
+    params = [body.to_sampling_params(b, seed, model.vocab_size) for b in budgets]
+    options = output_options(body, model, body.logprobs, drop_output=body.max_tokens == 0)
+    plans = plan_choices(request_id, model, prompts, params, n, options, body.cache_salt or "")
     log.debug("%s: %d prompt(s) %s", request_id, len(prompts),
-              [p.text[: state.settings.max_log_len] if p.text else len(p.token_ids)
-               for p in prompts])
+              [p.text[: settings.max_log_len] if p.text else len(p.token_ids) for p in prompts])
     return CompletionJob(request_id, int(time.time()), model, body, prompts, plans)
+
+
+def _texts(prompt: str | list) -> list[str]:
+    """The prompt strings to be tokenized (token-id prompts have none)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    return [p for p in prompt if isinstance(p, str)]
 
 
 @router.post(
@@ -78,7 +96,9 @@ def build_job(body: CompletionRequest, state: RouterState, request_id: str) -> C
 async def create_completion(
     body: CompletionRequest, request: Request, state: State, request_id: CompletionId
 ) -> Response:
-    job = build_job(body, state, request_id)
+    # Tokenizing a long prompt takes a while: a thread keeps the event loop (and /health)
+    # answering meanwhile.
+    job = await asyncio.to_thread(build_job, body, state, request_id)
     usage = UsageCounter([len(p.token_ids) for p in job.prompts])
     return await respond(
         request, state, job.model.tokenizer, job.plans, usage,

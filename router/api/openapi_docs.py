@@ -10,6 +10,7 @@ _ERRORS = {
     400: "invalid request (`param` names the field), or `context_length_exceeded`",
     401: "missing or wrong API key",
     404: "unknown model",
+    413: "body over the router's `max_body_bytes`",
     415: "body is not `application/json`",
     429: "overloaded; see `Retry-After`",
     503: "no worker available",
@@ -26,4 +27,4 @@ def generation_responses() -> dict[int | str, dict[str, Any]]:
         "description": "the completion (JSON), or " + SSE_DESCRIPTION,
         "content": {"text/event-stream": {"schema": {"type": "string", "format": "event-stream"}}},
     }
-    return {200: ok, **error_responses(400, 401, 404, 415, 429, 503)}
+    return {200: ok, **error_responses(400, 401, 404, 413, 415, 429, 503)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from engine.sampling_params import SamplingParams
@@ -12,9 +12,6 @@ from router.dispatch.backend import GenerateRequest
 from router.errors import APIError, bad_request
 from router.model_info import ServedModel
 from router.output.generation import ChoicePlan, OutputOptions
-
-# One request fans out into prompts x n backend calls; past this it is a denial of service.
-MAX_CHOICES = 2048
 
 
 @dataclass(slots=True)
@@ -44,7 +41,8 @@ def check_sampling_tokens(req, model: ServedModel) -> None:
 
 
 def completion_prompts(model: ServedModel, prompt: str | list) -> list[PromptInput]:
-    """A string, strings, token ids, or lists of token ids -> one PromptInput each."""
+    """A string, strings, token ids, or lists of token ids -> one PromptInput each. Token ids
+    are range-checked later (`check_prompt_ids`), once the context check bounds their count."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and isinstance(prompt[0], int):
@@ -54,24 +52,34 @@ def completion_prompts(model: ServedModel, prompt: str | list) -> list[PromptInp
         if isinstance(p, str):
             inputs.append(PromptInput(model.tokenizer.encode(p, add_special_tokens=True), p))
         else:
-            check_token_ids(model, p, "prompt")
             inputs.append(PromptInput(list(p)))
     if any(not p.token_ids for p in inputs):
         raise bad_request("The prompt is empty (it encodes to no tokens).", "prompt")
     return inputs
 
 
+def check_prompt_ids(model: ServedModel, prompts: Sequence[PromptInput]) -> None:
+    """Prompts sent as token ids hold only this model's ids (the engine refuses others)."""
+    for p in prompts:
+        if p.text is None:
+            check_token_ids(model, p.token_ids, "prompt")
+
+
 def check_context(
     model: ServedModel, prompt_len: int, max_tokens: int, where: str, param: str
 ) -> None:
-    """400 context_length_exceeded, worded as OpenAI/vLLM word it."""
-    total = prompt_len + max_tokens
+    """400 context_length_exceeded, worded as OpenAI/vLLM word it. The engine computes at
+    least one token (max_tokens 0 too: echo scoring drops it), and refuses a sequence that
+    leaves it no room: prompt + max(1, max_tokens) must fit."""
+    completion = max(1, max_tokens)
+    total = prompt_len + completion
     if total > model.max_model_len:
+        note = " (max_tokens 0 still computes one)" if max_tokens < 1 else ""
         raise APIError(
             400,
             f"This model's maximum context length is {model.max_model_len} tokens. However, "
-            f"you requested {total} tokens ({prompt_len} in the {where}, {max_tokens} in the "
-            f"completion). Please reduce the length of the {where} or completion.",
+            f"you requested {total} tokens ({prompt_len} in the {where}, {completion} in the "
+            f"completion{note}). Please reduce the length of the {where} or completion.",
             param=param, code="context_length_exceeded",
         )
 
@@ -83,6 +91,16 @@ def resolve_max_tokens(
     budget = requested if requested is not None else max(model.max_model_len - prompt_len, 1)
     check_context(model, prompt_len, budget, where, param)
     return budget
+
+
+def check_min_tokens(min_tokens: int | None, budget: int) -> None:
+    """The engine refuses min_tokens > max_tokens; with max_tokens omitted the budget is what
+    the context leaves, which the wire check (`check_common`) could not know."""
+    if (min_tokens or 0) > max(1, budget):
+        raise bad_request(
+            f"`min_tokens` ({min_tokens}) must not exceed the {budget} completion tokens the "
+            "context leaves.", "min_tokens",
+        )
 
 
 def base_seed(seed: int | None) -> int:
@@ -99,26 +117,19 @@ def derive_seed(seed: int, j: int) -> int:
     return int.from_bytes(digest, "big") >> 1  # 63 bits: a non-negative int64
 
 
-def check_fan_out(num_prompts: int, n: int) -> None:
-    if num_prompts * n > MAX_CHOICES:
-        raise bad_request(
-            f"{num_prompts} prompts x n={n} is more than {MAX_CHOICES} choices per request.", "n"
-        )
-
-
 def plan_choices(
     request_id: str,
     model: ServedModel,
     prompts: Sequence[PromptInput],
-    params_for: Callable[[PromptInput], SamplingParams],
+    prompt_params: Sequence[SamplingParams],
     n: int,
     options: OutputOptions,
     cache_salt: str = "",
 ) -> list[ChoicePlan]:
-    """One backend call per (prompt, j), choice index prompt_index * n + j."""
+    """One backend call per (prompt, j), choice index prompt_index * n + j; `prompt_params`
+    has each prompt's parameters. Request ids are `<the completion's id>-<index>`."""
     plans = []
-    for p_idx, prompt in enumerate(prompts):
-        params = params_for(prompt)
+    for p_idx, (prompt, params) in enumerate(zip(prompts, prompt_params, strict=True)):
         assert params.seed is not None, "the router always seeds"
         for j in range(n):
             index = p_idx * n + j

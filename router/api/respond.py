@@ -35,7 +35,7 @@ async def respond(
 ) -> Response:
     """All choices run concurrently. A stream waits for its first update before the 200, so a
     backend refusal (429/503) is still an HTTP status."""
-    headers = {"X-Request-Id": request.state.request_id}
+    headers = {"X-Request-Id": request.state.echo_request_id}  # router/deps.py
     # The metrics middleware reads these once the response is sent (router/metrics.py).
     request.state.usage, request.state.plans = usage, plans
     timeout = state.settings.request_timeout_s

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from router.api.chat import chat_prompt_ids
+from router.api.chat import chat_prompt_ids, check_messages
 from router.api.openapi_docs import error_responses
 from router.api.planning import check_token_ids
+from router.api.request_limits import check_text
 from router.auth import require_api_key
 from router.deps import JsonBody, State
+from router.model_info import ServedModel
 from router.protocol.tokenize import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -18,20 +21,30 @@ from router.protocol.tokenize import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from router.settings import RouterSettings
 
 router = APIRouter(tags=["tokenizer"], dependencies=[Depends(require_api_key)])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse,
-             responses=error_responses(400, 401, 404, 415), dependencies=[JsonBody])
+             responses=error_responses(400, 401, 404, 413, 415), dependencies=[JsonBody])
 async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
     body.log_unknown_fields()
     model = state.model(body.model)
+    # Off the event loop, as for generation: a long text takes a while to tokenize.
+    return await asyncio.to_thread(_tokenize, body, model, state.settings)
+
+
+def _tokenize(
+    body: TokenizeRequest, model: ServedModel, settings: RouterSettings
+) -> TokenizeResponse:
     tok = model.tokenizer
     if isinstance(body, TokenizeChatRequest):
+        check_messages(body.messages, settings)
         ids = chat_prompt_ids(tok, body.messages, body.add_generation_prompt,
                               body.continue_final_message, body.add_special_tokens)
     else:
+        check_text([body.prompt], settings, "prompt")
         ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     strs = [model.token_text.display(i) for i in ids] if body.return_token_strs else None
     return TokenizeResponse(
@@ -40,10 +53,14 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse,
-             responses=error_responses(400, 401, 404, 415), dependencies=[JsonBody])
+             responses=error_responses(400, 401, 404, 413, 415), dependencies=[JsonBody])
 async def detokenize(body: DetokenizeRequest, state: State) -> DetokenizeResponse:
     body.log_unknown_fields()
     model = state.model(body.model)
+    return await asyncio.to_thread(_detokenize, body, model)
+
+
+def _detokenize(body: DetokenizeRequest, model: ServedModel) -> DetokenizeResponse:
     check_token_ids(model, body.tokens, "tokens")
     return DetokenizeResponse(prompt=model.tokenizer.decode(body.tokens))
 

@@ -40,6 +40,16 @@ class BackendOverloaded(BackendError):
         self.retry_after_s = retry_after_s
 
 
+class BackendRejected(BackendError):
+    """The request is wrong in itself: a worker refused its content before doing any work
+    (HTTP 400 to the client, with the worker's message). Nothing is retried."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class Backend(Protocol):
     async def start(self) -> None: ...
 

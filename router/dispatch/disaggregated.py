@@ -20,6 +20,9 @@ Faults (docs/RELIABILITY.md):
   worker's breaker (kvstore/breaker.py, one per worker: router/dispatch/pool.py). After a
   failure the request waits (bounded) for a worker to come back; a new request with no worker
   ready gets 503 at once.
+- A worker that rejects the request itself (400/404/413/422: it would on any worker) ends it
+  with BackendRejected, a 400 carrying the worker's message: no failover, no strike, the
+  worker's health unchanged.
 """
 
 from __future__ import annotations
@@ -36,8 +39,19 @@ import httpx
 
 from engine.sequence import TokenEvent
 from kvstore import KeyNamespace, block_keys, build_store
-from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
-from router.dispatch.faults import RetryState, WorkerFailed, WorkerRefused, check_status
+from router.dispatch.backend import (
+    BackendOverloaded,
+    BackendRejected,
+    BackendUnavailable,
+    GenerateRequest,
+)
+from router.dispatch.faults import (
+    RetryState,
+    WorkerFailed,
+    WorkerRefused,
+    WorkerRejected,
+    check_status,
+)
 from router.dispatch.membership import Membership
 from router.dispatch.pool import WorkerInfo, WorkerPool
 from wire.internal_api import (
@@ -83,7 +97,8 @@ class DisaggregatedBackend:
         timeout = httpx.Timeout(s.worker_timeout_s, connect=2.0)
         self.client = httpx.AsyncClient(timeout=timeout, headers=self._headers,
                                         transport=self._transport)
-        membership = Membership(s.redis_url, s.redis_timeout_s) if s.redis_url else None
+        membership = Membership(s.redis_url, s.redis_timeout_s, s.cluster_id,
+                                s.internal_token) if s.redis_url else None
         self.pool = WorkerPool(self.client, s.prefill_urls, s.decode_urls, s.health_interval_s,
                                headers=self._headers, membership=membership)
         await self.pool.start()
@@ -179,6 +194,9 @@ class DisaggregatedBackend:
                 return await anext(lines), lines
             except WorkerRefused as e:
                 self._refused(w, e, state)
+            except WorkerRejected as e:
+                await lines.aclose()
+                raise self._rejected(w, e) from e
             except WorkerFailed as e:
                 log.warning("prefill on %s failed (%s)", w.url, e)
                 if not self._failed(w, state):
@@ -251,6 +269,8 @@ class DisaggregatedBackend:
                 raise WorkerFailed("stream ended without a finish reason")
             except WorkerRefused as e:
                 self._refused(w, e, state)
+            except WorkerRejected as e:
+                raise self._rejected(w, e) from e
             except WorkerFailed as e:
                 log.warning("decode on %s failed after %d tokens (%s)", w.url,
                             len(body.token_ids) - body.num_prompt_tokens, e)
@@ -301,6 +321,12 @@ class DisaggregatedBackend:
         state.refuse(w.url, e)
         if e.draining:
             self.pool.mark_draining(w)
+
+    def _rejected(self, w: WorkerInfo, e: WorkerRejected) -> BackendRejected:
+        """The worker answered, so it is fine; the request is not, and the client hears why."""
+        log.info("%s worker %s rejected the request (%d): %s", w.role, w.url, e.status, e)
+        self.pool.mark_ok(w)
+        return BackendRejected(str(e), e.param, e.code)
 
     def _failed(self, w: WorkerInfo, state: RetryState) -> bool:
         """Record a failed call; True if the request may retry."""

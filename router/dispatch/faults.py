@@ -4,15 +4,21 @@
                    worker; costs no budget.
     WorkerFailed   connection refused/reset, timeout, bad status, stream cut short: the worker
                    may be dead; costs one unit of budget and a strike on its circuit.
+    WorkerRejected the worker answered 400/404/413/422: the request is wrong in itself, and
+                   would be on any worker. The client's error: no retry, no strike.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import httpx
 
+log = logging.getLogger(__name__)
+
 DEFAULT_RETRY_AFTER_S = 1
+REJECTED = frozenset({400, 404, 413, 422})  # the request's own fault, not the worker's
 
 
 class WorkerFailed(Exception):
@@ -28,8 +34,33 @@ class WorkerRefused(Exception):
         self.retry_after_s = retry_after_s
 
 
+class WorkerRejected(Exception):
+    """The worker refused the request's content before doing any work (its OpenAI-shaped
+    error says why)."""
+
+    def __init__(self, status: int, message: str, param: str | None, code: str | None):
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.code = code
+
+
+def _rejection(r: httpx.Response) -> WorkerRejected:
+    """From the worker's `{"error": {"message", "type", "param", "code"}}`, or its raw text."""
+    try:
+        err = r.json()["error"]
+        message, param, code = str(err["message"]), err.get("param"), err.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        message, param, code = r.text[:500] or f"status {r.status_code}", None, None
+    return WorkerRejected(r.status_code, message, _text(param), _text(code))
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def check_status(r: httpx.Response) -> None:
-    """Raise WorkerRefused / WorkerFailed unless the worker answered 200."""
+    """Raise WorkerRefused / WorkerRejected / WorkerFailed unless the worker answered 200."""
     if r.status_code == 200:
         return
     if r.status_code == 429:
@@ -38,6 +69,13 @@ def check_status(r: httpx.Response) -> None:
         raise WorkerRefused("at capacity", draining=False, retry_after_s=max(1, retry))
     if r.status_code == 503:
         raise WorkerRefused("draining", draining=True)
+    if r.status_code in REJECTED:
+        raise _rejection(r)
+    if r.status_code == 401:
+        # Every request would fail the same way: the router's --internal-token is not the
+        # workers'. A failure (the worker leaves rotation), and loud.
+        log.error("a worker refused the router's internal token (401): set the same "
+                  "TANDEM_INTERNAL_TOKEN on the router and every worker")
     raise WorkerFailed(f"status {r.status_code}: {r.text[:200]}")
 
 

@@ -4,7 +4,7 @@ the response and its stream chunks.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,7 +21,10 @@ from pydantic_core import PydanticCustomError
 from engine.sampling_params import SamplingParams
 from router.errors import bad_request
 from router.protocol.common import (
+    MAX_MESSAGES,
+    MAX_TOP_LOGPROBS,
     CacheSalt,
+    Encodable,
     Flag,
     LogitBias,
     MinP,
@@ -35,6 +38,7 @@ from router.protocol.common import (
     StopTokenIds,
     StreamOptions,
     Temperature,
+    Text,
     TopK,
     TopP,
     Usage,
@@ -47,7 +51,7 @@ class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     type: Literal["text"] = Field(description="only text parts are supported")
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -55,7 +59,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     # validate_default: a missing content must reach _content_required too.
-    content: StrictStr | list[TextPart] | None = Field(None, validate_default=True)
+    content: Annotated[
+        StrictStr | Annotated[list[TextPart], Field(fail_fast=True)] | None, Encodable
+    ] = Field(None, validate_default=True)
     name: StrictStr | None = None
 
     @field_validator("content")
@@ -78,8 +84,13 @@ class ResponseFormat(BaseModel):
     type: Literal["text"] = Field(description="only plain text output is supported")
 
 
+Messages = Annotated[
+    list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES, fail_fast=True)
+]
+
+
 class ChatCompletionRequest(_Sampling, WireModel):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: Messages
     model: ModelName
     frequency_penalty: Penalty = 0.0
     logit_bias: LogitBias = None
@@ -96,7 +107,7 @@ class ChatCompletionRequest(_Sampling, WireModel):
     temperature: Temperature = 1.0
     tool_choice: Literal["none"] | None = Field(None, description="tools are not supported")
     tools: list[dict[str, Any]] | None = Field(None, description="must be absent or empty")
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: TopP = 1.0
     user: StrictStr | None = None
     # vLLM extras

@@ -13,9 +13,11 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
+    StrictStr,
 )
 from pydantic_core import PydanticCustomError
 
@@ -26,7 +28,17 @@ log = logging.getLogger(__name__)
 
 # Seeds are 64-bit signed on the wire (what vLLM and the OpenAI docs accept).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
-MAX_STOP_STRINGS = 4
+
+# The schema's hard caps; RouterSettings' max_* fields may lower them, never raise them.
+# A list's length is checked before its items, so a huge list costs one error. Item errors
+# are what is expensive (~10 us each to report, on the event loop): lists without a cap
+# stop at their first bad item (fail_fast).
+MAX_PROMPTS = 2048  # OpenAI's cap on a prompt array
+MAX_N = 128
+MAX_STOP_STRINGS = 4  # OpenAI's
+MAX_LOGIT_BIAS = 1024  # entries; a dict is validated whole before its length is looked at
+MAX_TOP_LOGPROBS = 20  # OpenAI's (chat); completions' `logprobs` stops at 5
+MAX_MESSAGES = 2048  # validating a message takes ~14 us (2-vCPU box): 2048 take ~30 ms
 
 
 class WireModel(BaseModel):
@@ -35,8 +47,41 @@ class WireModel(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
 
     def log_unknown_fields(self) -> None:
-        if self.model_extra:
-            log.debug("ignoring unknown fields: %s", sorted(self.model_extra))
+        # Guarded: a hostile body may carry a million unknown keys, not worth sorting unread.
+        if self.model_extra and log.isEnabledFor(logging.DEBUG):
+            log.debug("ignoring unknown fields: %s", sorted(self.model_extra)[:100])
+
+
+def _encodable(value: Any) -> Any:
+    """Every string in `value` (a string, or a list's string items) must be valid Unicode.
+    JSON's `\\ud800` escapes decode to lone surrogates, which the tokenizer (and any UTF-8
+    response) would fail on later, as a 500. Runs after the field's union matched, so the error
+    names the field rather than a union branch."""
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for i, text in enumerate(items):
+        if not isinstance(text, str) or text.isascii():
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = f"item {i}, " if isinstance(value, list) else ""
+            raise PydanticCustomError(
+                "invalid_text", "{where}character {position} is a lone surrogate, which is not "
+                "valid Unicode", {"where": where, "position": exc.start},
+            ) from None
+    return value
+
+
+Encodable = AfterValidator(_encodable)
+
+
+def _cap_logit_bias(value: Any) -> Any:
+    if isinstance(value, dict) and len(value) > MAX_LOGIT_BIAS:
+        raise PydanticCustomError(
+            "too_long", "at most {max} entries are allowed, not {n}",
+            {"max": MAX_LOGIT_BIAS, "n": len(value)},
+        )
+    return value
 
 
 def _token_id_key(key: str) -> str:
@@ -46,26 +91,30 @@ def _token_id_key(key: str) -> str:
     return key
 
 
+Text = Annotated[StrictStr, Encodable]
 TokenId = Annotated[int, Field(ge=0)]
-TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 
-ModelName = Annotated[str, Field(description="a model id from GET /v1/models")]
+ModelName = Annotated[Text, Field(description="a model id from GET /v1/models")]
 Temperature = Annotated[float | None, Field(ge=0, le=2, description="0 means greedy")]
 TopP = Annotated[float | None, Field(gt=0, le=1)]
-N = Annotated[int | None, Field(ge=1, le=128, description="choices per prompt")]
+N = Annotated[int | None, Field(ge=1, le=MAX_N, description="choices per prompt")]
 Penalty = Annotated[float | None, Field(ge=-2, le=2)]
 Seed = Annotated[
     int | None,
     Field(ge=SEED_MIN, le=SEED_MAX, description="same seed + same request = same output"),
 ]
 Stop = Annotated[
-    str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None,
+    StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP_STRINGS)] | None,
+    Encodable,
     Field(description=f"up to {MAX_STOP_STRINGS} strings; the text is cut before the first"),
 ]
 LogitBias = Annotated[
     dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]]
     | None,
-    Field(description="token id (as a string) -> bias added to its logit"),
+    BeforeValidator(_cap_logit_bias),
+    Field(description=f"token id (as a string) -> bias added to its logit; at most "
+          f"{MAX_LOGIT_BIAS} entries"),
 ]
 Flag = StrictBool | None  # null is accepted wherever OpenAI documents a default
 
@@ -76,7 +125,7 @@ RepetitionPenalty = Annotated[float | None, Field(gt=0, le=100)]
 MinTokens = Annotated[int | None, Field(ge=0)]
 StopTokenIds = Annotated[list[TokenId] | None, Field(max_length=1024)]
 CacheSalt = Annotated[
-    str | None, Field(max_length=256, description="tenant namespace for the prefix cache")
+    Text | None, Field(max_length=256, description="tenant namespace for the prefix cache")
 ]
 
 

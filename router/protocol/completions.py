@@ -18,7 +18,9 @@ from pydantic import (
 from engine.sampling_params import SamplingParams
 from router.errors import bad_request
 from router.protocol.common import (
+    MAX_PROMPTS,
     CacheSalt,
+    Encodable,
     Flag,
     LogitBias,
     MinP,
@@ -40,13 +42,13 @@ from router.protocol.common import (
     _Sampling,
 )
 
-# OpenAI caps a prompt array at 2048 entries.
-Prompt = (
+Prompt = Annotated[
     StrictStr
-    | Annotated[list[StrictStr], Field(min_length=1, max_length=2048)]
+    | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)]
     | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1, max_length=2048)]
-)
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS, fail_fast=True)],
+    Encodable,
+]
 
 
 class CompletionRequest(_Sampling, WireModel):

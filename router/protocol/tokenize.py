@@ -10,24 +10,23 @@ from pydantic import (
     Discriminator,
     Field,
     StrictBool,
-    StrictStr,
     Tag,
 )
 
-from router.protocol.chat import ChatMessage
-from router.protocol.common import TokenId, WireModel
+from router.protocol.chat import Messages
+from router.protocol.common import Text, TokenId, WireModel
 
 
 class TokenizePromptRequest(WireModel):
-    model: StrictStr | None = Field(None, description="default: the first served model")
-    prompt: StrictStr
+    model: Text | None = Field(None, description="default: the first served model")
+    prompt: Text
     add_special_tokens: StrictBool = True
     return_token_strs: StrictBool = False
 
 
 class TokenizeChatRequest(WireModel):
-    model: StrictStr | None = Field(None, description="default: the first served model")
-    messages: list[ChatMessage] = Field(min_length=1)
+    model: Text | None = Field(None, description="default: the first served model")
+    messages: Messages
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
     add_special_tokens: StrictBool = False  # the chat template already has them
@@ -47,8 +46,8 @@ TokenizeRequest = Annotated[
 
 
 class DetokenizeRequest(WireModel):
-    model: StrictStr | None = Field(None, description="default: the first served model")
-    tokens: list[TokenId]
+    model: Text | None = Field(None, description="default: the first served model")
+    tokens: Annotated[list[TokenId], Field(fail_fast=True)]
 
 
 class TokenizeResponse(BaseModel):

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
+from kvstore.redis_tier import kv_prefix
 from tests.e2e.stack import Stack
 
 T = TypeVar("T")
@@ -143,8 +144,8 @@ def flip_redis_value(client, key: str, count: int = 64) -> None:
 
 
 def redis_block_count(client) -> int:
-    """KV blocks in Redis (worker ads live under tandem:workers:*, blocks under tandem@...)."""
-    return sum(1 for _ in client.scan_iter(match="tandem@*", count=500))
+    """KV values in Redis (under tandem:<cluster>:kv:; ads live under tandem:<cluster>:workers)."""
+    return sum(1 for _ in client.scan_iter(match=f"{kv_prefix('default')}*", count=500))
 
 
 def start_decode_worker(stack: Stack, port: int, *args: str) -> subprocess.Popen:

@@ -19,6 +19,7 @@ import pytest
 
 from engine.sampling_params import SamplingParams
 from kvstore import KeyNamespace, block_keys
+from kvstore.redis_tier import kv_prefix
 from tests.e2e.faults import (
     MODEL,
     complete,
@@ -41,7 +42,7 @@ from tests.e2e.faults import (
 from tests.e2e.stack import Stack, free_port
 from tests.redis_server import RedisServer
 from wire.internal_api import DecodeRequest, PrefillRequest, parse_event
-from wire.membership import member_key
+from wire.membership import ad_key
 
 # 105 tokens: the prompt fills block 0 and most of block 1, so ~20 generated tokens complete
 # block 1, which only the decode worker can store.
@@ -160,7 +161,7 @@ def test_corrupt_block_between_prefill_and_decode_is_recomputed(stack, redis):
         key = block_keys(ids, KeyNamespace(h["fingerprint"], h["dtype"], h["block_size"],
                                            cache_salt))[1]
         flip_bytes(kv_path(stack.workdir / "kv", key))
-        flip_redis_value(redis.client(), key)
+        flip_redis_value(redis.client(), kv_prefix("default") + key)
 
     want = prefill_then_decode(lambda _: None)  # no fault, same workers
     corrupt = {t: metric(decode, "tandem:kvstore_corrupt_blocks_total", tier=t)
@@ -271,7 +272,7 @@ def test_discovered_worker_drains_on_sigterm(stack, redis):
             [serving] = [w for w in stack.workers() if w["url"] == url]
             assert serving["inflight"] == 1, serving
             extra.send_signal(signal.SIGTERM)
-            poll(lambda: redis.client().get(member_key("decode", url)) is None, 10,
+            poll(lambda: redis.client().exists(ad_key("default", url)) == 0, 10,
                  "the worker to leave membership")
             assert complete(stack, body).json()["choices"][0]["text"] == want  # not sent to it
             assert wave.result() == [want] * 3

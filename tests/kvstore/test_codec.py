@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.codec import CorruptBlock, ExpiredBlock, decode, encode, read_expiry
+from kvstore.codec import VERSION, CorruptBlock, ExpiredBlock, decode, encode, read_expiry
 from kvstore.keys import block_keys, tail_key
 from tests.kvstore.helpers import SMALL_SHAPE, SMOL_SHAPE, bit_equal, make_block, make_ns
 
@@ -66,11 +66,12 @@ def test_corruption_is_detected_everywhere():
     key = _key(SMALL_SHAPE, torch.float32)
     blob = encode(key, make_block())
     for offset in range(len(blob)):  # every single-bit flip, header, key, padding and payload
-        if 28 <= offset < 32:
+        if 29 <= offset < 32:
             continue  # reserved bytes: not read, but still checksummed
         _reason(_flip(blob, offset), key)
     assert _reason(_flip(blob, len(blob) - 1), key) == "checksum mismatch"
-    assert _reason(_flip(blob, 28), key) == "checksum mismatch"
+    assert _reason(_flip(blob, 29), key) == "checksum mismatch"
+    assert _reason(_flip(blob, 28), key) == "MAC length 1"
     assert _reason(_flip(blob, 0), key) == "bad magic"
 
 
@@ -87,10 +88,11 @@ def test_wrong_key_is_a_miss():
     assert _reason(blob, "k2") == "key mismatch"
 
 
-def test_other_format_version_is_a_miss():
+@pytest.mark.parametrize("version", [1, VERSION + 1])  # 1: before the MAC (no tag byte)
+def test_other_format_version_is_a_miss(version):
     blob = bytearray(encode("k", make_block()))
-    struct.pack_into("<H", blob, 4, 2)
-    assert _reason(blob, "k") == "format version 2"
+    struct.pack_into("<H", blob, 4, version)
+    assert _reason(blob, "k") == f"format version {version}"
 
 
 def test_block_must_match_what_its_key_says():

@@ -108,6 +108,33 @@ def test_tail_key_is_request_scoped():
     ns = make_ns()
     assert tail_key("a", ns) != tail_key("b", ns)
     assert tail_key("a", ns) == tail_key("a", make_ns())
+    assert tail_key("a", ns, TOKENS) != tail_key("b", ns, TOKENS)
+
+
+def test_tail_key_names_its_content():
+    ns = make_ns(block_size=64)
+    base = tail_key("r", ns, TOKENS)  # 4 blocks + a 44-token tail
+    assert parse_key(base).kind == "tail" and base.startswith(ns.prefix + "@tail-")
+    tail_edit, block_edit = list(TOKENS), list(TOKENS)
+    tail_edit[-1] += 1  # a token of the tail itself
+    block_edit[5] += 1  # a token of a block before it
+    keys = {base, tail_key("r", ns, tail_edit), tail_key("r", ns, block_edit),
+            tail_key("r", ns, TOKENS[:-1]), tail_key("r", make_ns(salt="other"), TOKENS)}
+    assert len(keys) == 5
+    assert base not in block_keys(TOKENS, ns)
+
+
+def test_chain_tail_key_matches_at_any_end():
+    """A decode worker keys prompt + generated tokens, then asks for the prompt's tail."""
+    ns = make_ns(block_size=64)
+    prompt, more = TOKENS[:150], TOKENS[150:]
+    chain = KeyChain(ns)
+    chain.extend(prompt + more)  # 4 blocks keyed: past the prompt's tail
+    assert chain.tail_key("r", prompt + more, len(prompt)) == tail_key("r", ns, prompt)
+    assert chain.tail_key("r", prompt + more) == tail_key("r", ns, TOKENS)
+    assert KeyChain(ns).tail_key("r", prompt[:10]) == tail_key("r", ns, prompt[:10])
+    with pytest.raises(ValueError):
+        KeyChain(ns).tail_key("r", prompt)  # its 2 full blocks are not keyed
 
 
 def test_token_inputs_are_equivalent():

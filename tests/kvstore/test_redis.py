@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from kvstore.config import StoreConfig, build_store
+from kvstore.redis_tier import kv_prefix
 from kvstore.tiered import TieredStore
 from tests.kvstore.helpers import (
     SMOL_SHAPE,
@@ -24,6 +25,11 @@ TIMEOUT_S = 0.3
 SLACK_S = 1.5  # scheduling noise on a shared 2-vCPU box; still far below "hangs"
 
 
+def rkey(key: str, cluster_id: str = "default") -> str:
+    """Where the tier keeps a store key in Redis."""
+    return kv_prefix(cluster_id) + key
+
+
 def _store(url: str, clock=None, observer=None) -> TieredStore:
     return TieredStore([redis_tier(url, clock, timeout_s=TIMEOUT_S)], observer)
 
@@ -36,7 +42,7 @@ def test_round_trip_and_ttl(redis_url):
     assert reader.lookup_prefix(keys) == 3
     assert all_bit_equal(reader.get_many(keys), blocks)
     with redis.Redis.from_url(redis_url) as client:
-        assert 110_000 < client.pttl(keys[0]) <= 120_000
+        assert 110_000 < client.pttl(rkey(keys[0])) <= 120_000
 
 
 def test_password_url():
@@ -92,13 +98,13 @@ def test_corrupt_value_is_a_counted_miss_and_removed(redis_url, where):
     store = _store(redis_url, observer=observer)
     store.put_many(blocks)
     with redis.Redis.from_url(redis_url) as client:
-        value = client.get(keys[1])
+        value = client.get(rkey(keys[1]))
         at = len(value) - 3 if where == "payload" else 33
-        client.setrange(keys[1], at, bytes([value[at] ^ 0x40]))
+        client.setrange(rkey(keys[1]), at, bytes([value[at] ^ 0x40]))
         out = store.get_many(keys)
         assert bit_equal(out[0], blocks[keys[0]]) and out[1] is None
         assert observer.corrupt == ["redis"] and store.stats()["corrupt_blocks"] == 1
-        assert client.exists(keys[1]) == 0
+        assert client.exists(rkey(keys[1])) == 0
 
 
 def _timed(fn):
@@ -172,3 +178,26 @@ def test_one_tier_store_reads_from_redis(redis_url):
     one_tier_store("redis", url=redis_url).put_many(blocks)
     out = one_tier_store("redis", url=redis_url).get_many(list(blocks))
     assert all_bit_equal(out, blocks)
+
+
+def _cluster_store(url: str, cluster_id: str) -> TieredStore:
+    return build_store(StoreConfig(tiers="redis", redis_url=url, redis_timeout_s=TIMEOUT_S,
+                                   cluster_id=cluster_id))
+
+
+def test_clusters_sharing_a_redis_never_see_each_others_blocks(redis_url):
+    blocks = make_blocks(2)
+    keys = list(blocks)
+    _cluster_store(redis_url, "stack-a").put_many(blocks)
+    assert _cluster_store(redis_url, "stack-b").lookup_prefix(keys) == 0
+    assert _cluster_store(redis_url, "stack-b").get_many(keys) == [None, None]
+    _cluster_store(redis_url, "stack-b").delete(keys)  # b's delete cannot reach a's blocks
+    assert all_bit_equal(_cluster_store(redis_url, "stack-a").get_many(keys), blocks)
+    with redis.Redis.from_url(redis_url) as client:
+        assert sorted(client.keys()) == sorted(rkey(k, "stack-a").encode() for k in keys)
+
+
+def test_bad_cluster_id_is_refused(redis_url):
+    for bad in ("", "a:b", "a*", "x" * 33, "a b"):
+        with pytest.raises(ValueError, match="cluster id"):
+            _cluster_store(redis_url, bad)

@@ -8,6 +8,7 @@ import torch
 
 from kvstore import TIER_CHOICES, StoreConfig, build_store, tail_key
 from kvstore.memory import MemoryTier
+from kvstore.redis_tier import kv_prefix
 from kvstore.tiered import TieredStore
 from tests.kvstore.helpers import (
     RecordingObserver,
@@ -19,6 +20,8 @@ from tests.kvstore.helpers import (
     make_ns,
     redis_tier,
 )
+
+PREFIX = kv_prefix("default")  # where the Redis tier keeps values (cluster "default")
 
 
 def _three_tier(disk_dir, redis_url, observer=None) -> TieredStore:
@@ -57,7 +60,7 @@ def test_write_through_then_read_through_with_promotion(disk_dir, redis_url):
     _three_tier(disk_dir, redis_url).put_many(blocks)
     assert len(list(disk_dir.iterdir())) == 3
     with redis.Redis.from_url(redis_url) as client:
-        assert client.exists(*keys) == 3
+        assert client.exists(*(PREFIX + k for k in keys)) == 3
         client.flushall()
     TieredStore([redis_tier(redis_url)]).put_many({keys[2]: blocks[keys[2]]})
     (disk_dir / f"{keys[2]}.kv").unlink()
@@ -102,9 +105,9 @@ def test_tail_keys_get_the_tail_ttl(disk_dir, redis_url):
     store.put_many({tail: make_block((2, 2, 1, 3, 8)), block_key: make_block()})
     store.put_many({"short": make_block()}, ttl_s=5)
     with redis.Redis.from_url(redis_url) as client:
-        assert 25_000 < client.pttl(tail) <= 30_000
-        assert 3_500_000 < client.pttl(block_key) <= 3_600_000  # the redis_ttl_s default
-        assert client.pttl("short") <= 5_000
+        assert 25_000 < client.pttl(PREFIX + tail) <= 30_000
+        assert 3_500_000 < client.pttl(PREFIX + block_key) <= 3_600_000  # redis_ttl_s default
+        assert 0 < client.pttl(PREFIX + "short") <= 5_000
 
 
 def test_unsupported_dtype_raises_at_the_boundary():

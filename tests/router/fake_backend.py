@@ -83,6 +83,8 @@ class FakeBackend:
     played: dict[str, int] = field(default_factory=dict)  # request id -> events yielded
     closed: list[str] = field(default_factory=list)  # request ids whose iterator was closed
     finished: list[str] = field(default_factory=list)  # request ids played to the end
+    active: set[str] = field(default_factory=set)  # request ids being played now
+    peak_active: int = 0  # the most requests played at once
     started: bool = False
     stopped: bool = False
 
@@ -103,7 +105,11 @@ class FakeBackend:
         return script_from_ids(ids, req, len(self.tokenizer), self.eos)
 
     def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        # As the engine does ("duplicate seq_id"): two live requests never share an id.
+        assert req.request_id not in self.active, f"duplicate request id {req.request_id}"
         self.requests.append(req)
+        self.active.add(req.request_id)
+        self.peak_active = max(self.peak_active, len(self.active))
         return self._play(req)
 
     async def _play(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
@@ -122,3 +128,4 @@ class FakeBackend:
             self.finished.append(rid)
         finally:
             self.closed.append(rid)
+            self.active.discard(rid)

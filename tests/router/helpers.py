@@ -40,3 +40,17 @@ def stream_text(payloads: list[Any], index: int = 0) -> str:
             if c["index"] == index:
                 parts.append(c.get("text") or (c.get("delta") or {}).get("content") or "")
     return "".join(parts)
+
+
+def assert_envelope(r, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error envelope with this status and `param` (and `code`, unless None)."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err

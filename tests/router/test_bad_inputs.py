@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.router.conftest import MAX_MODEL_LEN, MODEL
+from tests.router.helpers import assert_envelope
 
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
@@ -97,19 +98,6 @@ CASES = [
     ("/detokenize", {"model": MODEL, "tokens": [10**9]}, 400, "tokens", None),
     ("/detokenize", {"model": "nope", "tokens": [1]}, 404, "model", "model_not_found"),
 ]
-
-
-def assert_envelope(r, status, param=None, code=None):
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "code"), CASES,

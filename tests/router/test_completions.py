@@ -39,10 +39,12 @@ def test_text_finish_usage_and_id(client, tokenizer):
     }
 
 
-def test_incoming_request_id_is_honoured(client, fake):
+def test_incoming_request_id_is_echoed_but_never_used(client, fake):
+    """The client's id is only echoed: the completion id and the backend's ids are ours."""
     r = client.post("/v1/completions", json=cmpl(), headers={"X-Request-Id": "trace-42"})
-    assert r.json()["id"] == "trace-42" and r.headers["x-request-id"] == "trace-42"
-    assert fake.requests[0].request_id.startswith("trace-42")
+    body = r.json()
+    assert body["id"].startswith("cmpl-") and r.headers["x-request-id"] == "trace-42"
+    assert fake.requests[0].request_id == f"{body['id']}-0"
 
 
 def test_max_tokens_gives_length(client, tokenizer):

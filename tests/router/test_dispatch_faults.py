@@ -10,14 +10,22 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from engine.sampling_params import SamplingParams
+from router.app import create_app
 from router.dispatch import disaggregated as dispatch
-from router.dispatch.backend import BackendOverloaded, BackendUnavailable, GenerateRequest
+from router.dispatch.backend import (
+    BackendOverloaded,
+    BackendRejected,
+    BackendUnavailable,
+    GenerateRequest,
+)
 from router.dispatch.disaggregated import DisaggregatedBackend
 from router.dispatch.pool import WorkerPool, worker_breaker
 from router.settings import RouterSettings
 from tests.kvstore.helpers import FakeClock
+from tests.router.conftest import MODEL
 from wire.membership import WorkerAd
 
 P, D1, D2 = "http://p:1", "http://d1:1", "http://d2:1"
@@ -67,12 +75,16 @@ class Workers:
         return [url for url, p, _ in self.calls if p == path]
 
 
-def run(workers: Workers, fn, prefill: bool = False, max_failovers: int = 2, **settings):
+def dispatch_settings(prefill: bool = False, **settings) -> RouterSettings:
+    return RouterSettings(_env_file=None, prefill_urls=[P] if prefill else [],
+                          decode_urls=[D1, D2], prefix_cache=False,
+                          **{"health_interval_s": 0.05, "local_prefill_tokens": 4,
+                             "max_failovers": 2, **settings})
+
+
+def run(workers: Workers, fn, prefill: bool = False, **settings):
     """Start a backend over the scripted workers, run `await fn(backend)`, close it."""
-    settings = RouterSettings(_env_file=None, prefill_urls=[P] if prefill else [],
-                              decode_urls=[D1, D2], prefix_cache=False, health_interval_s=0.05,
-                              max_failovers=max_failovers, **{"local_prefill_tokens": 4,
-                                                              **settings})
+    settings = dispatch_settings(prefill, **settings)
 
     async def main():
         backend = DisaggregatedBackend(settings, transport=httpx.MockTransport(workers.handler))
@@ -249,3 +261,80 @@ def test_discovered_worker_with_another_model_is_kept_out():
             return by_url[D1].healthy, by_url[D2].healthy
 
     assert asyncio.run(main()) == (True, False)
+
+
+# --- a worker 4xx is the client's error -------------------------------------------------------
+
+REJECTION = {"error": {"message": "logit_bias token 99999 is outside the vocabulary",
+                       "type": "invalid_request_error", "param": "logit_bias",
+                       "code": "invalid_value"}}
+
+
+def rejecting(_) -> httpx.Response:
+    return httpx.Response(400, json=REJECTION)
+
+
+def assert_unharmed(backend: DisaggregatedBackend) -> None:
+    """Every worker still healthy, its breaker closed with no strike; nothing failed over."""
+    for w in backend.pool.workers():
+        assert w.healthy and w.breaker.state() == "closed" and w.breaker.consecutive == 0, w
+    assert backend.failovers_total == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_worker_400_reaches_the_client_as_400_without_failover(served_model, stream):
+    workers = Workers({D1: rejecting, D2: rejecting})
+    # Slow probes: a probe must not put back a worker the dispatcher took out.
+    settings = dispatch_settings(health_interval_s=60)
+    backend = DisaggregatedBackend(settings, transport=httpx.MockTransport(workers.handler))
+    app = create_app(settings, backend, models=[served_model])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi",
+                                                 "max_tokens": 2, "stream": stream})
+        assert_unharmed(backend)
+    assert r.status_code == 400, r.text
+    assert r.json() == REJECTION
+    assert len(workers.paths("/generate")) == 1  # no second worker was asked
+
+
+def test_prefill_worker_400_ends_the_request_before_any_decode():
+    workers = Workers({D1: rejecting, D2: rejecting}, prefill={P: rejecting})
+    req = GenerateRequest("r", "m", list(range(10, 30)), SamplingParams(max_tokens=2, seed=1))
+
+    async def go(backend):
+        with pytest.raises(BackendRejected, match="outside the vocabulary") as err:
+            await tokens(backend, req)
+        assert (err.value.param, err.value.code) == ("logit_bias", "invalid_value")
+        assert_unharmed(backend)
+
+    run(workers, go, prefill=True, health_interval_s=60)
+    assert workers.paths("/prefill") == [P] and workers.paths("/generate") == []
+
+
+@pytest.mark.parametrize("status", [404, 413, 422])
+def test_any_rejection_status_carries_the_workers_text(status):
+    detail = {"detail": [{"loc": ["body", "params"], "msg": "field required"}]}  # not OpenAI's
+    workers = Workers({D1: lambda _: httpx.Response(status, json=detail), D2: rejecting})
+
+    async def go(backend):
+        with pytest.raises(BackendRejected, match="field required") as err:
+            await tokens(backend)
+        assert err.value.param is None
+        assert_unharmed(backend)
+
+    run(workers, go, health_interval_s=60)
+    assert workers.paths("/generate") == [D1]
+
+
+def test_worker_401_is_a_failure_and_logged_as_a_token_mismatch(caplog):
+    """A wrong internal token is the router's misconfiguration: fail over, and say why."""
+    workers = Workers({D1: lambda _: httpx.Response(401, json={"detail": "bad internal token"}),
+                       D2: lambda _: httpx.Response(200, content=ndjson([7], 1))})
+
+    async def go(backend):
+        got = await tokens(backend)
+        d1 = next(w for w in backend.pool.workers() if w.url == D1)
+        return got, d1.healthy, backend.failovers_total
+
+    assert run(workers, go, health_interval_s=60) == ([7], False, 1)
+    assert any("internal token" in r.message and r.levelname == "ERROR" for r in caplog.records)

@@ -123,18 +123,23 @@ def wait_until(cond, timeout_s: float = 5.0) -> bool:
 def test_client_disconnect_cancels_the_backend(live):
     url, fake = live
     fake.delay_s = 0.1  # ~20 tokens: about two seconds if nobody cancels
+    auth = {"Authorization": f"Bearer {KEY}"}
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", headers={
-            "Authorization": f"Bearer {KEY}", "X-Request-Id": "gone-stream"},
-                json={"model": MODEL, "prompt": "x", "stream": True, "max_tokens": 50}) as r:
+        with httpx.stream("POST", f"{url}/v1/completions", headers=auth,
+                          json={"model": MODEL, "prompt": "x", "stream": True,
+                                "max_tokens": 50}) as r:
             next(r.iter_lines())  # the stream has started; now hang up
-        assert wait_until(lambda: "gone-stream-0" in fake.closed)
-        assert "gone-stream-0" not in fake.finished
+        stream_id = fake.requests[-1].request_id
+        assert wait_until(lambda: stream_id in fake.closed)
+        assert stream_id not in fake.finished
+        before = len(fake.requests)
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", timeout=0.2, headers={
-                "Authorization": f"Bearer {KEY}", "X-Request-Id": "gone-plain"},
-                json={"model": MODEL, "prompt": "x", "max_tokens": 50})
-        assert wait_until(lambda: "gone-plain-0" in fake.closed)
-        assert "gone-plain-0" not in fake.finished
+            httpx.post(f"{url}/v1/completions", timeout=0.2, headers=auth,
+                       json={"model": MODEL, "prompt": "x", "max_tokens": 50})
+        assert wait_until(lambda: len(fake.requests) > before)
+        plain_id = fake.requests[-1].request_id
+        assert plain_id != stream_id
+        assert wait_until(lambda: plain_id in fake.closed)
+        assert plain_id not in fake.finished
     finally:
         fake.delay_s = 0.0

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+from pydantic import ValidationError
+
 from router.model_info import load_served_model
 from router.settings import RouterSettings
 from tandem.flags import add_settings_args, settings_from_args
@@ -34,3 +37,14 @@ def test_max_model_len_from_config(default_folder):
     assert model.max_model_len == 8192  # SmolLM2's config, within the cap
     assert model.eos_token_ids == frozenset({2})
     assert model.vocab_size == 49152 and model.name == "m"
+
+
+def test_limits_default_to_the_schema_caps_and_only_lower_them(monkeypatch):
+    s = RouterSettings(_env_file=None)
+    assert (s.max_n, s.max_prompts, s.max_stop_strings, s.max_logit_bias, s.max_logprobs,
+            s.max_messages) == (128, 2048, 4, 1024, 20, 2048)
+    assert s.max_body_bytes == 8 * 2**20
+    with pytest.raises(ValidationError):
+        RouterSettings(_env_file=None, max_n=129)
+    monkeypatch.setenv("TANDEM_MAX_BODY_BYTES", "65536")
+    assert RouterSettings(_env_file=None).max_body_bytes == 65536

@@ -1,15 +1,31 @@
 """Worker membership through a real Redis: heartbeats list a worker, stop() unlists it, a
-lapsed heartbeat expires, and a Redis outage is "unknown" to the router, never "empty"."""
+lapsed heartbeat expires, and a Redis outage is "unknown" to the router, never "empty". Stacks
+with different cluster ids never see each other; with a token, forged ads never reach the pool."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+
 from router.dispatch.membership import Membership
+from router.dispatch.pool import WorkerPool
 from tests.redis_server import RedisServer
-from wire.membership import WorkerAd
+from wire.membership import (
+    CLOCK_SKEW_S,
+    WorkerAd,
+    ad_key,
+    encode_ad,
+    registry_key,
+    signing_key,
+)
 from worker.heartbeat import Heartbeat
+from worker.settings import WorkerSettings
 
 
 def ad(url: str = "http://w:1") -> WorkerAd:
@@ -67,3 +83,108 @@ def test_redis_down_is_unknown_not_empty(tmp_path):
         url = redis.url
         redis.kill()
         asyncio.run(main(url))
+
+
+# --- clusters and signed ads ------------------------------------------------------------------
+
+TOKEN = "s3cret-token"
+
+
+def signed_beat(url: str, worker: str, cluster_id: str = "default", token: str | None = TOKEN):
+    return Heartbeat(url, lambda: ad(worker), interval_s=10, ttl_s=5, cluster_id=cluster_id,
+                     token=token)
+
+
+def test_clusters_sharing_a_redis_never_see_each_others_workers(tmp_path):
+    async def main(url: str) -> None:
+        a, b = signed_beat(url, "http://a:1", "a"), signed_beat(url, "http://b:1", "b")
+        assert await a.beat() and await b.beat()
+        for cluster_id, want in (("a", "http://a:1"), ("b", "http://b:1"), ("c", None)):
+            members = Membership(url, cluster_id=cluster_id, token=TOKEN)
+            assert [x.url for x in await members.scan()] == ([want] if want else [])
+            await members.close()
+        await a.stop()
+        await b.stop()
+
+    with RedisServer(tmp_path) as redis:
+        asyncio.run(main(redis.url))
+
+
+async def forge(url: str) -> None:
+    """One good worker and four ads that must never reach a router holding TOKEN."""
+    assert await signed_beat(url, "http://good:1").beat()
+    assert await signed_beat(url, "http://unsigned:1", token=None).beat()
+    assert await signed_beat(url, "http://wrongkey:1", token="another-token").beat()
+    assert await signed_beat(url, "http://elsewhere:1", cluster_id="other").beat()
+    client = aioredis.Redis.from_url(url)
+    good = json.loads(await client.get(ad_key("default", "http://good:1")))
+    good["ad"]["url"] = "http://tampered:1"  # the signature no longer covers the body
+    await client.set(ad_key("default", "http://tampered:1"), json.dumps(good))
+    await client.zadd(registry_key("default"), {"http://tampered:1": time.time() + 5})
+    moved = await client.get(ad_key("other", "http://elsewhere:1"))  # signed, wrong cluster
+    await client.set(ad_key("default", "http://elsewhere:1"), moved)
+    await client.zadd(registry_key("default"), {"http://elsewhere:1": time.time() + 5})
+    await client.aclose()
+
+
+def test_forged_ads_are_never_added_nor_probed(tmp_path, caplog):
+    probed: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        probed.append(request.url.host)
+        return httpx.Response(200, json={
+            "role": "decode", "model": "m", "pid": 1, "fingerprint": "fp", "dtype": "float32",
+            "block_size": 4, "max_model_len": 512, "running": 0, "waiting": 0, "counters": {}})
+
+    async def main(url: str) -> list[str]:
+        await forge(url)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            pool = WorkerPool(client, [], [], membership=Membership(url, token=TOKEN))
+            await pool.refresh()
+            await pool.refresh()
+            await pool.close()
+            return [w.url for w in pool.workers()]
+
+    with RedisServer(tmp_path) as redis:
+        assert asyncio.run(main(redis.url)) == ["http://good:1"]
+    assert set(probed) == {"good"}
+    rejected = [r.getMessage() for r in caplog.records if "ignoring the worker ad" in r.message]
+    assert len(rejected) == 4  # once each, not once per listing
+    assert all(TOKEN not in line for line in rejected)
+
+
+def test_without_a_token_unsigned_ads_are_trusted(tmp_path):
+    async def main(url: str) -> list[str]:
+        assert await signed_beat(url, "http://plain:1", token=None).beat()
+        assert await signed_beat(url, "http://signed:1").beat()
+        members = Membership(url)
+        try:
+            return sorted(a.url for a in await members.scan())
+        finally:
+            await members.close()
+
+    with RedisServer(tmp_path) as redis:
+        assert asyncio.run(main(redis.url)) == ["http://plain:1", "http://signed:1"]
+
+
+def test_replayed_ad_is_refused_and_dead_entries_are_pruned(tmp_path):
+    async def main(url: str, client) -> None:
+        old = time.time() - CLOCK_SKEW_S - 1
+        value = encode_ad(ad("http://old:1"), "default", old, signing_key(TOKEN))
+        client.set(ad_key("default", "http://old:1"), value)  # a captured ad, re-SET by hand
+        client.zadd(registry_key("default"), {"http://old:1": time.time() + 5,
+                                              "http://gone:1": old})
+        members = Membership(url, token=TOKEN)
+        assert await members.scan() == []
+        assert client.zrange(registry_key("default"), 0, -1) == [b"http://old:1"]
+        await members.close()
+
+    with RedisServer(tmp_path) as redis, redis.client() as client:
+        asyncio.run(main(redis.url, client))
+
+
+def test_cluster_id_is_validated():
+    assert WorkerSettings(_env_file=None, cluster_id="stack_2-b").cluster_id == "stack_2-b"
+    for bad in ("", "a:b", "tandem*", "x" * 33):
+        with pytest.raises(ValidationError):
+            WorkerSettings(_env_file=None, cluster_id=bad)

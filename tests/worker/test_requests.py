@@ -1,0 +1,135 @@
+"""A worker refuses before it streams: every field the engine would choke on is a 400 in OpenAI's
+envelope (no admission ticket taken, nothing streamed), and so is a body the wire models reject;
+a bad internal token is a 401; a failure while starting a sequence is a 5xx status, never a
+broken stream; a worker bound beyond loopback refuses to start without a token."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fastapi import APIRouter
+
+from tests.worker.apps import PROMPT, client, decode_body, lines, params, settings, worker_of
+from wire.internal_api import INTERNAL_TOKEN_HEADER
+from worker.app import create_worker_app
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def decode(tiny_folder):
+    with client("decode", tiny_folder) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def prefill(tiny_folder):
+    with client("prefill", tiny_folder) as c:
+        yield c
+
+
+def _assert_openai_400(r, param: str | None) -> None:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+BAD = [
+    ({"params": params(logit_bias={VOCAB: 1.0})}, "logit_bias"),
+    ({"params": params(top_p=0.0)}, "top_p"),
+    ({"params": params(max_tokens=0)}, "max_tokens"),
+    ({"params": params(logprobs=21)}, "logprobs"),
+    ({"params": params(stop_token_ids=[VOCAB])}, "stop_token_ids"),
+    ({"params": params(seed=2**63)}, "seed"),
+    ({"token_ids": [VOCAB]}, "token_ids"),
+    ({"token_ids": PROMPT * 13}, "token_ids"),  # 520 >= max_model_len 512
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD)
+def test_engine_refusals_are_400_before_streaming(decode, prefill, fields, param):
+    for c, path in ((decode, "/generate"), (prefill, "/prefill")):
+        w = worker_of(c)
+        before = dict(requests=w.counters.requests_total, invalid=w.counters.requests_invalid_total)
+        body = decode_body("r", PROMPT) | fields
+        if "token_ids" in fields:
+            body["num_prompt_tokens"] = len(fields["token_ids"])
+        r = c.post(path, json=body)
+        _assert_openai_400(r, param)
+        assert w.counters.requests_total == before["requests"]  # never started
+        assert w.counters.requests_invalid_total == before["invalid"] + 1
+        assert w.admission.active == 0
+
+
+def test_num_prompt_tokens_is_checked(decode):
+    _assert_openai_400(decode.post("/generate", json=decode_body("r", PROMPT, 0)),
+                       "num_prompt_tokens")
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"request_id": "r", "params": params(), "num_prompt_tokens": 1}, "token_ids"),
+    (decode_body("r", PROMPT) | {"token_ids": "abc"}, "token_ids"),
+    (decode_body("r", PROMPT) | {"params": params() | {"top_p": "high"}}, "top_p"),
+])
+def test_wire_validation_errors_are_openai_400(decode, body, param):
+    _assert_openai_400(decode.post("/generate", json=body), param)
+
+
+def test_malformed_json_is_openai_400(decode):
+    r = decode.post("/generate", content=b'{"request_id": ',
+                    headers={"Content-Type": "application/json"})
+    _assert_openai_400(r, None)
+
+
+def test_a_good_request_streams_on_while_a_bad_one_is_refused(decode):
+    good = decode_body("good", PROMPT) | {"params": params(48)}
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(r=decode.post("/generate", json=good)))
+    t.start()
+    for i in range(5):  # several refusals while the good one runs
+        bad = decode_body(f"bad-{i}", PROMPT) | {"params": params(48, logit_bias={VOCAB: 1.0})}
+        _assert_openai_400(decode.post("/generate", json=bad), "logit_bias")
+    t.join(timeout=120)
+    assert got["r"].status_code == 200
+    events = lines(got["r"].text)
+    assert len(events) == 48 and events[-1]["finish_reason"] == "length"
+
+
+def test_a_failure_while_starting_is_a_5xx_status(decode, monkeypatch):
+    w = worker_of(decode)
+
+    def broken(keys):
+        raise RuntimeError("store exploded")
+
+    monkeypatch.setattr(w.store, "lookup_prefix", broken)
+    r = decode.post("/generate", json=decode_body("r", PROMPT))
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert w.admission.active == 0
+
+
+def test_internal_token_is_required_and_compared(tiny_folder):
+    with client("decode", tiny_folder, internal_token="s3cret-tøken") as c:
+        body = decode_body("r", PROMPT) | {"params": params(1)}
+        for headers in ({}, {INTERNAL_TOKEN_HEADER: "wrong"}, {INTERNAL_TOKEN_HEADER: "s3cret"}):
+            r = c.post("/generate", json=body, headers=headers)
+            assert r.status_code == 401, headers
+            err = r.json()["error"]
+            assert err["code"] == "invalid_internal_token" and err["type"]
+        right = {INTERNAL_TOKEN_HEADER: "s3cret-tøken".encode()}
+        assert c.post("/generate", json=body, headers=right).status_code == 200
+        assert c.get("/health").status_code == 200  # probes need no token
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.1.2.3", "worker.example"])
+def test_refuses_to_start_exposed_without_a_token(tiny_folder, host):
+    with pytest.raises(ValueError, match="internal token"):
+        create_worker_app(settings(tiny_folder, host=host), APIRouter())
+    create_worker_app(settings(tiny_folder, host=host, internal_token="t"), APIRouter())
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.0.1", "::1", "localhost"])
+def test_loopback_needs_no_token(tiny_folder, host):
+    create_worker_app(settings(tiny_folder, host=host), APIRouter())

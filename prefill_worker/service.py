@@ -14,22 +14,24 @@ from admission), never a broken stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from engine.engine import Engine, TokenEvent
 from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
-from wire.streaming import ClosingStreamingResponse
+from wire.streaming import ClosingStreamingResponse, unless_disconnected
 from worker.app import WorkerDep
 from worker.runtime import Worker
 from worker.sequence import Started, check_sequence, count_reuse, start_sequence
 
 routes = APIRouter()
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -98,15 +100,22 @@ async def reply_lines(head: PrefillResponse, stored: Future) -> AsyncIterator[st
 
 
 @routes.post("/prefill")
-async def prefill(body: PrefillRequest, worker: WorkerDep) -> Response:
+async def prefill(body: PrefillRequest, worker: WorkerDep, request: Request) -> Response:
     check_sequence(worker, body, len(body.token_ids))  # 400 before admission and streaming
     ticket = worker.try_admit()
     if isinstance(ticket, Response):
         return ticket  # 429 full / 503 draining: the router tries another prefill worker
     try:
-        head, stored = await run_prefill(worker, body)
+        # The prompt is computed before the response starts, and the server does not cancel a
+        # handler whose client is gone: without this a prefill the router gave up on would
+        # hold its slot to the end. Cancelling closes the runner's stream (aborts it).
+        done = await unless_disconnected(request, run_prefill(worker, body))
     except BaseException:
         ticket.release()
         raise
+    if done is None:
+        ticket.release()
+        return Response(status_code=499)  # nobody is listening; nginx's "client closed"
+    head, stored = done
     return ClosingStreamingResponse(reply_lines(head, stored), on_close=ticket.release,
                                     media_type="application/x-ndjson")

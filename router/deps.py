@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from router.dispatch.backend import Backend
+from router.dispatch.backend import Backend, InflightGate
 from router.errors import APIError, model_not_found
 from router.model_info import ServedModel
 from router.settings import RouterSettings
@@ -29,6 +29,7 @@ class RouterState:
     settings: RouterSettings
     backend: Backend
     models: dict[str, ServedModel]
+    inflight: InflightGate  # backend calls open across the app (settings.max_inflight_choices)
 
     def model(self, name: str | None) -> ServedModel:
         """By served name; None means the first (default) model."""

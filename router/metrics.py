@@ -114,7 +114,7 @@ def record_request(metrics: RouterMetrics, scope: dict, t0: float) -> None:
     if usage is None or not plans or usage.first_update_at is None:
         return
     model, u, end = plans[0].request.model, usage.usage(), time.perf_counter()
-    cached = u.prompt_tokens_details.cached_tokens
+    cached = usage.cached_tokens  # the true count, even when clients are told 0
     metrics.prompt_tokens.labels(model).inc(u.prompt_tokens)
     metrics.prompt_tokens_hist.labels(model).observe(u.prompt_tokens)
     metrics.generation_tokens.labels(model).inc(u.completion_tokens)

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from router.api import ops as routes_ops
 from router.app import create_app
+from router.auth import require_api_key
 from router.dispatch.backend import Backend
 from router.dispatch.disaggregated import DisaggregatedBackend
 from router.metrics import MeteredBackend, RouterMetrics, record_request
@@ -44,7 +45,8 @@ class PoolCollector:
 def metrics_router(metrics: RouterMetrics) -> APIRouter:
     routes = APIRouter()
 
-    @routes.get("/metrics", include_in_schema=False)
+    # Behind the API key when keys are set: it names workers and counts every tenant's traffic.
+    @routes.get("/metrics", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def scrape(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

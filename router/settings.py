@@ -46,8 +46,9 @@ class RouterSettings(StoreSettings):
     # NoDecode: we parse the env var ourselves so both "k1,k2" and '["k1","k2"]' work.
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="accepted bearer keys (env TANDEM_API_KEYS: comma-separated or JSON list; "
-        "flag --api-key, repeatable); empty means no auth",
+        description="accepted bearer keys, each `key` or `tenant:key` (env TANDEM_API_KEYS: "
+        "comma-separated or JSON list; flag --api-key, repeatable); empty means no auth; a "
+        "tenant (for a plain key, a hash of it) is its own prefix-cache namespace",
         json_schema_extra={"cli_aliases": ["--api-key"]},
     )
     max_model_len: int | None = Field(
@@ -126,7 +127,31 @@ class RouterSettings(StoreSettings):
         MAX_MESSAGES, ge=1, le=MAX_MESSAGES, description="messages in one chat request"
     )
 
+    # --- backpressure (docs/RELIABILITY.md#backpressure) ---------------------------------------
+    # A fixed bound rather than the workers' advertised capacity, which changes as they come
+    # and go: 512 is 4 n=128 requests, or 16 full decode workers (32 slots each), at once.
+    max_inflight_choices: int = Field(
+        512, ge=1, description="backend calls (choices) open at once across the router; a "
+        "request whose choices would pass it gets 429 before any worker call"
+    )
+    # Each open choice holds one connection to a worker (its prefill's closes before its
+    # decode opens), so twice the in-flight bound leaves room for keep-alive churn.
+    worker_max_connections: int = Field(
+        1024, ge=1, description="connections the router keeps to all workers together; a "
+        "call that finds none free is refused (tried elsewhere or 429), not a worker failure"
+    )
+    stream_send_timeout_s: float = Field(
+        30.0, gt=0, description="a streaming client that accepts no chunk for this long is "
+        "cut off and its backend calls closed (a reader that stopped reading)"
+    )
+
     @field_validator("api_keys", "prefill_urls", "decode_urls", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_list(value)
+
+    # --- tenants (docs/OPERATIONS.md#tenants) ---------------------------------------------------
+    report_cached_tokens: bool = Field(
+        True, description="report `usage.prompt_tokens_details.cached_tokens`; false reports 0 "
+        "(how much of a prompt was cached says something about what was sent before)"
+    )

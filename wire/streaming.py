@@ -3,27 +3,82 @@
 Starlette leaves an unfinished async generator to the garbage collector when the client goes
 away or the server shuts down, so the work behind it (a backend stream, an engine sequence
 holding a slot) would run on until then. This response closes the body now, then runs
-`on_close` (a worker releases its admission ticket there).
+`on_close` (a worker releases its admission ticket there). `unless_disconnected` covers the
+time before a response starts: work that a gone client was waiting for is cancelled.
+
+With `send_timeout_s`, a client that stops reading is cut off too: once its socket buffer is
+full the server's `send` blocks, and a send that blocks that long ends the response (the
+server then closes the connection, since the body is incomplete).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from typing import TypeVar
 
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SendTimedOut(Exception):
+    """The client accepted no data for `send_timeout_s`."""
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    def __init__(self, content, *, on_close: Callable[[], None] | None = None, **kwargs):
+    def __init__(self, content, *, on_close: Callable[[], None] | None = None,
+                 send_timeout_s: float | None = None, **kwargs):
         super().__init__(content, **kwargs)
         self.on_close = on_close
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with aclosing(self.body_iterator):  # type: ignore[type-var]
-                await super().__call__(scope, receive, send)
+                await super().__call__(scope, receive, self._bounded(send))
+        except SendTimedOut:
+            log.info("client read nothing for %g s; stream cut off", self.send_timeout_s)
         finally:
             if self.on_close is not None:
                 self.on_close()
+
+    def _bounded(self, send: Send) -> Send:
+        if self.send_timeout_s is None:
+            return send
+        limit = self.send_timeout_s
+
+        async def bounded(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), limit)
+            except TimeoutError:
+                raise SendTimedOut() from None
+
+        return bounded
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`, cancelling it (and so the backend calls) if the client goes away first.
+    The body has been read already, so the next receive() can only be the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        log.info("client disconnected; %s cancelled", request.url.path)
+        return None
+    return task.result()

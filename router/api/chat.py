@@ -27,7 +27,7 @@ from router.api.planning import (
 )
 from router.api.request_limits import at_most, check_request_tokens, check_shape, check_text
 from router.api.respond import respond
-from router.auth import require_api_key
+from router.auth import Tenant, require_api_key, tenant_salt
 from router.deps import ChatId, JsonBody, RouterState, State
 from router.errors import bad_request
 from router.model_info import ServedModel
@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
-def build_chat_job(body: ChatCompletionRequest, state: RouterState, request_id: str) -> ChatJob:
+def build_chat_job(
+    body: ChatCompletionRequest, state: RouterState, request_id: str, tenant: str | None = None
+) -> ChatJob:
     """Everything that can fail on the request's own terms fails here, before any backend call.
     Renders the template and tokenizes: call it off the event loop."""
     body.check()
@@ -75,7 +77,8 @@ def build_chat_job(body: ChatCompletionRequest, state: RouterState, request_id: 
     params = body.to_sampling_params(budget, base_seed(body.seed), model.vocab_size)
     options = output_options(body, model, params.logprobs, drop_output=False)
     plans = plan_choices(
-        request_id, model, [PromptInput(ids)], [params], n, options, body.cache_salt or "",
+        request_id, model, [PromptInput(ids)], [params], n, options,
+        tenant_salt(tenant, body.cache_salt),
     )
     log.debug("%s: chat prompt of %d tokens", request_id, len(ids))
     return ChatJob(request_id, int(time.time()), model, body, len(ids), plans)
@@ -91,16 +94,18 @@ def check_messages(messages: Sequence[ChatMessage], settings: RouterSettings) ->
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
     responses=generation_responses(),
-    dependencies=[Depends(require_api_key), JsonBody],
+    dependencies=[Depends(require_api_key), JsonBody],  # auth first: 401 before 415
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: State, request_id: ChatId
+    body: ChatCompletionRequest, request: Request, state: State, request_id: ChatId,
+    tenant: Tenant,
 ) -> Response:
     # Templating and tokenizing a long conversation takes a while: a thread keeps the event
     # loop (and /health) answering meanwhile.
-    job = await asyncio.to_thread(build_chat_job, body, state, request_id)
+    job = await asyncio.to_thread(build_chat_job, body, state, request_id, tenant)
     return await respond(
-        request, state, job.model.tokenizer, job.plans, UsageCounter([job.prompt_len]),
+        request, state, job.model.tokenizer, job.plans,
+        UsageCounter([job.prompt_len], state.settings.report_cached_tokens),
         stream=bool(body.stream),
         chunks=lambda updates, usage: chat_chunks(job, updates, usage),
         body=lambda results, usage: chat_body(job, results, usage),

@@ -33,7 +33,7 @@ from router.api.request_limits import (
     prompt_count,
 )
 from router.api.respond import respond
-from router.auth import require_api_key
+from router.auth import Tenant, require_api_key, tenant_salt
 from router.deps import CompletionId, JsonBody, RouterState, State
 from router.model_info import ServedModel
 from router.output.collect import ChoiceResult, UsageCounter
@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["openai"])
 
 
-def build_job(body: CompletionRequest, state: RouterState, request_id: str) -> CompletionJob:
+def build_job(
+    body: CompletionRequest, state: RouterState, request_id: str, tenant: str | None = None
+) -> CompletionJob:
     """Everything that can fail on the request's own terms fails here, before any backend call.
     Tokenizes: call it off the event loop."""
     body.check()
@@ -74,7 +76,8 @@ def build_job(body: CompletionRequest, state: RouterState, request_id: str) -> C
     seed = base_seed(body.seed)
     params = [body.to_sampling_params(b, seed, model.vocab_size) for b in budgets]
     options = output_options(body, model, body.logprobs, drop_output=body.max_tokens == 0)
-    plans = plan_choices(request_id, model, prompts, params, n, options, body.cache_salt or "")
+    plans = plan_choices(request_id, model, prompts, params, n, options,
+                         tenant_salt(tenant, body.cache_salt))
     log.debug("%s: %d prompt(s) %s", request_id, len(prompts),
               [p.text[: settings.max_log_len] if p.text else len(p.token_ids) for p in prompts])
     return CompletionJob(request_id, int(time.time()), model, body, prompts, plans)
@@ -91,15 +94,17 @@ def _texts(prompt: str | list) -> list[str]:
     "/v1/completions",
     response_model=CompletionResponse,
     responses=generation_responses(),
-    dependencies=[Depends(require_api_key), JsonBody],
+    dependencies=[Depends(require_api_key), JsonBody],  # auth first: 401 before 415
 )
 async def create_completion(
-    body: CompletionRequest, request: Request, state: State, request_id: CompletionId
+    body: CompletionRequest, request: Request, state: State, request_id: CompletionId,
+    tenant: Tenant,
 ) -> Response:
     # Tokenizing a long prompt takes a while: a thread keeps the event loop (and /health)
     # answering meanwhile.
-    job = await asyncio.to_thread(build_job, body, state, request_id)
-    usage = UsageCounter([len(p.token_ids) for p in job.prompts])
+    job = await asyncio.to_thread(build_job, body, state, request_id, tenant)
+    usage = UsageCounter([len(p.token_ids) for p in job.prompts],
+                         report_cached=state.settings.report_cached_tokens)
     return await respond(
         request, state, job.model.tokenizer, job.plans, usage,
         stream=bool(body.stream),

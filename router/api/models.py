@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
 
 from router.api.openapi_docs import error_responses
 from router.auth import require_api_key
 from router.deps import State
 from router.model_info import ServedModel
-from router.protocol.models import ModelCard, ModelList
+from router.protocol.models import HealthStatus, ModelCard, ModelList
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["ops"])
@@ -32,7 +31,7 @@ async def get_model(model: str, state: State) -> ModelCard:
     return _card(state.model(model))
 
 
-@health_router.get("/health", responses={200: {"description": "the process is up"}})
-async def health() -> Response:
+@health_router.get("/health", response_model=HealthStatus)
+async def health() -> HealthStatus:
     """Liveness only: 200 while the process serves HTTP (readiness is /ready). No auth."""
-    return Response(status_code=200)
+    return HealthStatus()

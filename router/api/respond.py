@@ -10,11 +10,13 @@ from fastapi.responses import JSONResponse, Response
 from transformers import PreTrainedTokenizerBase
 
 from router.deps import RouterState
-from router.errors import RequestTimedOut
+from router.dispatch.backend import Admission
+from router.errors import RequestTimedOut, bad_request
 from router.output.collect import ChoiceResult, UsageCounter, collect
 from router.output.generation import ChoicePlan, ChoiceUpdate, run_choice
 from router.output.merge import merge
-from router.output.streaming import SSE_HEADERS, SSEResponse, prime, sse_body, unless_disconnected
+from router.output.streaming import SSE_HEADERS, SSEResponse, prime, sse_body
+from wire.streaming import unless_disconnected
 
 ChunkFormatter = Callable[
     [AsyncIterator[ChoiceUpdate], UsageCounter], AsyncIterator[list[dict[str, Any]]]
@@ -38,15 +40,36 @@ async def respond(
     headers = {"X-Request-Id": request.state.echo_request_id}  # router/deps.py
     # The metrics middleware reads these once the response is sent (router/metrics.py).
     request.state.usage, request.state.plans = usage, plans
-    timeout = state.settings.request_timeout_s
+    settings = state.settings
+    admission = admit(state, len(plans))
+    timeout = settings.request_timeout_s
     updates = merge(
-        [run_choice(state.backend, plan, tokenizer) for plan in plans],
+        [admission.hold(run_choice(state.backend, plan, tokenizer)) for plan in plans],
         idle_timeout_s=timeout, on_idle=lambda: RequestTimedOut(timeout),
     )
     if stream:
-        primed = await prime(updates)
-        return SSEResponse(sse_body(chunks(primed, usage)), headers=headers | SSE_HEADERS)
-    results = await unless_disconnected(request, collect(updates, len(plans), usage))
+        try:
+            primed = await prime(updates)
+        except BaseException:
+            admission.release_all()
+            raise
+        return SSEResponse(sse_body(chunks(primed, usage)), headers=headers | SSE_HEADERS,
+                           on_close=admission.release_all,
+                           send_timeout_s=settings.stream_send_timeout_s)
+    try:
+        results = await unless_disconnected(request, collect(updates, len(plans), usage))
+    finally:
+        admission.release_all()  # a choice never started gives its unit back here
     if results is None:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed"
     return JSONResponse(body(results, usage), headers=headers)
+
+
+def admit(state: RouterState, choices: int) -> Admission:
+    """The request's choices against the app's in-flight bound: all of them, or 429 before
+    any backend call. One that could never fit is the client's error (400), not a retry."""
+    limit = state.inflight.limit
+    if choices > limit:
+        raise bad_request(f"this request runs {choices} choices at once; the server runs at "
+                          f"most {limit}", "n", "integer_above_max_value")
+    return state.inflight.admit(choices)

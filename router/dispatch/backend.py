@@ -8,7 +8,7 @@ The production backend dispatches to prefill/decode workers over HTTP
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.sampling_params import SamplingParams
@@ -64,3 +64,50 @@ class Backend(Protocol):
     async def ready(self) -> bool: ...
 
     async def workers(self) -> list[dict[str, Any]]: ...
+
+
+@dataclass(slots=True)
+class InflightGate:
+    """Counts the backend calls (choices) open at once across the router, so a burst of
+    n=128 requests is refused at the door (429) instead of queueing inside the connection
+    pool, where it would crowd out the requests already running. One per app."""
+
+    limit: int
+    open: int = 0
+
+    def admit(self, n: int) -> Admission:
+        """All `n` choices of a request, or none: BackendOverloaded when they would not fit."""
+        if self.open + n > self.limit:
+            raise BackendOverloaded(
+                f"the router has {self.open} backend calls open (limit {self.limit})")
+        self.open += n
+        return Admission(self, n)
+
+
+@dataclass(slots=True)
+class Admission:
+    """One request's share of the gate. Each choice gives its unit back when its backend
+    iterator ends; `release_all` returns what is left (the request is over)."""
+
+    gate: InflightGate
+    held: int
+    _released: int = field(default=0, init=False)
+
+    def release(self, n: int = 1) -> None:
+        n = min(n, self.held - self._released)
+        self._released += n
+        self.gate.open -= n
+
+    def release_all(self) -> None:
+        self.release(self.held)
+
+    async def hold(self, source: AsyncIterator) -> AsyncIterator:
+        """The same items; the choice's unit is given back when `source` ends or is closed."""
+        try:
+            async for item in source:
+                yield item
+        finally:
+            try:
+                await source.aclose()  # type: ignore[attr-defined]
+            finally:
+                self.release()

@@ -53,7 +53,7 @@ from router.dispatch.faults import (
     check_status,
 )
 from router.dispatch.membership import Membership
-from router.dispatch.pool import WorkerInfo, WorkerPool
+from router.dispatch.pool import WorkerInfo, WorkerPool, probe_client
 from wire.internal_api import (
     INTERNAL_TOKEN_HEADER,
     DecodeRequest,
@@ -71,6 +71,10 @@ FAILOVER_WAIT_S = 45.0
 WAIT_POLL_S = 0.2  # pool re-checks while waiting; probes run every health_interval_s anyway
 BACKOFF_BASE_S = 0.05  # first retry delay; doubles per failure, capped, times U(1, 2) jitter
 BACKOFF_MAX_S = 1.0
+# How long a call waits for a free connection to the workers. The in-flight bound
+# (max_inflight_choices) keeps the pool from filling; when it is full anyway, refusing soon
+# (another worker, else 429) beats queueing behind streams that may run for minutes.
+POOL_WAIT_S = 5.0
 
 
 def backoff_s(failures: int) -> float:
@@ -94,13 +98,17 @@ class DisaggregatedBackend:
 
     async def start(self) -> None:
         s = self.settings
-        timeout = httpx.Timeout(s.worker_timeout_s, connect=2.0)
-        self.client = httpx.AsyncClient(timeout=timeout, headers=self._headers,
+        timeout = httpx.Timeout(s.worker_timeout_s, connect=2.0, pool=POOL_WAIT_S)
+        limits = httpx.Limits(max_connections=s.worker_max_connections,
+                              max_keepalive_connections=s.worker_max_connections)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, headers=self._headers,
                                         transport=self._transport)
         membership = Membership(s.redis_url, s.redis_timeout_s, s.cluster_id,
                                 s.internal_token) if s.redis_url else None
-        self.pool = WorkerPool(self.client, s.prefill_urls, s.decode_urls, s.health_interval_s,
-                               headers=self._headers, membership=membership)
+        # Probes get their own client: a request pool full of streams must not fail them.
+        self.pool = WorkerPool(probe_client(self._headers, self._transport), s.prefill_urls,
+                               s.decode_urls, s.health_interval_s, headers=self._headers,
+                               membership=membership)
         await self.pool.start()
         config = s.store_config(lookup=True) if s.prefix_cache else None
         if config is not None:
@@ -210,7 +218,8 @@ class DisaggregatedBackend:
 
     async def _ndjson(self, w: WorkerInfo, path: str, body) -> AsyncIterator[str]:
         """The non-empty lines of a worker's NDJSON reply, holding a lease on the worker.
-        Raises WorkerRefused (429/503) or WorkerFailed (connection, status, cut stream)."""
+        Raises WorkerRefused (429/503, or no free connection in the router's own pool) or
+        WorkerFailed (connection, status, cut stream)."""
         async with self.pool.lease(w):
             try:
                 async with self.client.stream(
@@ -223,6 +232,9 @@ class DisaggregatedBackend:
                     async for line in r.aiter_lines():
                         if line:
                             yield line
+            except httpx.PoolTimeout as e:
+                # Our own pool is full: the worker was never asked, so no strike on it.
+                raise WorkerRefused("router connection pool full", draining=False) from e
             except httpx.HTTPError as e:
                 raise WorkerFailed(repr(e)) from e
 

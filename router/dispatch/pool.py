@@ -34,6 +34,21 @@ COOLDOWN_S = 5.0  # first open period; a worker restart under load takes about t
 MAX_COOLDOWN_S = 60.0  # a worker that keeps failing still gets a trial request once a minute
 
 
+# A probe that takes longer than this counts as failed. Waiting for one of the probe client's
+# connections does not: with many workers a probe round may queue.
+PROBE_TIMEOUT = httpx.Timeout(2.0, pool=None)
+PROBE_CONNECTIONS = 32  # a round probes every worker at once; more than this queue briefly
+
+
+def probe_client(headers: dict, transport: httpx.AsyncBaseTransport | None = None
+                 ) -> httpx.AsyncClient:
+    """The pool's own small client for /health, apart from the one that carries requests."""
+    limits = httpx.Limits(max_connections=PROBE_CONNECTIONS,
+                          max_keepalive_connections=PROBE_CONNECTIONS)
+    return httpx.AsyncClient(timeout=PROBE_TIMEOUT, limits=limits, headers=headers,
+                             transport=transport)
+
+
 def worker_breaker(url: str, clock: Callable[[], float] = time.monotonic) -> Breaker:
     """Request failures, not health probes, open it. mark_failed logs the opening itself."""
     return Breaker(f"worker {url}", COOLDOWN_S, MAX_COOLDOWN_S, clock,
@@ -95,7 +110,7 @@ def _is_ip(host: str) -> bool:
 class WorkerPool:
     """Owns every WorkerInfo. Health comes from probes; membership (optional) adds the workers
     that heartbeat in Redis and removes them when their ad lapses; request outcomes drive each
-    worker's breaker."""
+    worker's breaker. `client` carries the probes only (see probe_client); close() closes it."""
 
     def __init__(
         self, client: httpx.AsyncClient, prefill_urls: list[str], decode_urls: list[str],
@@ -122,6 +137,7 @@ class WorkerPool:
                 await self._task
         if self._membership is not None:
             await self._membership.close()
+        await self._client.aclose()
 
     def workers(self, role: str | None = None) -> list[WorkerInfo]:
         return [w for w in self._workers.values() if role is None or w.role == role]
@@ -219,7 +235,8 @@ class WorkerPool:
 
     async def _probe(self, w: WorkerInfo) -> None:
         try:
-            r = await self._client.get(f"{w.url}/health", timeout=2.0, headers=self._headers)
+            r = await self._client.get(f"{w.url}/health", timeout=PROBE_TIMEOUT,
+                                       headers=self._headers)
             r.raise_for_status()
             health = WorkerHealth.model_validate(r.json())
         except (httpx.HTTPError, ValueError):

@@ -30,8 +30,9 @@ class UsageCounter:
     bill). cached_tokens is per prompt too: the fewest any of its choices found in the cache,
     so it never claims more reuse than every copy of the prompt got."""
 
-    def __init__(self, prompt_lens: Sequence[int]):
+    def __init__(self, prompt_lens: Sequence[int], report_cached: bool = True):
         self._prompt_lens = list(prompt_lens)
+        self._report_cached = report_cached  # False: the client sees cached_tokens 0
         self._generated: dict[int, int] = {}  # choice index -> tokens so far
         self._cached: dict[int, int] = {}  # prompt index -> min cached tokens
         # For the metrics middleware, which reads this counter once the response is sent.
@@ -49,14 +50,21 @@ class UsageCounter:
             cached = min(update.cached_tokens, self._prompt_lens[update.prompt_index])
             self._cached[update.prompt_index] = cached if seen is None else min(seen, cached)
 
+    @property
+    def cached_tokens(self) -> int:
+        """The true count, for metrics, whatever the client is told."""
+        return sum(self._cached.values())
+
     def usage(self) -> Usage:
+        """What the client is told."""
         prompt = sum(self._prompt_lens)
         completion = sum(self._generated.values())
+        cached = self.cached_tokens if self._report_cached else 0
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached.values())),
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
 

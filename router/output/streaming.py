@@ -8,13 +8,10 @@ that is down or full still gets a proper 503/429, not a broken stream.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, TypeVar
-
-from starlette.requests import Request
 
 from router.errors import api_error_from
 from wire.streaming import ClosingStreamingResponse
@@ -74,25 +71,3 @@ async def sse_body(
     finally:
         await events.aclose()  # type: ignore[attr-defined]
     yield SSE_DONE
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Run `work`, cancelling it (and so the backend calls) if the client goes away first.
-    The body has been read already, so the next receive() can only be the disconnect."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if not task.done() or task.cancelled():
-        log.info("client disconnected; request cancelled")
-        return None
-    return task.result()

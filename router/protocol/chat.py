@@ -9,10 +9,12 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SerializerFunctionWrapHandler,
     StrictBool,
     StrictStr,
+    Tag,
     field_validator,
     model_serializer,
 )
@@ -54,28 +56,49 @@ class TextPart(BaseModel):
     text: Text
 
 
-class ChatMessage(BaseModel):
+Content = Annotated[StrictStr | Annotated[list[TextPart], Field(fail_fast=True)], Encodable]
+
+
+class _Turn(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    # validate_default: a missing content must reach _content_required too.
-    content: Annotated[
-        StrictStr | Annotated[list[TextPart], Field(fail_fast=True)] | None, Encodable
-    ] = Field(None, validate_default=True)
+    def text(self) -> str:
+        content = getattr(self, "content", None)
+        if isinstance(content, list):
+            return "\n".join(part.text for part in content)
+        return content or ""
+
+
+class PromptMessage(_Turn):
+    """A system, developer or user turn: `content` is required."""
+
+    role: Literal["system", "developer", "user"]
+    content: Content
     name: StrictStr | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _content_required(cls, value: Any, info) -> Any:
-        # Only an assistant turn may omit content (OpenAI: when it made tool calls).
-        if value is None and info.data.get("role", "assistant") != "assistant":
-            raise PydanticCustomError("missing", "content is required for this role")
-        return value
 
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "\n".join(part.text for part in self.content)
-        return self.content or ""
+class AssistantTurn(_Turn):
+    """An earlier assistant turn: only it may omit `content` (OpenAI: when it made tool calls)."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+    name: StrictStr | None = None
+
+
+def _message_kind(message: Any) -> str:
+    role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+    # Anything but an assistant turn is checked as a prompt message, so a missing or unknown
+    # role is reported at `messages.<i>.role`.
+    return "message-assistant" if role == "assistant" else "message-prompt"
+
+
+# A union on `role`, so /openapi.json says which roles require `content` (oneOf). Tags contain
+# '-' so the error formatter drops them from `param` paths.
+ChatMessage = Annotated[
+    Annotated[PromptMessage, Tag("message-prompt")]
+    | Annotated[AssistantTurn, Tag("message-assistant")],
+    Discriminator(_message_kind),
+]
 
 
 class ResponseFormat(BaseModel):
@@ -106,7 +129,9 @@ class ChatCompletionRequest(_Sampling, WireModel):
     stream_options: StreamOptions | None = None
     temperature: Temperature = 1.0
     tool_choice: Literal["none"] | None = Field(None, description="tools are not supported")
-    tools: list[dict[str, Any]] | None = Field(None, description="must be absent or empty")
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
+        None, description="tools are not supported: absent, null or empty"
+    )
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: TopP = 1.0
     user: StrictStr | None = None

@@ -8,6 +8,7 @@ as the OpenAI SDK always sends proper JSON types. Floats still accept integers.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 from pydantic import (
@@ -84,18 +85,27 @@ def _cap_logit_bias(value: Any) -> Any:
     return value
 
 
+_DIGITS = re.compile(r"^[0-9]+$")  # ASCII only: str.isdigit() also takes other scripts' digits
+
+
 def _token_id_key(key: str) -> str:
     """logit_bias keys are token ids written as JSON strings ("50256")."""
-    if not key.lstrip("-").isdigit() or int(key) < 0:
+    if not _DIGITS.match(key):
         raise PydanticCustomError("token_id", "keys must be token ids (non-negative integers)")
     return key
 
 
 Text = Annotated[StrictStr, Encodable]
-TokenId = Annotated[int, Field(ge=0)]
+# Marks token-id schemas: /openapi.json bounds them by the served vocabulary
+# (router/api/openapi_docs.py); the server checks the bound itself (400) once it knows the model.
+TOKEN_ID_MARK = "x-token-id"
+TokenId = Annotated[
+    int, Field(ge=0, description="a token id, below the model's `vocab_size` (GET "
+               "/tokenizer_info)", json_schema_extra={TOKEN_ID_MARK: True}),
+]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, fail_fast=True)]
 
-ModelName = Annotated[Text, Field(description="a model id from GET /v1/models")]
+ModelName = Annotated[Text, Field(min_length=1, description="a model id from GET /v1/models")]
 Temperature = Annotated[float | None, Field(ge=0, le=2, description="0 means greedy")]
 TopP = Annotated[float | None, Field(gt=0, le=1)]
 N = Annotated[int | None, Field(ge=1, le=MAX_N, description="choices per prompt")]
@@ -109,12 +119,17 @@ Stop = Annotated[
     Encodable,
     Field(description=f"up to {MAX_STOP_STRINGS} strings; the text is cut before the first"),
 ]
+_Bias = Annotated[float, Field(ge=-100, le=100)]
+_BiasMap = Annotated[
+    dict[Annotated[str, AfterValidator(_token_id_key)], _Bias],
+    Field(json_schema_extra={"propertyNames": {"pattern": _DIGITS.pattern},
+                             "maxProperties": MAX_LOGIT_BIAS}),
+]
 LogitBias = Annotated[
-    dict[Annotated[str, AfterValidator(_token_id_key)], Annotated[float, Field(ge=-100, le=100)]]
-    | None,
+    _BiasMap | None,
     BeforeValidator(_cap_logit_bias),
-    Field(description=f"token id (as a string) -> bias added to its logit; at most "
-          f"{MAX_LOGIT_BIAS} entries"),
+    Field(description=f"token id (as a string, below the model's `vocab_size`) -> bias added "
+          f"to its logit; at most {MAX_LOGIT_BIAS} entries"),
 ]
 Flag = StrictBool | None  # null is accepted wherever OpenAI documents a default
 

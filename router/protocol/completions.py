@@ -7,16 +7,17 @@ that pydantic cannot express with a `param` path live in `check()`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     Field,
     StrictStr,
+    field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from engine.sampling_params import SamplingParams
-from router.errors import bad_request
 from router.protocol.common import (
     MAX_PROMPTS,
     CacheSalt,
@@ -69,7 +70,7 @@ class CompletionRequest(_Sampling, WireModel):
     stop: Stop = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    suffix: StrictStr | None = Field(None, description="not supported: must be absent or null")
+    suffix: None = Field(None, description="not supported: must be absent or null")
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     user: StrictStr | None = None
@@ -84,9 +85,14 @@ class CompletionRequest(_Sampling, WireModel):
     skip_special_tokens: Flag = True
     cache_salt: CacheSalt = None
 
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_suffix(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        raise PydanticCustomError("unsupported", "`suffix` is not supported by this server")
+
     def check(self) -> None:
-        if self.suffix is not None:
-            raise bad_request("`suffix` is not supported by this server.", "suffix")
         self.check_common(self.max_tokens)
 
     def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int) -> SamplingParams:

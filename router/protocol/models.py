@@ -1,4 +1,4 @@
-"""GET /v1/models: the model list and cards.
+"""GET /v1/models: the model list and cards; GET /health's answer.
 """
 
 from __future__ import annotations
@@ -20,3 +20,7 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Discriminator,
     Field,
     StrictBool,
@@ -14,18 +15,22 @@ from pydantic import (
 )
 
 from router.protocol.chat import Messages
-from router.protocol.common import Text, TokenId, WireModel
+from router.protocol.common import ModelName, Text, TokenId, WireModel
 
 
 class TokenizePromptRequest(WireModel):
-    model: Text | None = Field(None, description="default: the first served model")
+    # A body with `messages` is a chat body, whatever else it holds: say so, so that exactly
+    # one branch of the request's oneOf matches.
+    model_config = ConfigDict(json_schema_extra={"not": {"required": ["messages"]}})
+
+    model: ModelName | None = Field(None, description="default: the first served model")
     prompt: Text
     add_special_tokens: StrictBool = True
     return_token_strs: StrictBool = False
 
 
 class TokenizeChatRequest(WireModel):
-    model: Text | None = Field(None, description="default: the first served model")
+    model: ModelName | None = Field(None, description="default: the first served model")
     messages: Messages
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
@@ -46,7 +51,7 @@ TokenizeRequest = Annotated[
 
 
 class DetokenizeRequest(WireModel):
-    model: Text | None = Field(None, description="default: the first served model")
+    model: ModelName | None = Field(None, description="default: the first served model")
     tokens: Annotated[list[TokenId], Field(fail_fast=True)]
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from kvstore.redis_tier import kv_prefix
 from tests.adversarial.conftest import CANARY, INTERNAL_TOKEN, MODEL, stream_text
+from tests.e2e.faults import poll
+from wire.membership import WorkerAd, ad_key, encode_ad, registry_key
 
 VOCAB = 49152  # SmolLM2's vocabulary
 MAX_LEN = 8192  # the default max_model_len
@@ -211,23 +215,6 @@ def test_n_64_is_served(stack, canary):
     assert sorted(c["index"] for c in r.json()["choices"]) == list(range(64))
 
 
-def test_clients_that_leave_before_their_first_token(stack, canary):
-    """100 clients send a long-prompt stream and close the socket at once."""
-    body = json.dumps({"model": MODEL, "prompt": "story " * 1500, "max_tokens": 64,
-                       "stream": True}).encode()
-    host, port = "127.0.0.1", stack.port
-
-    def leave(_):
-        with socket.create_connection((host, port), timeout=10) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
-                      b"Content-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-
-    with ThreadPoolExecutor(10) as pool:
-        list(pool.map(leave, range(100)))
-    stack.wait_all_healthy()
-
-
 # --- the internal API ------------------------------------------------------------------------
 
 def _worker(stack, role: str) -> str:
@@ -261,6 +248,83 @@ def test_router_refuses_logit_bias_out_of_range(stack, canary):
     r = post(stack, "/v1/completions", {"model": MODEL, "prompt": "hi",
                                         "logit_bias": {str(VOCAB + 5): 1}})
     assert_error(r, 400, param=f"logit_bias.{VOCAB + 5}")
+
+
+def _probes_seen(worker_url: str) -> float:
+    """How many /health probes a worker has answered (its own HTTP counter)."""
+    text = httpx.get(f"{worker_url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tandem:http_requests_total{") and 'route="/health"' in line)
+
+
+def _wait_probe_rounds(stack, rounds: int) -> None:
+    """Until the router has run `rounds` more probe rounds (each probes every worker, and reads
+    the membership registry first)."""
+    decode = _worker(stack, "decode")
+    start = _probes_seen(decode)
+    poll(lambda: _probes_seen(decode) >= start + rounds, 30, "probe rounds")
+
+
+def test_forged_membership_ad_is_never_probed(stack, redis, canary):
+    """An unsigned ad written straight into the registry, for a URL where we listen: the router
+    never adds it and never connects to it (so never sends it the token or a prompt)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        ad = WorkerAd(url=url, role="decode", pid=1, model=MODEL, capacity=96)
+        client = redis.client()
+        client.set(ad_key("default", url), encode_ad(ad, "default", time.time() + 60, None),
+                   px=60_000)
+        client.zadd(registry_key("default"), {url: time.time() + 60})
+        _wait_probe_rounds(stack, 3)
+        assert url not in [w["url"] for w in stack.workers()]
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody ever connected
+
+
+def test_forged_tail_key_is_never_read(stack, redis, canary):
+    """Decode for prompt A naming the real, stored tail of another request's prompt B: loaded,
+    it would give A B's KV. The worker recomputes the key from A's own tokens, so it neither
+    reads nor deletes B's tail, and A's tokens equal a call that names no tail."""
+    headers = {"X-Tandem-Token": INTERNAL_TOKEN}
+    params = {"max_tokens": 8, "temperature": 0.0, "seed": 1}
+    a, b = list(range(1000, 1100)), list(range(2000, 2100))  # 100 tokens: a block + 36 tail
+    r = httpx.post(f"{_worker(stack, 'prefill')}/prefill", headers=headers, timeout=120,
+                   json={"request_id": "tail-b", "token_ids": b, "params": params})
+    assert r.status_code == 200, r.text
+    head = json.loads(r.text.splitlines()[0])
+    assert head["tail_key"] and head["tail_start"] == 64
+
+    def decode(extra: dict) -> list[int]:
+        body = {"request_id": "tail-a", "token_ids": a, "num_prompt_tokens": len(a),
+                "params": params, **extra}
+        r = httpx.post(f"{_worker(stack, 'decode')}/generate", json=body, headers=headers,
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        return [json.loads(line)["token_id"] for line in r.text.splitlines() if line]
+
+    forged = decode({"tail_key": head["tail_key"], "tail_start": head["tail_start"]})
+    assert forged == decode({})
+    assert redis.client().exists(kv_prefix("default") + head["tail_key"]) == 1
+
+
+def test_clients_that_leave_before_their_first_token(stack, canary):
+    """100 clients send a long-prompt stream and close the socket at once."""
+    body = json.dumps({"model": MODEL, "prompt": "story " * 1500, "max_tokens": 64,
+                       "stream": True}).encode()
+    host, port = "127.0.0.1", stack.port
+
+    def leave(_):
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(leave, range(100)))
+    stack.wait_all_healthy()
 
 
 # --- after everything ------------------------------------------------------------------------

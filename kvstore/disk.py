@@ -22,9 +22,10 @@
   puts: RESCAN_FRACTION stats per put. (A shared byte counter would be exact, but needs a lock
   file and repair after crashes; a recount cannot drift.)
 - Disk full (ENOSPC, EDQUOT) during a put: rescan, evict the oldest files of any process until
-  the blob fits, retry once, and hold the cap at what fitted for rescan_s, so the next puts
-  evict instead of failing. Only a failed retry, or any other OSError (permission, read-only),
-  marks the tier down (breaker.py).
+  the blob fits, retry once, and hold the cap at what fitted for rescan_s. Meanwhile each put
+  evicts before it writes, so its block fits in space already freed (disk_space.py): one
+  ENOSPC per process per rescan_s while the disk stays full, not one per put. Only a failed
+  retry, or any other OSError (permission, read-only), marks the tier down (breaker.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import secrets
 import stat
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -45,6 +45,7 @@ from urllib.parse import quote, unquote
 
 from kvstore.breaker import Breaker
 from kvstore.codec import Blob
+from kvstore.disk_space import DiskSpace
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,10 @@ class DiskTier:
         self._rescan_s = rescan_s
         self._clock = clock
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file bytes; LRU first
-        self._used = 0
-        self._cap = capacity_bytes  # lowered while the disk is full (_make_room)
-        self._full_until = 0.0  # clock seconds: the lowered cap holds until then
+        self._space = DiskSpace(capacity_bytes)  # the index, the cap and what to evict
         self._stamp_ns = 0
         self._last_scan = clock()
         self._written = 0  # bytes this process wrote since its last rescan
-        self._evictions = 0
-        self._disk_full = 0
         try:
             self._ensure_dir()
             self.rescan()
@@ -112,7 +108,7 @@ class DiskTier:
 
     def keys_lru(self) -> list[str]:
         with self._lock:
-            return list(self._index)
+            return list(self._space.index)
 
     # --- index -------------------------------------------------------------------------------
 
@@ -126,27 +122,21 @@ class DiskTier:
     def _note(self, key: str, nbytes: int) -> list[str]:
         """Record a use of `key` (now nbytes on disk); returns the keys to evict."""
         with self._lock:
-            self._used += nbytes - self._index.pop(key, 0)
-            self._index[key] = nbytes
-            return self._victims_locked()
-
-    def _victims_locked(self) -> list[str]:
-        """Pop least recently used entries until under the cap (never the newest one)."""
-        victims = []
-        while self._used > self._cap and len(self._index) > 1:
-            victim, size = self._index.popitem(last=False)
-            self._used -= size
-            victims.append(victim)
-        self._evictions += len(victims)
-        return victims
+            return self._space.note(key, nbytes)
 
     def _forget(self, key: str) -> None:
         with self._lock:
-            self._used -= self._index.pop(key, 0)
+            self._space.forget(key)
 
-    def _unlink(self, keys: list[str]) -> None:
+    def _unlink(self, keys: list[str]) -> int:
+        """Remove the keys' files; returns how many were there (another process may have
+        evicted the others)."""
+        removed = 0
         for key in keys:
-            self._file(key).unlink(missing_ok=True)  # another process may have evicted it
+            with contextlib.suppress(FileNotFoundError):
+                self._file(key).unlink()
+                removed += 1
+        return removed
 
     def rescan(self) -> None:
         """Rebuild the index from the directory, oldest mtime first, then enforce the cap."""
@@ -164,14 +154,11 @@ class DiskTier:
                     found.append((st.st_mtime_ns, entry.name, st.st_size))
         found.sort()
         with self._lock:
-            self._index = OrderedDict((unquote(n[:-len(SUFFIX)]), s) for _, n, s in found)
-            self._used = sum(s for _, _, s in found)
             self._stamp_ns = max([self._stamp_ns] + [m for m, _, _ in found])
             self._last_scan = self._clock()
             self._written = 0
-            if self._last_scan >= self._full_until:
-                self._cap = self.capacity_bytes  # the next ENOSPC lowers it again
-            victims = self._victims_locked()
+            victims = self._space.reload(
+                [(unquote(n[:-len(SUFFIX)]), s) for _, n, s in found], self._last_scan)
         self._unlink(victims)
 
     # --- tier interface ----------------------------------------------------------------------
@@ -197,7 +184,7 @@ class DiskTier:
             self._forget(key)
             return False
         with self._lock:
-            known = key in self._index
+            known = key in self._space.index
         if not known:
             self._unlink(self._note(key, size))
         return True
@@ -250,15 +237,28 @@ class DiskTier:
         return stored
 
     def _put_one(self, key: str, blob: Blob, nbytes: int) -> None:
-        path = self._file(key)
+        with self._lock:
+            self._space.begin(nbytes)
+        try:
+            self._reserve()
+            self._write_or_make_room(self._file(key), blob)
+            self._account(key, nbytes)
+        finally:
+            with self._lock:
+                self._space.end(nbytes)
+
+    def _write_or_make_room(self, path: Path, blob: Blob) -> None:
         try:
             self._write(path, blob)
         except OSError as exc:
-            if exc.errno not in FULL_ERRNOS or not self._make_room(nbytes):
+            if exc.errno not in FULL_ERRNOS or not self._make_room():
                 raise
             log.warning("kvstore disk %s is full (%s): evicted the oldest blocks; retrying",
                         self.path, exc)
             self._write(path, blob)  # once: if this fails too, the breaker counts it
+
+    def _account(self, key: str, nbytes: int) -> None:
+        """Index the new file, and rescan when this process wrote enough, or long enough ago."""
         with self._lock:
             self._written += nbytes
             due = (self._written >= self.capacity_bytes // RESCAN_FRACTION
@@ -268,19 +268,27 @@ class DiskTier:
         else:
             self._unlink(self._note(key, nbytes))
 
-    def _make_room(self, nbytes: int) -> bool:
+    def _reserve(self) -> None:
+        """While the disk is full (the cap lowered), evict the oldest files before writing,
+        until the blocks in flight fit under the cap: the disk has no room for them until
+        those files go."""
+        while True:
+            with self._lock:
+                victims = self._space.reserve(self._clock())
+            gone = sum(size for key, size in victims if not self._unlink([key]))
+            if not gone:
+                return
+            with self._lock:  # those freed nothing: evict further
+                self._space.unseen(gone)
+
+    def _make_room(self) -> bool:
         """The disk is full: evict the oldest files (of every process: rescan first) until
-        nbytes are free, and hold the cap at what fitted for rescan_s, so that later puts
-        evict instead of failing. False if there was nothing to evict."""
+        the blocks in flight fit, and hold the cap at what fitted for rescan_s, so that later
+        puts evict before they write instead of failing. False if there was nothing to
+        evict."""
         self.rescan()
         with self._lock:
-            self._disk_full += 1
-            fitted, cap = self._used, self._cap
-            self._cap = fitted - nbytes
-            victims = self._victims_locked()
-            self._cap = min(max(fitted, nbytes), cap) if victims else cap
-            if victims:
-                self._full_until = self._clock() + self._rescan_s
+            victims = self._space.lower(self._clock() + self._rescan_s)
         self._unlink(victims)
         return bool(victims)
 
@@ -324,7 +332,5 @@ class DiskTier:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"up": self.breaker.up, "bytes_used": self._used,
-                    "capacity_bytes": self.capacity_bytes, "cap_bytes": self._cap,
-                    "entries": len(self._index), "evictions": self._evictions,
-                    "disk_full": self._disk_full, "errors": self.breaker.failures}
+            return {"up": self.breaker.up, **self._space.stats(),
+                    "errors": self.breaker.failures}

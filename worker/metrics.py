@@ -1,6 +1,7 @@
-"""A worker's /metrics: KV store per tier (via the kvstore observer hook), KV handoff sizes and
-times, queue time, and engine load read at scrape time. One registry per worker process (each
-worker is one process, so no multiprocess mode is needed)."""
+"""A worker's /metrics: KV store per tier (via the kvstore observer hook, and the tiers' own
+counters read at scrape time), KV handoff sizes and times, queue time, and engine load read at
+scrape time. One registry per worker process (each worker is one process, so no multiprocess
+mode is needed)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,31 @@ class StoreMetrics:
 
     def on_tier_state(self, tier: str, up: bool) -> None:
         self.up.labels(self.model, tier).set(1.0 if up else 0.0)
+
+
+class StoreCollector:
+    """Counters that tiers keep themselves (TieredStore.stats()), read at scrape time: they
+    happen inside a tier, out of reach of the observer hook. A tier without one has no
+    sample."""
+
+    COUNTERS = (("evictions", "Blocks evicted to keep the tier under its cap."),
+                ("disk_full", "Writes that found the disk full (ENOSPC, EDQUOT)."))
+
+    def __init__(self, model: str, read: Callable[[], dict]):
+        self.model = model
+        self.read = read  # -> TieredStore.stats()
+
+    def collect(self):
+        tiers = self.read()["tiers"]
+        out = []
+        for field, doc in self.COUNTERS:
+            c = CounterMetricFamily(f"tandem:kvstore_{field}", doc,
+                                    labels=["model_name", "tier"])
+            for tier, stats in tiers.items():
+                if field in stats:
+                    c.add_metric([self.model, tier], stats[field])
+            out.append(c)
+        return out
 
 
 class HandoffMetrics:

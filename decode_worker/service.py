@@ -20,11 +20,11 @@ from fastapi import APIRouter, Response
 
 from engine.engine import Engine, TokenEvent
 from kvstore import KeyChain
-from wire.internal_api import DecodeRequest, event_line
+from wire.internal_api import AbortRequest, DecodeRequest, event_line
 from wire.streaming import ClosingStreamingResponse
 from worker.app import WorkerDep
 from worker.runtime import Worker
-from worker.sequence import Started, check_sequence, count_reuse, start_sequence
+from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
 
 routes = APIRouter()
 
@@ -55,12 +55,33 @@ class BlockWriter:
         self.written = full
 
 
-async def event_lines(worker: Worker, started: Started) -> AsyncIterator[str]:
+def block_writers(worker: Worker, started: Started, body: DecodeRequest) -> dict[str, BlockWriter]:
+    """One writer per sequence. A fork's start with the prompt's full blocks, which its parent
+    writes; each then stores the blocks of its own tokens."""
     req = started.req
-    writer = BlockWriter(worker, started.keys, list(req.token_ids), started.prefix.num_blocks)
-    async for ev in worker.runner.stream(req, on_event=writer.on_event):
-        if ev.num_cached_tokens is not None:
+    writers = {req.seq_id: BlockWriter(worker, started.keys, list(req.token_ids),
+                                       started.prefix.num_blocks)}
+    prompt_blocks = len(req.token_ids) // worker.block_size
+    for f in body.forks:
+        writers[f.request_id] = BlockWriter(worker, started.keys.copy(), list(req.token_ids),
+                                            prompt_blocks)
+    return writers
+
+
+async def event_lines(worker: Worker, started: Started, body: DecodeRequest,
+                      on_end) -> AsyncIterator[str]:
+    """The NDJSON lines of every sequence of the call; `on_end()` as each one finishes."""
+    writers = block_writers(worker, started, body)
+
+    def on_event(engine: Engine, ev: TokenEvent) -> TokenEvent:
+        return writers[ev.seq_id].on_event(engine, ev)
+
+    async for ev in worker.runner.stream(started.req, on_event=on_event,
+                                         forks=fork_specs(body)):
+        if ev.num_cached_tokens is not None and ev.seq_id == body.request_id:
             count_reuse(worker, started.req, ev.num_cached_tokens)
+        if ev.finish_reason is not None:
+            on_end()
         yield event_line(ev)
 
 
@@ -70,15 +91,25 @@ async def generate(body: DecodeRequest, worker: WorkerDep) -> Response:
     # A resume carries generated tokens beyond the prefill worker's first one: the client has
     # seen them already, so it is admitted past the queue limit (worker/admission.py).
     resume = len(body.token_ids) > body.num_prompt_tokens + 1
-    ticket = worker.try_admit(resume)
+    ticket = worker.try_admit(resume, units=1 + len(body.forks))
     if isinstance(ticket, Response):
         return ticket
     try:
         started = await start_sequence(worker, body, body.num_prompt_tokens,
-                                       tail_key=body.tail_key, tail_start=body.tail_start)
+                                       tail_key=body.tail_key, tail_start=body.tail_start,
+                                       tail_owner=body.tail_owner)
     except BaseException:
         ticket.release()
         raise
-    # A client disconnect closes the body, which aborts the sequence and frees its slot.
-    return ClosingStreamingResponse(event_lines(worker, started), on_close=ticket.release,
+    # A client disconnect closes the body, which aborts the sequences and frees their slots.
+    lines = event_lines(worker, started, body, on_end=lambda: ticket.release(1))
+    return ClosingStreamingResponse(lines, on_close=ticket.release,
                                     media_type="application/x-ndjson")
+
+
+@routes.post("/abort")
+async def abort(body: AbortRequest, worker: WorkerDep) -> Response:
+    """Stop one sequence (a fork the router no longer wants). Its stream's other sequences
+    go on; an unknown or finished id is a no-op, so the answer is always 204."""
+    worker.runner.abort(body.request_id)
+    return Response(status_code=204)

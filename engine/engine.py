@@ -155,8 +155,10 @@ class Engine:
         """Start child_id as a copy of parent_id's state, sharing its computed KV (copied).
 
         Before the parent has sampled here, the child is spawned at the parent's next sample
-        and draws its own token from the same logits (the n > 1 case). After, it copies the
-        parent's tokens as they are and continues from there.
+        and draws its own token from the same logits (the n > 1 case: the prompt is computed
+        once). After, it copies the parent's tokens as they are and continues from there. The
+        children of a prefill_only parent only draw their first token: they hold no KV (the
+        parent's is the prompt's) and end with it, like the parent.
         """
         parent = self._seqs[parent_id]
         if child_id in self._seqs or child_id in self._pending:
@@ -394,9 +396,13 @@ class Engine:
     def _spawn(self, parent: Sequence, child_id: str, params: SamplingParams) -> Sequence:
         """A new sequence with the parent's tokens and a copy of its computed KV."""
         child = Sequence(child_id, list(parent.token_ids), parent.num_prompt_tokens, params,
-                         stop_ids_for(params, self.eos_token_ids), kv_len=parent.kv_len,
-                         sampled=True)
+                         stop_ids_for(params, self.eos_token_ids), parent.prefill_only,
+                         parent.cache_salt, kv_len=parent.kv_len, sampled=True)
         self._seqs[child_id] = child
+        if not parent.sampled:  # an n > 1 sibling: the prompt's reuse and logprobs are its too
+            child.reused, child.prompt_lps = parent.reused, parent.prompt_lps
+        if parent.prefill_only:
+            return child  # samples its first token and is done; the parent holds the prompt KV
         if parent.slot >= 0 and self._has_room():
             self._slots.alloc(child)
             self._cache.move(parent.slot, child.slot, parent.kv_len)

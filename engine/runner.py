@@ -16,18 +16,22 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from engine.engine import Engine, SeqRequest, TokenEvent
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 StepHook = Callable[[Engine, list[TokenEvent]], None]
 EventHook = Callable[[Engine, TokenEvent], Any]
 QueueHook = Callable[[float], None]  # seconds from stream() to the first step feeding it
+
+
+_CLOSED = object()  # queued when a stream's last open sequence was aborted: it is over
 
 
 @dataclass(slots=True)
@@ -38,7 +42,8 @@ class _Stream:
     prefill_only: bool
     submitted: float  # perf_counter() at stream()
     start_kv: int = -1  # the engine's kv_len at admission; -1 once a step has fed it
-
+    head: str = ""  # the request's seq_id (forks share the stream)
+    members: int = 1  # sequences still open: the request's, plus any forked off it
 
 
 class EngineRunner:
@@ -66,20 +71,28 @@ class EngineRunner:
     def num_running(self) -> int:
         return len(self._streams)
 
-    async def stream(self, req: SeqRequest, on_event: EventHook | None = None) -> AsyncIterator:
+    async def stream(self, req: SeqRequest, on_event: EventHook | None = None,
+                     forks: Sequence[tuple[str, SamplingParams]] = ()) -> AsyncIterator:
         """Submit a sequence and yield its events; closing the generator early aborts it.
 
         `on_event(engine, event)` runs on the engine thread before delivery and its result is
         yielded instead of the event: the place to export KV while the slot still holds it.
         A `prefill_only` sequence ends after its first event, and its slot is released.
+        `forks` (seq_id, params) are siblings forked off it before its first sample (n > 1:
+        one prompt computation); their events come through the same stream (event.seq_id
+        tells them apart), which ends when every one of them has.
         """
         loop = asyncio.get_running_loop()
-        s = _Stream(loop, asyncio.Queue(), on_event, req.prefill_only, time.perf_counter())
-        self._commands.put(lambda: self._add(req, s))
+        s = _Stream(loop, asyncio.Queue(), on_event, req.prefill_only, time.perf_counter(),
+                    head=req.seq_id, members=1 + len(forks))
+        self._commands.put(lambda: self._add(req, s, forks))
+        ids = [req.seq_id, *(f[0] for f in forks)]
         finished = False
         try:
             while not finished:
                 item = await s.queue.get()
+                if item is _CLOSED:
+                    return
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -87,7 +100,8 @@ class EngineRunner:
                 yield value
         finally:
             if not finished:
-                self.abort(req.seq_id)
+                for seq_id in ids:
+                    self.abort(seq_id)
 
     def abort(self, seq_id: str) -> None:
         self._commands.put(lambda: self._abort(seq_id))
@@ -107,26 +121,39 @@ class EngineRunner:
 
     # --- engine thread only -------------------------------------------------------------------
 
-    def _add(self, req: SeqRequest, s: _Stream) -> None:
-        old = self._streams.pop(req.seq_id, None)
-        if old is not None:
-            # A retried handoff with the same request id supersedes the first attempt, so the
-            # request is never generated twice.
-            self.engine.abort(req.seq_id)
-            self._put(old, RuntimeError(f"{req.seq_id} superseded by a retry"))
+    def _add(self, req: SeqRequest, s: _Stream, forks: Sequence[tuple[str, SamplingParams]]
+             ) -> None:
+        ids = [req.seq_id, *(f[0] for f in forks)]
+        for seq_id in ids:
+            old = self._streams.get(seq_id)
+            if old is not None:
+                # A retried handoff with the same request id supersedes the first attempt, so
+                # the request is never generated twice.
+                self._put(old, RuntimeError(f"{seq_id} superseded by a retry"))
+                self._abort(seq_id)
         try:
             self.engine.add(req)
+            for child_id, params in forks:
+                self.engine.fork(req.seq_id, child_id, params)
         except Exception as e:  # invalid request: report to its caller, keep serving others
             log.exception("engine rejected %s", req.seq_id)
+            for seq_id in ids:
+                self.engine.abort(seq_id)
             self._put(s, e)
             return
-        self._streams[req.seq_id] = s
+        for seq_id in ids:
+            self._streams[seq_id] = s
         if self._on_scheduled is not None:
             s.start_kv = self.engine.kv_len(req.seq_id)
 
     def _abort(self, seq_id: str) -> None:
-        if self._streams.pop(seq_id, None) is not None:
+        """Forget one sequence; a stream whose last open member it was is over."""
+        s = self._streams.pop(seq_id, None)
+        if s is not None:
             self.engine.abort(seq_id)
+            s.members -= 1
+            if s.members == 0:
+                self._put(s, _CLOSED)
 
     def _put(self, s: _Stream, item: Any) -> None:
         s.loop.call_soon_threadsafe(s.queue.put_nowait, item)
@@ -166,7 +193,7 @@ class EngineRunner:
         if self._on_scheduled is None:
             return
         for seq_id, s in self._streams.items():
-            if s.start_kv >= 0 and self.engine.kv_len(seq_id) != s.start_kv:
+            if s.start_kv >= 0 and seq_id == s.head and self.engine.kv_len(seq_id) != s.start_kv:
                 s.start_kv = -1
                 self._on_scheduled(max(0.0, step_start - s.submitted))
 
@@ -180,21 +207,29 @@ class EngineRunner:
                 value = s.on_event(self.engine, ev) if s.on_event else ev
             except Exception as e:
                 log.exception("event hook failed for %s", ev.seq_id)
-                value, last = e, True
+                self._put(s, e)
+                self._end_stream(s)
+                continue
             if last:
                 del self._streams[ev.seq_id]
-                if s.prefill_only:
+                s.members -= 1
+                if s.prefill_only or ev.finish_reason is None:
                     self.engine.release(ev.seq_id)
-                elif ev.finish_reason is None:
-                    self.engine.abort(ev.seq_id)
-            self._put(s, value if isinstance(value, BaseException) else (value, last))
+            self._put(s, (value, s.members == 0))
+
+    def _end_stream(self, s: _Stream) -> None:
+        """Forget every sequence still open on stream `s` (one failed: the stream is over;
+        the caller queued the error first, so the consumer raises it)."""
+        for seq_id in [k for k, v in self._streams.items() if v is s]:
+            self._abort(seq_id)
 
     def _fail_some(self, failed: list[tuple[str, Exception]]) -> None:
         """Sequences the engine dropped for a failure of their own: end just their streams."""
         for seq_id, err in failed:
-            s = self._streams.pop(seq_id, None)
+            s = self._streams.get(seq_id)
             if s is not None:
                 self._put(s, RuntimeError(f"sequence {seq_id} failed in the engine: {err!r}"))
+                self._end_stream(s)
 
     def _fail_all(self, err: Exception) -> None:
         """A failed step poisons every sequence in flight: fail them, never emit bad tokens."""

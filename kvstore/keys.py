@@ -118,6 +118,14 @@ class KeyChain:
         self._root = self._parent = ns.root()
         self._prefix = ns.prefix
 
+    def copy(self) -> KeyChain:
+        """A chain that goes on from here on its own (a fork: same prefix, own tokens)."""
+        other = object.__new__(KeyChain)
+        other.keys = list(self.keys)
+        other._block_size, other._parent = self._block_size, self._parent
+        other._prefix, other._root = self._prefix, self._root
+        return other
+
     def extend(self, token_ids) -> list[str]:
         """Key the full blocks of `token_ids` (the whole sequence so far: list, array or CPU
         tensor of ints) past those already keyed, and return the new keys. The tokens already

@@ -28,7 +28,7 @@ from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
 from wire.streaming import ClosingStreamingResponse, unless_disconnected
 from worker.app import WorkerDep
 from worker.runtime import Worker
-from worker.sequence import Started, check_sequence, count_reuse, start_sequence
+from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
 
 routes = APIRouter()
 log = logging.getLogger(__name__)
@@ -55,15 +55,21 @@ def export_prompt(engine: Engine, ev: TokenEvent, started: Started) -> PromptExp
 
 
 async def run_prefill(worker: Worker, body: PrefillRequest) -> tuple[PrefillResponse, Future]:
-    """Compute the prompt; returns the reply head and the Future of the KV's store writes."""
+    """Compute the prompt once, sample the first token of it and of each fork; returns the
+    reply head and the Future of the KV's store writes."""
     n = len(body.token_ids)
     started = await start_sequence(worker, body, n, prefill_only=True)
 
-    def on_event(engine: Engine, ev: TokenEvent) -> PromptExport:
-        return export_prompt(engine, ev, started)
+    def on_event(engine: Engine, ev: TokenEvent) -> PromptExport | TokenEvent:
+        # Only the request's own sequence holds the prompt's KV; a fork just drew a token.
+        return export_prompt(engine, ev, started) if ev.seq_id == body.request_id else ev
 
-    # A prefill_only stream yields exactly one item: the first token with its exported KV.
-    [out] = [item async for item in worker.runner.stream(started.req, on_event=on_event)]
+    # A prefill_only stream yields one item per sequence: the first token (the request's own
+    # with the exported KV), in no promised order.
+    items = [item async for item in worker.runner.stream(
+        started.req, on_event=on_event, forks=fork_specs(body))]
+    [out] = [i for i in items if isinstance(i, PromptExport)]
+    firsts = {i.seq_id: i for i in items if isinstance(i, TokenEvent)}
     count_reuse(worker, started.req, out.event.num_cached_tokens or 0)
     # The tail's key names its content (kvstore/keys.py): the decode worker recomputes it.
     tkey = started.keys.tail_key(body.request_id, body.token_ids) if out.tail is not None else None
@@ -72,7 +78,8 @@ async def run_prefill(worker: Worker, body: PrefillRequest) -> tuple[PrefillResp
         tkey, stored = None, Future()
         stored.set_result(0)
     head = PrefillResponse(event=out.event, tail_key=tkey,
-                           tail_start=(n // worker.block_size) * worker.block_size)
+                           tail_start=(n // worker.block_size) * worker.block_size,
+                           forks=[firsts[f.request_id] for f in body.forks])
     return head, stored
 
 
@@ -94,7 +101,7 @@ async def reply_lines(head: PrefillResponse, stored: Future) -> AsyncIterator[st
     # The first token goes out now (the router streams it to the client: that is TTFT); the
     # decode worker reads the KV only after the second line says it is stored. The writes
     # finish even if the router goes away, so the prefix stays cached.
-    yield head.model_dump_json(exclude_none=True, exclude={"event": {"seq_id"}}) + "\n"
+    yield head.model_dump_json(exclude_none=True) + "\n"
     nbytes = await asyncio.shield(asyncio.wrap_future(stored))
     yield PrefillCommitted(stored_bytes=nbytes).model_dump_json() + "\n"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -155,13 +156,22 @@ class MeteredBackend:
     async def workers(self) -> list[dict]:
         return await self.inner.workers()
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        return self._metered(req, self.inner.generate(req))
+
+    def generate_group(self, reqs: Sequence[GenerateRequest]) -> list[AsyncIterator[TokenEvent]]:
+        return [self._metered(r, it) for r, it in zip(reqs, self.inner.generate_group(reqs),
+                                                      strict=True)]
+
+    async def _metered(self, req: GenerateRequest, events: AsyncIterator[TokenEvent]
+                       ) -> AsyncIterator[TokenEvent]:
         m, t = self.metrics, _Timing(time.perf_counter())
         m.in_flight.labels(req.model).inc()
         try:
-            async for ev in self.inner.generate(req):
-                self._observe(req, t)
-                yield ev
+            async with aclosing(events):  # closed now, not when collected: that stops the work
+                async for ev in events:
+                    self._observe(req, t)
+                    yield ev
         finally:
             m.in_flight.labels(req.model).dec()
             self._finish(req, t)

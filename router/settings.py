@@ -140,6 +140,12 @@ class RouterSettings(StoreSettings):
         1024, ge=1, description="connections the router keeps to all workers together; a "
         "call that finds none free is refused (tried elsewhere or 429), not a worker failure"
     )
+    # A call of n choices takes n of a worker's admission units (max_slots + max_queue, 96 by
+    # default) and one prompt computation: 16 keeps a call well inside one worker.
+    choices_per_call: int = Field(
+        16, ge=1, description="choices of one prompt (n > 1) that share one worker call: the "
+        "prompt is computed once per call and forked (a larger n is split into calls)"
+    )
     stream_send_timeout_s: float = Field(
         30.0, gt=0, description="a streaming client that accepts no chunk for this long is "
         "cut off and its backend calls closed (a reader that stopped reading)"

@@ -22,13 +22,21 @@ _EVENT = TypeAdapter(TokenEvent)
 
 
 def event_line(ev: TokenEvent) -> str:
-    """One NDJSON line: the event's set fields, without the worker-local seq_id."""
-    return _EVENT.dump_json(ev, exclude={"seq_id"}, exclude_none=True).decode() + "\n"
+    """One NDJSON line: the event's set fields. `seq_id` is the request id (or, for a call
+    with forks, the fork's) the router gave the sequence."""
+    return _EVENT.dump_json(ev, exclude_none=True).decode() + "\n"
 
 
 def parse_event(line: str | bytes) -> TokenEvent:
     """Raises pydantic.ValidationError (a ValueError) on a malformed line."""
     return _EVENT.validate_json(line)
+
+
+class Fork(BaseModel):
+    """Another choice of the same prompt (n > 1): its own id and sampling parameters."""
+
+    request_id: str
+    params: SamplingParams
 
 
 class SequenceRequest(BaseModel):
@@ -38,6 +46,10 @@ class SequenceRequest(BaseModel):
     token_ids: list[int]  # prefill: the prompt; decode: prompt + every token generated so far
     params: SamplingParams
     cache_salt: str = ""
+    # The prompt's other choices, forked off this sequence before its first sample so the
+    # prompt is computed once (Engine.fork). Only while nothing is generated yet; their
+    # events carry their own request id as `seq_id`.
+    forks: list[Fork] = []
 
 
 class PrefillRequest(SequenceRequest):
@@ -53,6 +65,7 @@ class PrefillResponse(BaseModel):
     # namespace, the request id and the tail's tokens (chained from the blocks before it).
     tail_key: str | None = None
     tail_start: int = 0  # token position where the tail begins
+    forks: list[TokenEvent] = []  # the forks' first tokens, in the request's order
 
 
 class PrefillCommitted(BaseModel):
@@ -70,6 +83,16 @@ class DecodeRequest(SequenceRequest):
     # never make it read (or delete, when it does not decode) any other key.
     tail_key: str | None = None
     tail_start: int = 0
+    # Whose prefill stored the tail (the key is derived from that request id): a fork of the
+    # prompt loads the tail its parent's prefill stored. Default: this request.
+    tail_owner: str | None = None
+
+
+class AbortRequest(BaseModel):
+    """POST /abort: stop one sequence of a call that carries others (a fork the router no
+    longer wants, e.g. it hit a stop string); the call's other sequences go on."""
+
+    request_id: str
 
 
 class WorkerHealth(BaseModel):

@@ -55,7 +55,8 @@ class ClosingStreamingResponse(StreamingResponse):
 
         async def bounded(message: Message) -> None:
             try:
-                await asyncio.wait_for(send(message), limit)
+                async with asyncio.timeout(limit):
+                    await send(message)
             except TimeoutError:
                 raise SendTimedOut() from None
 
@@ -67,9 +68,14 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+async def unless_disconnected(
+    request: Request, work: Awaitable[T], discard: Callable[[T], Awaitable[object]] | None = None
+) -> T | None:
     """Run `work`, cancelling it (and so the backend calls) if the client goes away first.
-    The body has been read already, so the next receive() can only be the disconnect."""
+    The body has been read already, so the next receive() can only be the disconnect.
+
+    A cancelled `work` is awaited to its end: work that finished anyway (the cancel came too
+    late) hands its result to `discard` (e.g. closing a primed stream), never to nobody."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
@@ -78,7 +84,13 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
         watcher.cancel()
         if not task.done():
             task.cancel()
-    if not task.done() or task.cancelled():
-        log.info("client disconnected; %s cancelled", request.url.path)
+    if not watcher.done() or watcher.cancelled():
+        return task.result()  # the work ended first (its error raises here)
+    log.info("client disconnected; %s cancelled", request.url.path)
+    try:
+        result = await asyncio.shield(task)
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001 - nobody is left to tell
         return None
-    return task.result()
+    if discard is not None:
+        await discard(result)
+    return None

@@ -30,17 +30,18 @@ class Admission:
     active: int = 0  # admitted requests not yet finished
     draining: bool = False
 
-    def refusal(self, resume: bool = False) -> JSONResponse | None:
-        """The response that turns this request away, or None to admit it."""
+    def refusal(self, resume: bool = False, units: int = 1) -> JSONResponse | None:
+        """The response that turns this request away, or None to admit it. `units`: the
+        sequences it runs (n > 1 choices forked off one prompt run several)."""
         if self.draining:
             return _error(503, "worker is draining", "draining")
-        if self.active >= self.capacity and not resume:
+        if self.active + units > self.capacity and not resume:
             return _error(429, f"worker is at capacity ({self.capacity})", "at_capacity",
                           {"Retry-After": str(RETRY_AFTER_S)})
         return None
 
-    def admit(self) -> Ticket:
-        return Ticket(self)
+    def admit(self, units: int = 1) -> Ticket:
+        return Ticket(self, units)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Bounded poll until nothing is admitted; True if that happened in time."""
@@ -51,19 +52,20 @@ class Admission:
 
 
 class Ticket:
-    """One admitted request; release() is idempotent, so every exit path may call it."""
+    """One admitted request's units; release() is idempotent, so every exit path may call it."""
 
     __slots__ = ("_admission", "_held")
 
-    def __init__(self, admission: Admission):
+    def __init__(self, admission: Admission, units: int = 1):
         self._admission = admission
-        self._held = True
-        admission.active += 1
+        self._held = units
+        admission.active += units
 
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._admission.active -= 1
+    def release(self, units: int | None = None) -> None:
+        """Give back `units` (one fork ended) or everything still held."""
+        units = self._held if units is None else min(units, self._held)
+        self._held -= units
+        self._admission.active -= units
 
     def __enter__(self) -> Ticket:
         return self

@@ -23,7 +23,13 @@ from kvstore import KeyNamespace, build_store
 from kvstore.tiered import TieredStore
 from wire.internal_api import WorkerHealth
 from worker.admission import Admission, Ticket
-from worker.metrics import EngineCollector, HandoffMetrics, QueueMetrics, StoreMetrics
+from worker.metrics import (
+    EngineCollector,
+    HandoffMetrics,
+    QueueMetrics,
+    StoreCollector,
+    StoreMetrics,
+)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -103,13 +109,13 @@ class Worker:
         with self._pending_lock:
             self.pending_writes -= 1
 
-    def try_admit(self, resume: bool = False) -> Ticket | JSONResponse:
+    def try_admit(self, resume: bool = False, units: int = 1) -> Ticket | JSONResponse:
         """A ticket to hold while serving the request, or the 429/503 to answer with."""
-        refusal = self.admission.refusal(resume)
+        refusal = self.admission.refusal(resume, units)
         if refusal is not None:
             self.counters.requests_refused_total += 1
             return refusal
-        return self.admission.admit()
+        return self.admission.admit(units)
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) from other threads: only len() of containers, which is atomic;
@@ -153,6 +159,7 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
                     HandoffMetrics(registry, lm.name), admission)
     registry.register(EngineCollector(
         lm.name, lambda: (*worker.load(), config.max_slots, worker.counters)))
+    registry.register(StoreCollector(lm.name, store.stats))
     return worker
 
 

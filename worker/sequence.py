@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.intake import InvalidRequest
+from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest
 from kvstore import KeyChain, KeyNamespace
 from wire.internal_api import SequenceRequest
@@ -55,28 +56,51 @@ class Started:
 
 
 def check_sequence(worker: Worker, body: SequenceRequest, num_prompt_tokens: int) -> None:
-    """Raise InvalidRequest (a 400, worker/errors.py) unless the engine would run `body`: the
-    very checks engine.add makes, on the event loop before anything streams."""
+    """Raise InvalidRequest (a 400, worker/errors.py) unless the engine would run `body` and
+    each of its forks: the very checks engine.add makes, on the event loop before anything
+    streams."""
     try:
-        worker.engine.check(SeqRequest(body.request_id, body.token_ids, num_prompt_tokens,
-                                       body.params))
+        for request_id, params in [(body.request_id, body.params), *fork_specs(body)]:
+            worker.engine.check(SeqRequest(request_id, body.token_ids, num_prompt_tokens,
+                                           params))
+        _check_forks(worker, body, num_prompt_tokens)
     except InvalidRequest:
         worker.counters.requests_invalid_total += 1
         raise
 
 
+def fork_specs(body: SequenceRequest) -> list[tuple[str, SamplingParams]]:
+    """(seq_id, params) of the request's forks, as EngineRunner.stream takes them."""
+    return [(f.request_id, f.params) for f in body.forks]
+
+
+def _check_forks(worker: Worker, body: SequenceRequest, num_prompt_tokens: int) -> None:
+    if not body.forks:
+        return
+    ids = {body.request_id, *(f.request_id for f in body.forks)}
+    if len(ids) != 1 + len(body.forks):
+        raise InvalidRequest("forks", "fork request ids must differ from each other and "
+                             "from request_id")
+    if len(body.token_ids) != num_prompt_tokens:
+        raise InvalidRequest("forks", "forks start from the prompt: nothing may be generated")
+    if len(ids) > worker.admission.capacity:
+        raise InvalidRequest("forks", f"{len(ids)} sequences in one call; this worker holds "
+                             f"at most {worker.admission.capacity}")
+
+
 async def start_sequence(
     worker: Worker, body: SequenceRequest, num_prompt_tokens: int, *, prefill_only: bool = False,
-    tail_key: str | None = None, tail_start: int = 0,
+    tail_key: str | None = None, tail_start: int = 0, tail_owner: str | None = None,
 ) -> Started:
     """Key the known tokens and load their stored prefix (on a thread: hashing and store reads
     block), and build the engine request. `tail_key`/`tail_start` say the prefill worker stored
-    the prompt's tail; it is loaded only if they match what this worker computes itself."""
+    the prompt's tail (for request `tail_owner`, default this one); it is loaded only if they
+    match what this worker computes itself."""
     ns = worker.namespace(body.cache_salt)
     keys = KeyChain(ns)
     # Prompt logprobs need every position computed, so nothing is loaded for them.
     limit = len(body.token_ids) - 1 if body.params.prompt_logprobs is None else 0
-    claim = (tail_key, tail_start) if tail_key else None
+    claim = (tail_key, tail_start, tail_owner or body.request_id) if tail_key else None
     prefix = await asyncio.to_thread(
         _key_and_load, worker, body, num_prompt_tokens, keys, limit, claim
     )
@@ -104,16 +128,18 @@ def count_reuse(worker: Worker, req: SeqRequest, cached: int) -> None:
 
 def _key_and_load(
     worker: Worker, body: SequenceRequest, num_prompt_tokens: int, keys: KeyChain, limit: int,
-    claim: tuple[str, int] | None,
+    claim: tuple[str, int, str] | None,
 ) -> PrefixKV:
     keys.extend(body.token_ids)
     tail_key, tail_start = None, 0
     if claim is not None:
         # The prompt's partial last block, keyed from our own tokens: a forged or stale key
-        # (another namespace, request or prompt) is never read, so never deleted either.
+        # (another namespace or prompt) is never read, so never deleted either. The owner
+        # only scopes the key; its content is these tokens' KV whoever stored it.
+        claimed_key, claimed_start, owner = claim
         tail_start = num_prompt_tokens // worker.block_size * worker.block_size
-        mine = keys.tail_key(body.request_id, body.token_ids, num_prompt_tokens)
-        if claim != (mine, tail_start):
+        mine = keys.tail_key(owner, body.token_ids, num_prompt_tokens)
+        if (claimed_key, claimed_start) != (mine, tail_start):
             log.warning("%s: ignoring a tail key that is not this prompt's", body.request_id)
         else:
             tail_key = mine

@@ -13,7 +13,7 @@ from router.deps import RouterState
 from router.dispatch.backend import Admission
 from router.errors import RequestTimedOut, bad_request
 from router.output.collect import ChoiceResult, UsageCounter, collect
-from router.output.generation import ChoicePlan, ChoiceUpdate, run_choice
+from router.output.generation import ChoicePlan, ChoiceUpdate, choice_events, run_choice
 from router.output.merge import merge
 from router.output.streaming import SSE_HEADERS, SSEResponse, prime, sse_body
 from wire.streaming import unless_disconnected
@@ -43,16 +43,24 @@ async def respond(
     settings = state.settings
     admission = admit(state, len(plans))
     timeout = settings.request_timeout_s
+    events = choice_events(state.backend, plans, settings.choices_per_call)
     updates = merge(
-        [admission.hold(run_choice(state.backend, plan, tokenizer)) for plan in plans],
+        [admission.hold(run_choice(ev, plan, tokenizer))
+         for ev, plan in zip(events, plans, strict=True)],
         idle_timeout_s=timeout, on_idle=lambda: RequestTimedOut(timeout),
     )
     if stream:
         try:
-            primed = await prime(updates)
+            # The first update can take a whole prefill: a client that leaves meanwhile
+            # cancels it (the server would not notice before the first send).
+            primed = await unless_disconnected(request, prime(updates),
+                                               discard=lambda stream: stream.aclose())
         except BaseException:
             admission.release_all()
             raise
+        if primed is None:
+            admission.release_all()
+            return Response(status_code=499)
         return SSEResponse(sse_body(chunks(primed, usage)), headers=headers | SSE_HEADERS,
                            on_close=admission.release_all,
                            send_timeout_s=settings.stream_send_timeout_s)

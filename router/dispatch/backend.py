@@ -7,7 +7,7 @@ The production backend dispatches to prefill/decode workers over HTTP
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,6 +59,12 @@ class Backend(Protocol):
         """Yields the engine's token events until one has a finish_reason (the first also
         carries num_cached_tokens and any prompt_logprobs). Closing the iterator cancels the
         work."""
+        ...
+
+    def generate_group(self, reqs: Sequence[GenerateRequest]) -> list[AsyncIterator[TokenEvent]]:
+        """One iterator per request, as generate() gives, for the choices of one prompt (same
+        token_ids, cache_salt and model; their own ids and params): the prompt is computed
+        once for all of them. Each iterator may be closed on its own."""
         ...
 
     async def ready(self) -> bool: ...

@@ -29,9 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import replace
 
@@ -45,17 +44,21 @@ from router.dispatch.backend import (
     BackendUnavailable,
     GenerateRequest,
 )
+from router.dispatch.bodies import as_fork, decode_body
 from router.dispatch.faults import (
     RetryState,
     WorkerFailed,
     WorkerRefused,
     WorkerRejected,
+    backoff_s,
     check_status,
 )
+from router.dispatch.group import ChoiceGroup
 from router.dispatch.membership import Membership
 from router.dispatch.pool import WorkerInfo, WorkerPool, probe_client
 from wire.internal_api import (
     INTERNAL_TOKEN_HEADER,
+    AbortRequest,
     DecodeRequest,
     PrefillCommitted,
     PrefillRequest,
@@ -69,17 +72,11 @@ log = logging.getLogger(__name__)
 # restart under load takes 10-20 s on a 2-vCPU box). The router's idle timeout still applies.
 FAILOVER_WAIT_S = 45.0
 WAIT_POLL_S = 0.2  # pool re-checks while waiting; probes run every health_interval_s anyway
-BACKOFF_BASE_S = 0.05  # first retry delay; doubles per failure, capped, times U(1, 2) jitter
-BACKOFF_MAX_S = 1.0
 # How long a call waits for a free connection to the workers. The in-flight bound
 # (max_inflight_choices) keeps the pool from filling; when it is full anyway, refusing soon
 # (another worker, else 429) beats queueing behind streams that may run for minutes.
 POOL_WAIT_S = 5.0
-
-
-def backoff_s(failures: int) -> float:
-    """Exponential with jitter, so retries of requests that failed together spread out."""
-    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1)) * (1 + random.random())
+ABORT_TIMEOUT_S = 2.0  # an abort that cannot be delivered at once is not worth waiting for
 
 
 class DisaggregatedBackend:
@@ -131,33 +128,44 @@ class DisaggregatedBackend:
     # --- generation ---------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        state = RetryState(self.settings.max_failovers)
-        if not self.settings.prefix_cache:
-            # No reuse across requests, but the store still carries this request's handoff.
-            req = replace(req, cache_salt=f"{req.cache_salt}/{req.request_id}")
-        cached = await self._cached_tokens(req)
-        tokens = list(req.token_ids)
-        body = DecodeRequest(
-            request_id=req.request_id, token_ids=tokens, num_prompt_tokens=len(tokens),
-            params=req.params, cache_salt=req.cache_salt,
-        )
-        handoff = await self._prefill(req, state) if self._needs_prefill(req, cached) else None
+        state = self.retry_state()
+        req = self.scoped(req)
+        body = decode_body(req)
+        handoff = await self.prefill_if_worth_it(req, state)
         if handoff is not None:
             head, rest = handoff
             async with aclosing(rest):
                 # TTFT: the client gets the prefill worker's token now, while its KV is stored.
                 yield head.event
                 state.streaming = True
-                committed = await self._await_commit(rest)
+                committed = await self.await_commit(rest)
             if head.event.finish_reason is not None:
                 return
-            body.token_ids = tokens + [head.event.token_id]
-            # The prompt logprobs came with the first token: decode must not recompute them.
-            body.params = replace(req.params, prompt_logprobs=None)
-            if committed:
-                body.tail_key, body.tail_start = head.tail_key, head.tail_start
-        async for ev in self._decode(body, state, report_cached=handoff is None):
+            body = decode_body(req, head.event, head if committed else None)
+        async for ev in self.decode(body, state, report_cached=handoff is None):
             yield ev
+
+    def generate_group(self, reqs: Sequence[GenerateRequest]) -> list[AsyncIterator[TokenEvent]]:
+        """The choices of one prompt, computed once (router/dispatch/group.py)."""
+        if len(reqs) == 1:
+            return [self.generate(reqs[0])]
+        return ChoiceGroup(self, [self.scoped(r, group=reqs[0].request_id) for r in reqs]).members()
+
+    def retry_state(self, streaming: bool = False) -> RetryState:
+        return RetryState(self.settings.max_failovers, streaming=streaming)
+
+    def scoped(self, req: GenerateRequest, group: str | None = None) -> GenerateRequest:
+        """With the prefix cache off, a request (or a group of choices) still shares its own
+        KV through the store, with nobody else: its salt is made unique to it."""
+        if self.settings.prefix_cache:
+            return req
+        return replace(req, cache_salt=f"{req.cache_salt}/{group or req.request_id}")
+
+    async def prefill_if_worth_it(
+        self, req: GenerateRequest, state: RetryState, forks: Sequence[GenerateRequest] = ()
+    ) -> tuple[PrefillResponse, AsyncIterator] | None:
+        cached = await self._cached_tokens(req)
+        return await self._prefill(req, state, forks) if self._needs_prefill(req, cached) else None
 
     async def _cached_tokens(self, req: GenerateRequest) -> int:
         """Leading prompt tokens already in the shared tiers; any failure counts as a miss."""
@@ -167,10 +175,8 @@ class DisaggregatedBackend:
         ns = KeyNamespace(health.fingerprint, health.dtype, health.block_size, req.cache_salt)
         keys = block_keys(req.token_ids, ns)
         try:
-            n = await asyncio.wait_for(
-                asyncio.to_thread(self.lookup_store.lookup_prefix, keys),
-                self.settings.redis_timeout_s * 2,
-            )
+            async with asyncio.timeout(self.settings.redis_timeout_s * 2):
+                n = await asyncio.to_thread(self.lookup_store.lookup_prefix, keys)
         except Exception:  # a store outage is a miss, never a failed request
             log.warning("prefix lookup failed; treating as a miss", exc_info=True)
             return 0
@@ -188,26 +194,26 @@ class DisaggregatedBackend:
         return uncached >= max(1, self.settings.local_prefill_tokens)
 
     async def _prefill(
-        self, req: GenerateRequest, state: RetryState
+        self, req: GenerateRequest, state: RetryState, forks: Sequence[GenerateRequest]
     ) -> tuple[PrefillResponse, AsyncIterator] | None:
         """Try prefill workers in turn: (the reply's first line, the open rest of it), or None
         when the decode worker must prefill itself."""
         body = PrefillRequest(
             request_id=req.request_id, token_ids=list(req.token_ids), params=req.params,
-            cache_salt=req.cache_salt,
+            cache_salt=req.cache_salt, forks=[as_fork(f) for f in forks],
         )
         while (w := self.pool.pick_or_none("prefill", state.excluded)) is not None:
             lines = self._call_prefill(w, body)
             try:
                 return await anext(lines), lines
             except WorkerRefused as e:
-                self._refused(w, e, state)
+                self.refused(w, e, state)
             except WorkerRejected as e:
                 await lines.aclose()
-                raise self._rejected(w, e) from e
+                raise self.rejected(w, e) from e
             except WorkerFailed as e:
                 log.warning("prefill on %s failed (%s)", w.url, e)
-                if not self._failed(w, state):
+                if not self.failed(w, state):
                     break
                 await asyncio.sleep(backoff_s(state.failures))
             await lines.aclose()
@@ -243,13 +249,16 @@ class DisaggregatedBackend:
         PrefillCommitted once the worker has stored the KV."""
         async with aclosing(self._ndjson(w, "/prefill", body)) as lines:
             try:
-                yield PrefillResponse.model_validate_json(await anext(lines))
+                head = PrefillResponse.model_validate_json(await anext(lines))
+                if len(head.forks) != len(body.forks):
+                    raise ValueError(f"{len(head.forks)} fork tokens for {len(body.forks)} forks")
+                yield head
                 self.pool.mark_ok(w)
                 yield PrefillCommitted.model_validate_json(await anext(lines))
             except (ValueError, StopAsyncIteration) as e:
                 raise WorkerFailed(f"bad prefill reply: {e!r}") from e
 
-    async def _await_commit(self, rest: AsyncIterator) -> bool:
+    async def await_commit(self, rest: AsyncIterator) -> bool:
         """Whether the prefill worker stored the prompt's KV. If it died first, the decode
         worker loads whatever blocks did land and recomputes the rest: same output, slower."""
         try:
@@ -260,15 +269,15 @@ class DisaggregatedBackend:
                         "recomputes it", e)
             return False
 
-    async def _decode(
+    async def decode(
         self, body: DecodeRequest, state: RetryState, report_cached: bool
     ) -> AsyncIterator[TokenEvent]:
         """Stream from decode workers until a finish, resuming on another after a failure.
         Only the request's first event reports cached tokens (a resume's count is not news)."""
         while True:
-            w = await self._pick_decode(state)
+            w = await self.pick_decode(state)
             try:
-                async with aclosing(self._call_decode(w, body)) as events:
+                async with aclosing(self.call_decode(w, body)) as events:
                     async for ev in events:
                         if not report_cached:
                             ev.num_cached_tokens = None
@@ -280,19 +289,19 @@ class DisaggregatedBackend:
                         body.token_ids.append(ev.token_id)
                 raise WorkerFailed("stream ended without a finish reason")
             except WorkerRefused as e:
-                self._refused(w, e, state)
+                self.refused(w, e, state)
             except WorkerRejected as e:
-                raise self._rejected(w, e) from e
+                raise self.rejected(w, e) from e
             except WorkerFailed as e:
                 log.warning("decode on %s failed after %d tokens (%s)", w.url,
                             len(body.token_ids) - body.num_prompt_tokens, e)
                 state.streaming = True
-                if not self._failed(w, state):
+                if not self.failed(w, state):
                     raise BackendUnavailable(
                         f"decode failed {state.failures} times; giving up") from e
                 await asyncio.sleep(backoff_s(state.failures))
 
-    async def _pick_decode(self, state: RetryState) -> WorkerInfo:
+    async def pick_decode(self, state: RetryState) -> WorkerInfo:
         """A decode worker not yet tried (else a tried one that recovered). Before the client
         has any token the answer is immediate (429 if all refused, 503 if none is up); after,
         the request waits for a worker up to FAILOVER_WAIT_S, retrying refusals as room frees
@@ -312,7 +321,7 @@ class DisaggregatedBackend:
             state.refused.clear()  # a full worker may have room by the next look
             await asyncio.sleep(WAIT_POLL_S)
 
-    async def _call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[TokenEvent]:
+    async def call_decode(self, w: WorkerInfo, body: DecodeRequest) -> AsyncIterator[TokenEvent]:
         async with aclosing(self._ndjson(w, "/generate", body)) as lines:
             marked = False
             async for line in lines:
@@ -325,22 +334,33 @@ class DisaggregatedBackend:
                     marked = True
                 yield ev
 
+    async def abort(self, w: WorkerInfo, request_id: str) -> None:
+        """Best effort: stop one sequence of a call that carries others (its stream stays
+        open for them). If this fails, the sequence runs to its own end, unread."""
+        try:
+            r = await self.client.post(f"{w.url}/abort", content=AbortRequest(
+                request_id=request_id).model_dump_json(), headers={
+                "Content-Type": "application/json"}, timeout=ABORT_TIMEOUT_S)
+            r.raise_for_status()
+        except httpx.HTTPError as e:
+            log.info("abort of %s on %s failed (%r)", request_id, w.url, e)
+
     # --- fault bookkeeping --------------------------------------------------------------------
 
-    def _refused(self, w: WorkerInfo, e: WorkerRefused, state: RetryState) -> None:
+    def refused(self, w: WorkerInfo, e: WorkerRefused, state: RetryState) -> None:
         log.info("%s worker %s refused (%s); trying another", w.role, w.url, e)
         self.refusals_total += 1
         state.refuse(w.url, e)
         if e.draining:
             self.pool.mark_draining(w)
 
-    def _rejected(self, w: WorkerInfo, e: WorkerRejected) -> BackendRejected:
+    def rejected(self, w: WorkerInfo, e: WorkerRejected) -> BackendRejected:
         """The worker answered, so it is fine; the request is not, and the client hears why."""
         log.info("%s worker %s rejected the request (%d): %s", w.role, w.url, e.status, e)
         self.pool.mark_ok(w)
         return BackendRejected(str(e), e.param, e.code)
 
-    def _failed(self, w: WorkerInfo, state: RetryState) -> bool:
+    def failed(self, w: WorkerInfo, state: RetryState) -> bool:
         """Record a failed call; True if the request may retry."""
         self.pool.mark_failed(w)
         if not state.spend(w.url):

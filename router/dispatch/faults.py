@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 
 import httpx
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 1
 REJECTED = frozenset({400, 404, 413, 422})  # the request's own fault, not the worker's
+BACKOFF_BASE_S = 0.05  # first retry delay; doubles per failure, capped, times U(1, 2) jitter
+BACKOFF_MAX_S = 1.0
 
 
 class WorkerFailed(Exception):
@@ -105,3 +108,8 @@ class RetryState:
         self.refused.add(url)
         if not e.draining:
             self.busy = max(self.busy or 0, e.retry_after_s)
+
+
+def backoff_s(failures: int) -> float:
+    """Exponential with jitter, so retries of requests that failed together spread out."""
+    return min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1)) * (1 + random.random())

@@ -52,7 +52,8 @@ class Membership:
         """Every live worker's ad, or None if Redis could not be read (bounded)."""
         try:
             # Twice the socket timeout: the registry round trip plus the MGET.
-            ads = await asyncio.wait_for(self._read(), self._timeout_s * 2)
+            async with asyncio.timeout(self._timeout_s * 2):
+                ads = await self._read()
         except REDIS_ERRORS as e:
             if not self._failing:
                 log.warning("worker membership unreadable (%s); keeping the current pool", e)

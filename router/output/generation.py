@@ -1,6 +1,7 @@
 """One choice: backend token events in, text updates out (detokenize, stop strings, finish).
 
     backend.generate() --TokenEvent--> ChoiceState.consume() --ChoiceUpdate--> formatter
+    (or one of generate_group()'s iterators)
                                             |- IncrementalDetokenizer (whole characters)
                                             '- StopMatcher (cut at stop strings)
 
@@ -11,7 +12,7 @@ a stop string does exactly that.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,12 +142,31 @@ async def _aclose(iterator: Any) -> None:
         await close()
 
 
+def choice_events(
+    backend: Backend, plans: Sequence[ChoicePlan], per_call: int
+) -> list[AsyncIterator[TokenEvent]]:
+    """Each plan's backend events, in plan order. The choices of one prompt go to the backend
+    together, `per_call` at a time, so that its prompt is computed once per call, not once
+    per choice (n > 1)."""
+    by_prompt: dict[int, list[int]] = {}
+    for i, plan in enumerate(plans):
+        by_prompt.setdefault(plan.prompt_index, []).append(i)
+    events: list[AsyncIterator[TokenEvent] | None] = [None] * len(plans)
+    for indices in by_prompt.values():
+        for k in range(0, len(indices), per_call):
+            part = indices[k : k + per_call]
+            streams = backend.generate_group([plans[i].request for i in part])
+            for i, stream in zip(part, streams, strict=True):
+                events[i] = stream
+    return events  # type: ignore[return-value]  # every slot is filled
+
+
 async def run_choice(
-    backend: Backend, plan: ChoicePlan, tokenizer: PreTrainedTokenizerBase
+    events: AsyncIterator[TokenEvent], plan: ChoicePlan, tokenizer: PreTrainedTokenizerBase
 ) -> AsyncIterator[ChoiceUpdate]:
-    """Updates until one has a finish_reason; the backend iterator is closed on every exit."""
+    """Updates from the choice's backend `events` until one has a finish_reason; the backend
+    iterator is closed on every exit."""
     state = ChoiceState(plan, tokenizer)
-    events = backend.generate(plan.request)
     first = True
     try:
         async for ev in events:

@@ -44,8 +44,11 @@ async def merge(
     try:
         while remaining:
             try:
-                item, exc = await asyncio.wait_for(queue.get(), idle_timeout_s)
-            except asyncio.TimeoutError:
+                # Not wait_for: on 3.11 it can swallow a cancel that lands as get() completes,
+                # and a cancelled request would then run on.
+                async with asyncio.timeout(idle_timeout_s):
+                    item, exc = await queue.get()
+            except TimeoutError:
                 raise on_idle() from None
             if exc is not None:
                 raise exc

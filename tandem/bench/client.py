@@ -95,7 +95,7 @@ async def send(client: httpx.AsyncClient, cfg: BenchConfig, body: dict,
     t0 = time.perf_counter()
     try:
         await asyncio.wait_for(_stream(client, cfg.path, body, acc, t0), cfg.timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         acc.fail(f"timed out after {cfg.timeout_s:g} s")
     except Exception as exc:  # any failure of a peer is a measured failure, not a crash
         acc.fail(f"{type(exc).__name__}: {exc}")

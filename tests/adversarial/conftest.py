@@ -83,3 +83,11 @@ def canary(stack):
     c = Canary(stack.url, want).start()
     yield c
     c.stop()
+
+
+def metric_total(url: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples at `url`/metrics, over all labels (0 while it
+    has none yet)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((f"{name}{{", f"{name} ")))

@@ -310,20 +310,38 @@ def test_forged_tail_key_is_never_read(stack, redis, canary):
     assert redis.client().exists(kv_prefix("default") + head["tail_key"]) == 1
 
 
-def test_clients_that_leave_before_their_first_token(stack, canary):
-    """100 clients send a long-prompt stream and close the socket at once."""
-    body = json.dumps({"model": MODEL, "prompt": "story " * 1500, "max_tokens": 64,
-                       "stream": True}).encode()
-    host, port = "127.0.0.1", stack.port
+def _prompt_tokens_computed(stack) -> int:
+    return sum(h["counters"]["prompt_tokens_computed_total"]
+               for role in ("prefill", "decode") for h in stack.worker_health(role))
 
-    def leave(_):
+
+def _settled(stack) -> bool:
+    """Nothing left but the canary (one decode sequence at most)."""
+    [p], [d] = stack.worker_health("prefill"), stack.worker_health("decode")
+    return p["running"] == p["waiting"] == 0 and d["waiting"] == 0 and d["running"] <= 1
+
+
+def test_clients_that_leave_before_their_first_token(stack, canary):
+    """100 clients each send a different long-prompt stream and close the socket at once:
+    their prefills are cancelled, so only the few already in the engine get computed (each
+    would take a second or two; all 100 would be minutes of prefill work)."""
+    host, port = "127.0.0.1", stack.port
+    prompt_tokens = 1501  # "<i>" + 1500 x " story": a prompt shares no block with another
+
+    def leave(i: int) -> None:
+        body = json.dumps({"model": MODEL, "prompt": f"{i}" + " story" * 1500,
+                           "max_tokens": 64, "stream": True}).encode()
         with socket.create_connection((host, port), timeout=10) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
                       b"Content-Type: application/json\r\n"
                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
+    before = _prompt_tokens_computed(stack)
     with ThreadPoolExecutor(10) as pool:
         list(pool.map(leave, range(100)))
+    poll(lambda: _settled(stack), 120, "workers settled after the clients left")
+    computed = _prompt_tokens_computed(stack) - before
+    assert computed <= 10 * prompt_tokens, computed  # the canary's few tokens fit easily
     stack.wait_all_healthy()
 
 

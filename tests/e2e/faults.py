@@ -155,3 +155,34 @@ def start_decode_worker(stack: Stack, port: int, *args: str) -> subprocess.Popen
     return subprocess.Popen(
         [sys.executable, "-m", "tandem.cli", "decode", "--port", str(port), *args],
         stdout=log, stderr=subprocess.STDOUT, env=stack.env, start_new_session=True)
+
+
+def stream_partial(stack: Stack, body: dict, got: list[str],
+                   on_chunk: Callable[[int], None] | None = None) -> bool:
+    """A streamed /v1/completions whose server may die under it: each content chunk's text is
+    appended to `got` as it arrives, so a caller sees what the client had when the stream
+    broke. True if the stream ended with [DONE], False if it was cut (connection reset, short
+    body). A stream that answers anything but 200, or carries an error event, fails."""
+    try:
+        with httpx.stream("POST", f"{stack.url}/v1/completions", timeout=120,
+                          json={"model": MODEL, "stream": True, **body}) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                payload = line.removeprefix("data: ")
+                if payload == line:
+                    continue
+                if payload == "[DONE]":
+                    return True
+                chunk = json.loads(payload)
+                assert "error" not in chunk, chunk
+                got.append("".join(c.get("text") or "" for c in chunk["choices"]))
+                if on_chunk is not None:
+                    on_chunk(len(got))
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        return False
+    return False
+
+
+def log_lines(stack: Stack, needle: str) -> int:
+    """Lines of the stack's log (every child writes to it) that contain `needle`."""
+    return sum(needle in line for line in stack.log_path.read_text(errors="replace").splitlines())

@@ -86,6 +86,23 @@ class Stack:
             time.sleep(0.2)
         raise AssertionError(f"workers never all healthy:\n{self.log_tail()}")
 
+    def child_pids(self, command: str) -> list[int]:
+        """Pids of the live children of `tandem serve` that run `tandem.cli <command>` (router,
+        prefill or decode), read from /proc. A killed child the supervisor has not reaped yet is
+        a zombie with an empty cmdline, so it is not listed."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # exited while we looked
+            if ppid == self.proc.pid and b"tandem.cli" in argv:
+                at = argv.index(b"tandem.cli") + 1
+                if at < len(argv) and argv[at] == command.encode():
+                    pids.append(int(stat.parent.name))
+        return pids
+
     def log_tail(self, n: int = 60) -> str:
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-n:])

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from router.api.planning import derive_seed
 from tests.e2e.stack import Stack
 from tests.redis_server import RedisServer
 
@@ -137,3 +138,39 @@ def test_colocated_matches_generate(tmp_path, reference, flag):
     with Stack(tmp_path, flag) as s:
         check_chat_and_completions(s, reference)
         assert {w["role"] for w in s.workers()} == {"decode"}
+
+
+# Over a block (64 tokens), so the router takes the prefill hop; under it, the decode worker
+# prefills (router --local-prefill-tokens 64 in tests/e2e/stack.py).
+LONG_STORY = ("Write the next line of this story. " + " ".join(
+    f"On day {i} the traveller crossed river number {i} and rested." for i in range(8)))
+SHORT_STORY = "Write one line about a lighthouse keeper:"
+
+
+@pytest.mark.parametrize("prompt", [LONG_STORY, SHORT_STORY], ids=["prefill-hop", "decode-only"])
+def test_n_choices_compute_their_prompt_once(stack, reference, prompt):
+    """n > 1 forks the choices off one prompt computation (on the prefill worker, or on the
+    decode worker when the hop is skipped), and each choice is still the text its own n=1
+    request with the choice's seed gives (position-seeded sampling)."""
+    prompt_len = len(reference.lm.tokenizer.encode(prompt))
+    assert (prompt_len > 64) == (prompt is LONG_STORY)
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 11,
+            "cache_salt": f"n8-{prompt_len}"}
+    before = computed_prompt_tokens(stack)
+    r = post(stack, "/v1/completions", {**body, "n": 8})
+    assert r.status_code == 200, r.text
+    assert computed_prompt_tokens(stack) - before == prompt_len
+    texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    assert len(set(texts)) > 1, texts  # sampled choices differ
+    for j in (0, 3, 7):
+        alone = post(stack, "/v1/completions", {**body, "seed": derive_seed(11, j)})
+        assert alone.status_code == 200, alone.text
+        assert alone.json()["choices"][0]["text"] == texts[j], j
+
+
+def test_n_greedy_choices_all_match_generate(stack, reference):
+    want, _ = reference.completion(LONG_STORY, 16)
+    r = post(stack, "/v1/completions", {"prompt": LONG_STORY, "max_tokens": 16, "n": 4,
+                                        "temperature": 0, "cache_salt": "n4-greedy"})
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == [want] * 4

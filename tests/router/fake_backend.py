@@ -80,6 +80,7 @@ class FakeBackend:
     fail_before: BackendError | None = None  # raised by generate() before any event
     fail_after: int | None = None  # events played before BackendUnavailable mid-stream
     requests: list[GenerateRequest] = field(default_factory=list)
+    groups: list[list[str]] = field(default_factory=list)  # request ids per generate_group
     played: dict[str, int] = field(default_factory=dict)  # request id -> events yielded
     closed: list[str] = field(default_factory=list)  # request ids whose iterator was closed
     finished: list[str] = field(default_factory=list)  # request ids played to the end
@@ -111,6 +112,10 @@ class FakeBackend:
         self.active.add(req.request_id)
         self.peak_active = max(self.peak_active, len(self.active))
         return self._play(req)
+
+    def generate_group(self, reqs) -> list[AsyncIterator[TokenEvent]]:
+        self.groups.append([r.request_id for r in reqs])
+        return [self.generate(r) for r in reqs]
 
     async def _play(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
         rid = req.request_id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fastapi.testclient import TestClient
+
 from engine.sequence import TokenEvent
 from router.api.planning import derive_seed
 from tests.router.conftest import MAX_MODEL_LEN
@@ -72,6 +74,15 @@ def test_prompts_times_n_indices_and_seeds(client, fake):
     assert texts[0] != texts[1]
     assert body["usage"]["prompt_tokens"] == 1 + 3  # each prompt counted once, not per n
     assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 1 + 3
+
+
+def test_choices_of_a_prompt_go_to_the_backend_together(make_app, fake):
+    """n > 1: one generate_group call per prompt (its prompt computed once), split into calls
+    of choices_per_call."""
+    with TestClient(make_app(fake, choices_per_call=3)) as c:
+        assert post(c, prompt=[[9], [1, 2, 3]], n=4, max_tokens=5).status_code == 200
+    sizes = sorted((g[0].rsplit("-", 1)[1], len(g)) for g in fake.groups)
+    assert sizes == [("0", 3), ("3", 1), ("4", 3), ("7", 1)]
 
 
 def test_seed_is_always_set(client, fake):

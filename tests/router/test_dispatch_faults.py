@@ -69,6 +69,8 @@ class Workers:
                                   json=health("prefill" if url == P else "decode"))
         body = json.loads(request.content)
         self.calls.append((url, path, body))
+        if path == "/abort":
+            return httpx.Response(204)
         return (self.generate if path == "/generate" else self.prefill)[url](body)
 
     def paths(self, path: str) -> list[str]:

@@ -143,3 +143,22 @@ def test_client_disconnect_cancels_the_backend(live):
         assert plain_id not in fake.finished
     finally:
         fake.delay_s = 0.0
+
+
+def test_client_leaving_before_the_first_token_cancels_the_backend(live):
+    """A stream's first token can take a whole prefill; a client gone meanwhile cancels it
+    then, not when the first send fails."""
+    url, fake = live
+    fake.delay_s = 1.0  # the first token comes after a second
+    before = len(fake.requests)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", timeout=0.3,
+                       headers={"Authorization": f"Bearer {KEY}"},
+                       json={"model": MODEL, "prompt": "x", "stream": True, "max_tokens": 50})
+        assert wait_until(lambda: len(fake.requests) > before)
+        rid = fake.requests[-1].request_id
+        assert wait_until(lambda: rid in fake.closed)
+        assert rid not in fake.played  # closed before its first event was produced
+    finally:
+        fake.delay_s = 0.0

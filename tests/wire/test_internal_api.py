@@ -27,12 +27,13 @@ def test_sampling_params_round_trip_exactly():
 
 def test_event_line_carries_set_fields_only_and_parses_back():
     ev = TokenEvent(9, -0.25, [(9, -0.25), (4, -2.0)], "stop", num_cached_tokens=64,
-                    prompt_logprobs=[None, (-1.5, [(3, -0.5)])], seq_id="engine-local")
+                    prompt_logprobs=[None, (-1.5, [(3, -0.5)])], seq_id="cmpl-x-3")
     line = event_line(ev)
     fields = json.loads(line)
-    assert line.endswith("\n") and "seq_id" not in fields and None not in fields.values()
-    assert parse_event(line) == TokenEvent(9, -0.25, [(9, -0.25), (4, -2.0)], "stop", 64,
-                                           [None, (-1.5, [(3, -0.5)])])
+    # seq_id names the choice: a call with forks streams several sequences' events.
+    assert line.endswith("\n") and fields["seq_id"] == "cmpl-x-3"
+    assert None not in fields.values()
+    assert parse_event(line) == ev
     assert parse_event(event_line(TokenEvent(3))) == TokenEvent(3)
 
 

@@ -37,7 +37,8 @@ def worker_of(c: TestClient) -> Worker:
 
 
 def params(max_tokens: int = 4, **kw) -> dict:
-    p = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+    p = SamplingParams(**{"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                          **kw})
     return {f: getattr(p, f) for f in p.__dataclass_fields__}
 
 

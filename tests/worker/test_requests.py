@@ -133,3 +133,61 @@ def test_refuses_to_start_exposed_without_a_token(tiny_folder, host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.0.1", "::1", "localhost"])
 def test_loopback_needs_no_token(tiny_folder, host):
     create_worker_app(settings(tiny_folder, host=host), APIRouter())
+
+
+def fork(rid: str, **kw) -> dict:
+    return {"request_id": rid, "params": params(**kw)}
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"forks": [fork("f", logit_bias={VOCAB: 1.0})]}, "logit_bias"),  # each fork is checked
+    ({"forks": [fork("r")]}, "forks"),  # a fork's id is the request's
+    ({"forks": [fork("f"), fork("f")]}, "forks"),
+    ({"forks": [fork(f"f{i}") for i in range(200)]}, "forks"),  # more than the worker holds
+])
+def test_bad_forks_are_400_before_streaming(decode, prefill, fields, param):
+    for c, path in ((decode, "/generate"), (prefill, "/prefill")):
+        _assert_openai_400(c.post(path, json=decode_body("r", PROMPT) | fields), param)
+        assert worker_of(c).admission.active == 0
+
+
+def test_forks_need_a_fresh_prompt(decode):
+    body = decode_body("r", PROMPT + [5], len(PROMPT)) | {"forks": [fork("f")]}
+    _assert_openai_400(decode.post("/generate", json=body), "forks")
+
+
+def test_forks_stream_side_by_side_each_as_it_would_alone(decode):
+    """One call, three sequences: the prompt is computed once, and each sequence's tokens are
+    the ones its own call with the same params gives (position-seeded sampling)."""
+    w = worker_of(decode)
+    before = w.counters.prompt_tokens_computed_total
+    body = decode_body("g", PROMPT) | {"params": params(6, temperature=1.0, seed=1),
+                                       "cache_salt": "forks-only",  # nothing cached
+                                       "forks": [fork("g1", max_tokens=3, temperature=1.0,
+                                                      seed=2),
+                                                 fork("g2", max_tokens=6, temperature=1.0,
+                                                      seed=3)]}
+    r = decode.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert w.counters.prompt_tokens_computed_total - before == len(PROMPT)
+    got: dict[str, list[int]] = {}
+    for ev in lines(r.text):
+        got.setdefault(ev["seq_id"], []).append(ev["token_id"])
+    assert {k: len(v) for k, v in got.items()} == {"g": 6, "g1": 3, "g2": 6}
+    for rid, seed, n in (("g1", 2, 3), ("g2", 3, 6)):
+        alone = decode.post("/generate", json=decode_body(f"{rid}-alone", PROMPT) | {
+            "params": params(n, temperature=1.0, seed=seed)})
+        assert [e["token_id"] for e in lines(alone.text)] == got[rid]
+    assert w.admission.active == 0
+
+
+def test_prefill_forks_return_a_first_token_each(prefill):
+    body = decode_body("p", PROMPT) | {"params": params(4, temperature=1.0, seed=1),
+                                       "forks": [fork("p1", temperature=1.0, seed=2)]}
+    r = prefill.post("/prefill", json=body)
+    assert r.status_code == 200, r.text
+    head = lines(r.text)[0]
+    assert [f["seq_id"] for f in head["forks"]] == ["p1"]
+    alone = prefill.post("/prefill", json=decode_body("p1-alone", PROMPT) | {
+        "params": params(4, temperature=1.0, seed=2)})
+    assert head["forks"][0]["token_id"] == lines(alone.text)[0]["event"]["token_id"]

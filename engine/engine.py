@@ -34,6 +34,8 @@ __all__ = ["Engine", "EngineConfig", "EngineStats", "SeqRequest", "TokenEvent"]
 
 log = logging.getLogger(__name__)
 
+LOGITS_CHUNK = 512  # prompt positions per forward when every position's logits are kept
+
 
 class Engine:
     """Runs sequences of one model: add() queues, step() advances all of them by one iteration
@@ -311,13 +313,20 @@ class Engine:
                     continue
             if seq.todo == 1:
                 continue  # an import: it joins the next decode step
-            n = min(budget, seq.todo)
+            n = min(budget, seq.todo, self._chunk_cap(seq))
             budget -= n
             logits = self._prefill(seq, n)
             self._prefilling = seq if seq.todo > 1 else None
             if logits is not None:
                 events += self._emit([seq], logits)
         return events
+
+    @staticmethod
+    def _chunk_cap(seq: Sequence) -> int:
+        """Prompt logprobs need every position's logits: [n, V] fp32 per forward, 1.6 GB for
+        an 8k prompt at V = 49152. Fed LOGITS_CHUNK at a time, it is 100 MB (the masked chunks
+        cost ~2x the one-pass kernel, only for these requests)."""
+        return LOGITS_CHUNK if seq.prompt_lps is not None else 1 << 62
 
     def _prefill(self, seq: Sequence, n: int) -> torch.Tensor | None:
         """Feed the next n tokens. Returns last-position logits [1, V] once all are fed."""

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from transformers import PreTrainedTokenizerBase
 
+from router.api.body import ThreadParsedRoute
 from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
@@ -48,7 +49,7 @@ from router.protocol.common import Usage
 from router.settings import RouterSettings
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["openai"])
+router = APIRouter(route_class=ThreadParsedRoute, tags=["openai"])
 
 
 def build_chat_job(

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from router.api.body import ThreadParsedRoute
 from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
@@ -49,7 +50,7 @@ from router.protocol.completions import (
 )
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["openai"])
+router = APIRouter(route_class=ThreadParsedRoute, tags=["openai"])
 
 
 def build_job(

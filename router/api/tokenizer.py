@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from router.api.body import ThreadParsedRoute
 from router.api.chat import chat_prompt_ids, check_messages
 from router.api.openapi_docs import error_responses
 from router.api.planning import check_token_ids
@@ -23,7 +24,8 @@ from router.protocol.tokenize import (
 )
 from router.settings import RouterSettings
 
-router = APIRouter(tags=["tokenizer"], dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=ThreadParsedRoute, tags=["tokenizer"],
+                   dependencies=[Depends(require_api_key)])
 
 
 @router.post("/tokenize", response_model=TokenizeResponse,

@@ -11,8 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+import engine.engine as engine_module
 import engine.sampler as sampler
 from engine.engine import Engine, EngineConfig
+from engine.forward import Forward
 from engine.intake import InvalidRequest
 from engine.runner import EngineRunner
 from engine.sequence import SeqRequest
@@ -185,6 +187,7 @@ def test_prompt_logprobs_in_chunks_equal_one_pass(tiny_fp32, monkeypatch):
         return pass_rows(logits, targets, k)
 
     monkeypatch.setattr(sampler, "_prompt_logprobs", spy)
+    monkeypatch.setattr(engine_module, "LOGITS_CHUNK", 10**9)  # one forward for the prompt
     monkeypatch.setattr(sampler, "PROMPT_LOGPROB_CHUNK", 10**9)  # the whole prompt at once
     whole = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
     assert rows == [600]
@@ -194,3 +197,27 @@ def test_prompt_logprobs_in_chunks_equal_one_pass(tiny_fp32, monkeypatch):
     assert rows == [256, 256, 88]
     assert len(chunked) == 600 and chunked[0] is None
     assert chunked == whole  # exactly: every op is per row
+
+
+def test_prompt_logprobs_never_hold_more_than_a_chunk_of_logits(tiny_fp32, monkeypatch):
+    """The forward keeps every position's logits for prompt logprobs: [LOGITS_CHUNK, V] at
+    most per pass, whatever the prompt's length, and the same values as one pass."""
+    ids = [(i * 7919) % VOCAB for i in range(600)]
+    params = greedy(1, prompt_logprobs=3)
+    rows = []
+    prefill = Forward.prefill
+
+    def spy(self, slot, token_ids, start, all_logits):
+        out = prefill(self, slot, token_ids, start, all_logits)
+        rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(Forward, "prefill", spy)
+    chunked = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
+    assert rows == [512, 88]
+    monkeypatch.setattr(engine_module, "LOGITS_CHUNK", 10**9)
+    whole = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
+    assert rows[2:] == [600]
+    for a, b in zip(chunked[1:], whole[1:], strict=True):  # masked chunks vs one pass: ~1e-6
+        assert a[0] == pytest.approx(b[0], abs=1e-4)
+        assert [t for t, _ in a[1]] == [t for t, _ in b[1]]

@@ -3,7 +3,8 @@
     .venv/bin/python scripts/bench_serving.py            # full: ~30 min on 2 quiet vCPUs
     .venv/bin/python scripts/bench_serving.py --quick    # smoke: ~6 min, into docs/bench/quick
 
-Targets, started one at a time on free loopback ports (scripts/serving_targets.py), all float32:
+Targets, started one at a time on free loopback ports (scripts/serving_targets.py), all in one
+dtype (--dtype; default auto: bf16 on a CPU with native bf16, else float32):
 
     tandem-1p1d        tandem serve (1 prefill + 1 decode worker, memory+disk KV store)
     tandem-colocated   tandem serve --colocated (one worker, no handoff)
@@ -44,7 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.loader import materialize  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from scripts.serving_report import render_markdown, write_comparison_plot  # noqa: E402
-from scripts.serving_targets import Server, peer_serve, tandem_router, tandem_serve  # noqa: E402
+from scripts.serving_targets import (  # noqa: E402
+    Server,
+    default_dtype,
+    peer_serve,
+    tandem_router,
+    tandem_serve,
+)
 from tandem.bench import report  # noqa: E402
 from tandem.bench.client import make_client, request_body, send  # noqa: E402
 from tandem.bench.config import BenchConfig  # noqa: E402
@@ -149,31 +156,31 @@ def measure(server: Server, sizes: Sizes, prompts: list[list[dict]], parts: set[
     return out
 
 
-def run_tandem_1p1d(workdir: Path, sizes: Sizes, prompts: list[list[dict]]) -> dict:
+def run_tandem_1p1d(workdir: Path, sizes: Sizes, prompts: list[list[dict]], dtype: str) -> dict:
     """Also: the cached prefix through another router process, and after a restart (the
     memory tiers are gone then; the disk tier still holds the blocks)."""
     kv = workdir / "tandem-1p1d-kv"
-    with tandem_serve("tandem-1p1d", workdir, kv) as s:
+    with tandem_serve("tandem-1p1d", workdir, kv, dtype=dtype) as s:
         out = measure(s, sizes, prompts, {"sweep"})
         workers = httpx.get(f"{s.url}/workers", timeout=10).json()["workers"]
         with tandem_router("tandem-router2", workdir, kv, workers) as r2:
             out["ttft"]["other router"] = ttft(r2, prompts[2])
         out["shared"] = shared_prefix(s, sizes)
-    with tandem_serve("tandem-1p1d-restarted", workdir, kv) as s:
+    with tandem_serve("tandem-1p1d-restarted", workdir, kv, dtype=dtype) as s:
         warm_up(s)
         out["ttft"]["after restart"] = ttft(s, prompts[3])
     return out
 
 
 def run_target(name: str, workdir: Path, sizes: Sizes, prompts: list[list[dict]],
-               folder: Path) -> dict:
+               folder: Path, dtype: str) -> dict:
     if name == "tandem-1p1d":
-        return run_tandem_1p1d(workdir, sizes, prompts)
+        return run_tandem_1p1d(workdir, sizes, prompts, dtype)
     if name.startswith("peer"):
-        server = peer_serve(name, workdir, folder, continuous=name == "peer-cb")
+        server = peer_serve(name, workdir, folder, continuous=name == "peer-cb", dtype=dtype)
     else:
         flags = {"tandem-colocated": ["--colocated"], "tandem-no-cache": ["--no-prefix-cache"]}
-        server = tandem_serve(name, workdir, workdir / f"{name}-kv", *flags[name])
+        server = tandem_serve(name, workdir, workdir / f"{name}-kv", *flags[name], dtype=dtype)
     parts = {"shared"} if name == "tandem-no-cache" else {"sweep", "shared"}
     with server:
         return measure(server, sizes, prompts, parts)
@@ -209,6 +216,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="default docs/bench (docs/bench/quick with --quick)")
     p.add_argument("--level-s", type=float, help="seconds per concurrency level (bounds time)")
     p.add_argument("--workdir", type=Path, help="logs and KV dirs (default: a temp dir)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: auto, "
+                   "bf16 only on a CPU with native bf16)")
     args = p.parse_args(argv)
     unknown = set(args.targets.split(",")) - set(TARGETS)
     if unknown:
@@ -227,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
     folder = Path(materialize(resolve_model(DEFAULT_MODEL)))
     prompts = prefix_prompts(sizes)
+    dtype = args.dtype or default_dtype()
     meta = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": DEFAULT_MODEL, "dtype": "float32", "quick": args.quick,
+            "model": DEFAULT_MODEL, "dtype": dtype, "quick": args.quick,
             "sizes": asdict(sizes), "cpus": os.cpu_count(), "load_before": os.getloadavg(),
             "command": " ".join([_rel(sys.executable, root), *sys.argv]),
             "workdir": str(workdir)}
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         log.info("=== %s (logs in %s)", name, workdir)
         try:
-            results[name] = run_target(name, workdir, sizes, prompts, folder)
+            results[name] = run_target(name, workdir, sizes, prompts, folder, dtype)
         except Exception as exc:  # one broken target must not lose the others' results
             log.exception("%s failed", name)
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}

@@ -23,10 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
+from engine.device import dtype_name, resolve_dtype
 from engine.registry import DEFAULT_MODEL
 
-DTYPE = "float32"  # bf16 matmuls have no fast kernel on AVX2 CPUs (~70x slower): same for all
+
+# `auto`: bf16 on a CPU with native bf16 (avx512_bf16/amx), else fp32 (bf16 matmuls have no fast
+# kernel on AVX2: ~70x slower). Every target of one run gets the same dtype.
+def default_dtype() -> str:
+    return dtype_name(resolve_dtype("auto", torch.device("cpu")))
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
 
@@ -94,10 +100,10 @@ class Server:
         self.stop()
 
 
-def tandem_serve(name: str, workdir: Path, kv_dir: Path, *flags: str) -> Server:
+def tandem_serve(name: str, workdir: Path, kv_dir: Path, *flags: str, dtype: str) -> Server:
     """`tandem serve` (1 prefill + 1 decode unless flags say otherwise) on a fresh port."""
     port = free_port()
-    argv = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), "--dtype", DTYPE,
+    argv = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(port), "--dtype", dtype,
             "--disk-cache-dir", str(kv_dir), *flags]
     return Server(name, argv, port, DEFAULT_MODEL, "/ready", workdir / f"{name}-{port}.log")
 
@@ -113,14 +119,14 @@ def tandem_router(name: str, workdir: Path, kv_dir: Path, workers: list[dict]) -
     return Server(name, argv, port, DEFAULT_MODEL, "/ready", workdir / f"{name}-{port}.log")
 
 
-def peer_serve(name: str, workdir: Path, folder: Path, continuous: bool) -> Server:
+def peer_serve(name: str, workdir: Path, folder: Path, continuous: bool, dtype: str) -> Server:
     """`transformers serve` pinned to the model folder (the `peer` extra)."""
     exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which(
         "transformers")
     if exe is None:
         raise RuntimeError("transformers CLI not found: pip install -e '.[peer]'")
     port = free_port()
-    argv = [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", DTYPE,
+    argv = [exe, "serve", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
             "--device", "cpu", "--log-level", "warning",
             "--continuous-batching" if continuous else "--no-continuous-batching", str(folder)]
     # Offline: the folder is local, and the peer must not try the Hub for anything.

@@ -139,6 +139,8 @@ class Worker:
 
 
 def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # process-wide: the engine's forward
     lm = load_model(resolve_model(settings.model), dtype=settings.dtype, device=settings.device)
     config = EngineConfig(
         max_slots=settings.max_slots,

@@ -36,6 +36,10 @@ class WorkerSettings(StoreSettings):
     )
     max_model_len: int | None = Field(None, description="default: the model's, capped at 8192")
     prefill_chunk: int = Field(512, description="prompt tokens per prefill chunk")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads for the forward (default: torch's, one "
+        "per core; fewer leaves cores to the router and other workers on a shared host)"
+    )
     # Each pending write holds its blocks' tensors (a decode block ~1.5-3 MB for SmolLM2, a
     # prefill up to a whole prompt), so an unbounded backlog behind a slow store grows without
     # limit. 64 batches ride out a store hiccup of a few steps; past that a write is dropped,

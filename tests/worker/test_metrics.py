@@ -26,3 +26,16 @@ def test_tier_evictions_are_scraped(tiny_folder):
             assert c.post("/generate", json=body).status_code == 200
         poll(lambda: sample(c.get("/metrics").text, "tandem:kvstore_evictions_total",
                             "memory") >= 4, 10, "evictions on /metrics")
+
+
+def test_torch_threads_setting_sizes_the_forward(tiny_folder):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with client("decode", tiny_folder, torch_threads=1) as c:
+            # Read on the engine thread, where the forward runs.
+            threads = worker_of(c).runner.call(lambda _: torch.get_num_threads())
+            assert threads.result(timeout=30) == 1
+    finally:
+        torch.set_num_threads(before)

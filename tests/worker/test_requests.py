@@ -5,6 +5,7 @@ broken stream; a worker bound beyond loopback refuses to start without a token."
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -191,3 +192,25 @@ def test_prefill_forks_return_a_first_token_each(prefill):
     alone = prefill.post("/prefill", json=decode_body("p1-alone", PROMPT) | {
         "params": params(4, temperature=1.0, seed=2)})
     assert head["forks"][0]["token_id"] == lines(alone.text)[0]["event"]["token_id"]
+
+
+def test_abort_ends_one_fork_and_the_others_finish(decode):
+    """POST /abort stops one sequence of a call with forks; the call's stream goes on for the
+    others and ends when they finish, and every admission unit comes back."""
+    w = worker_of(decode)
+    body = decode_body("ab", PROMPT) | {"params": params(60), "cache_salt": "abort-one",
+                                        "forks": [fork("ab1", max_tokens=60)]}
+    got: dict = {}
+    with decode.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line:
+                continue
+            ev = json.loads(line)
+            got.setdefault(ev["seq_id"], []).append(ev)
+            if len(got.get("ab1", [])) == 2 and "aborted" not in got:
+                got["aborted"] = decode.post("/abort", json={"request_id": "ab1"}).status_code
+    assert got["aborted"] == 204
+    assert len(got["ab"]) == 60 and got["ab"][-1]["finish_reason"] == "length"
+    assert 2 <= len(got["ab1"]) < 60 and all(e.get("finish_reason") is None for e in got["ab1"])
+    assert w.admission.active == 0

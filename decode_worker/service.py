@@ -13,7 +13,7 @@ engine can end the stream early.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
@@ -69,7 +69,7 @@ def block_writers(worker: Worker, started: Started, body: DecodeRequest) -> dict
 
 
 async def event_lines(worker: Worker, started: Started, body: DecodeRequest,
-                      on_end) -> AsyncIterator[str]:
+                      on_end: Callable[[], None]) -> AsyncIterator[str]:
     """The NDJSON lines of every sequence of the call; `on_end()` as each one finishes."""
     writers = block_writers(worker, started, body)
 

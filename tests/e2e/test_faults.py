@@ -293,3 +293,53 @@ def test_decode_killed_mid_stream_seeded_sampling_resumes_exactly(stack):
     text, survivor = kill_mid_stream(stack, {**body, "cache_salt": salt()})
     assert text == want
     check_resume_counters(survivor)
+
+
+# Under a block (64 tokens): no prefill hop, so one decode call forks all the choices.
+SHORT_STORY = "Once upon a time, in a small village at the edge of a great forest,"
+
+
+def stream_choices(stack: Stack, body: dict, on_chunk) -> list[str]:
+    """A streamed n > 1 completion: each choice's text; on_chunk(tokens per choice) after each
+    chunk."""
+    texts: dict[int, list[str]] = {}
+    with httpx.stream("POST", f"{stack.url}/v1/completions", timeout=180,
+                      json={"model": MODEL, "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            assert "error" not in chunk, chunk
+            for c in chunk["choices"]:
+                texts.setdefault(c["index"], []).append(c.get("text") or "")
+            on_chunk([len(texts.get(i, [])) for i in range(body["n"])])
+    return ["".join(texts[i]) for i in range(body["n"])]
+
+
+def test_forked_choices_resume_each_alone_after_a_decode_kill(stack):
+    """n=3 seeded choices share one decode call (forked off one prompt computation); the
+    worker is killed mid-stream, and each choice resumes alone on the other worker with its own
+    tokens so far: every text equals the same request's on a quiet stack."""
+    stack.wait_all_healthy()
+    body = {"prompt": SHORT_STORY, "max_tokens": 60, "temperature": 1.0, "seed": 7, "n": 3,
+            "ignore_eos": True, "cache_salt": salt()}
+    quiet = complete(stack, body)
+    assert quiet.status_code == 200, quiet.text
+    want = [c["text"] for c in sorted(quiet.json()["choices"], key=lambda c: c["index"])]
+    assert len(set(want)) == 3  # seeded choices differ: a mix-up between them would show
+    failovers = metric(stack.url, "tandem:worker_failovers_total")
+    killed: list[dict] = []
+
+    def on_chunk(counts: list[int]) -> None:
+        if killed or min(counts) < KILL_AFTER:
+            return
+        [serving] = [w for w in stack.workers() if w["role"] == "decode" and w["inflight"]]
+        os.kill(serving["pid"], signal.SIGKILL)
+        killed.append(serving)
+
+    got = stream_choices(stack, {**body, "cache_salt": salt()}, on_chunk)
+    assert killed, "the stream ended before the kill"
+    assert got == want
+    assert metric(stack.url, "tandem:worker_failovers_total") >= failovers + 1
+    stack.wait_all_healthy()

@@ -113,6 +113,10 @@ class Engine:
         400 before it starts streaming."""
         check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
 
+    def check_params(self, params: SamplingParams) -> None:
+        """check() for a fork's parameters (its tokens are its parent's): any thread."""
+        check_params(params, self.loaded.config.vocab_size)
+
     def take_failed(self) -> list[tuple[str, Exception]]:
         """(seq_id, error) of the sequences a step dropped for a failure of their own (an
         import that did not fit its slot, sampling that raised for their row), since the last
@@ -165,7 +169,7 @@ class Engine:
         parent = self._seqs[parent_id]
         if child_id in self._seqs or child_id in self._pending:
             raise ValueError(f"duplicate seq_id {child_id!r}")
-        check_params(params, self.loaded.config.vocab_size)
+        self.check_params(params)
         if parent.sampled or parent.done:
             self._spawn(parent, child_id, params)
         else:

@@ -60,9 +60,10 @@ def check_sequence(worker: Worker, body: SequenceRequest, num_prompt_tokens: int
     each of its forks: the very checks engine.add makes, on the event loop before anything
     streams."""
     try:
-        for request_id, params in [(body.request_id, body.params), *fork_specs(body)]:
-            worker.engine.check(SeqRequest(request_id, body.token_ids, num_prompt_tokens,
-                                           params))
+        worker.engine.check(SeqRequest(body.request_id, body.token_ids, num_prompt_tokens,
+                                       body.params))
+        for fork in body.forks:  # the same tokens: only their parameters are their own
+            worker.engine.check_params(fork.params)
         _check_forks(worker, body, num_prompt_tokens)
     except InvalidRequest:
         worker.counters.requests_invalid_total += 1

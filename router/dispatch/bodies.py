@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
-from engine.sequence import TokenEvent
 from router.dispatch.backend import GenerateRequest
 from wire.internal_api import DecodeRequest, Fork, PrefillResponse
 
@@ -14,17 +14,17 @@ def as_fork(req: GenerateRequest) -> Fork:
 
 
 def decode_body(
-    req: GenerateRequest, first: TokenEvent | None = None, stored: PrefillResponse | None = None,
+    req: GenerateRequest, generated: Sequence[int] = (), stored: PrefillResponse | None = None,
     owner: str | None = None,
 ) -> DecodeRequest:
-    """The decode call for `req`: its prompt, then `first` (the prefill worker's token) if
-    any, with the tail `stored` by the prefill of request `owner` (a group's parent)."""
+    """The decode call for `req`: its prompt, then the tokens it already has (the prefill
+    worker's first one, or everything before a failover), with the tail `stored` by the
+    prefill of request `owner` (a group's parent)."""
     body = DecodeRequest(
-        request_id=req.request_id, token_ids=list(req.token_ids),
+        request_id=req.request_id, token_ids=[*req.token_ids, *generated],
         num_prompt_tokens=len(req.token_ids), params=req.params, cache_salt=req.cache_salt,
     )
-    if first is not None:
-        body.token_ids.append(first.token_id)
+    if generated:
         # The prompt logprobs came with the first token: decode must not recompute them.
         body.params = replace(req.params, prompt_logprobs=None)
     if stored is not None:

@@ -141,7 +141,7 @@ class DisaggregatedBackend:
                 committed = await self.await_commit(rest)
             if head.event.finish_reason is not None:
                 return
-            body = decode_body(req, head.event, head if committed else None)
+            body = decode_body(req, [head.event.token_id], head if committed else None)
         async for ev in self.decode(body, state, report_cached=handoff is None):
             yield ev
 

@@ -19,7 +19,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from engine.sequence import TokenEvent
@@ -117,7 +116,8 @@ class ChoiceGroup:
         owner = self.reqs[0].request_id  # whose id the prompt's tail is stored under
         for j, ev in enumerate(firsts):
             if ev.finish_reason is None and j in self.open:
-                body = decode_body(self.reqs[j], ev, head if committed else None, owner)
+                body = decode_body(self.reqs[j], [ev.token_id], head if committed else None,
+                                   owner)
                 self._alone(j, self.b.decode(body, self.b.retry_state(streaming=True),
                                              report_cached=False))
 
@@ -184,10 +184,7 @@ class ChoiceGroup:
         tokens (the prompt's blocks are in the store), never on the worker that failed."""
         for j in sorted(self.open - self.finished):
             req = self.reqs[j]
-            body = decode_body(req)
-            body.token_ids = list(tokens[j])
-            if len(tokens[j]) > len(req.token_ids):  # its prompt logprobs came already
-                body.params = replace(req.params, prompt_logprobs=None)
+            body = decode_body(req, tokens[j][len(req.token_ids):])
             state = self.b.retry_state(streaming=True)
             state.failed.add(failed.url)
             self._alone(j, self.b.decode(body, state, report_cached=False))

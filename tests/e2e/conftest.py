@@ -6,6 +6,14 @@ import pytest
 import torch
 
 from tests.e2e.stack import Stack
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    """A module's own redis-server on a free loopback port (never the shared 6379)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ from tests.e2e.faults import (
     stream_completion,
 )
 from tests.e2e.stack import Stack, free_port
-from tests.redis_server import RedisServer
 from wire.internal_api import DecodeRequest, PrefillRequest, parse_event
 from wire.membership import ad_key
 
@@ -62,12 +61,6 @@ KILL_AFTER = 20  # tokens the client has seen when the worker dies
 BLOCK = 64
 CAPACITY = 2 * (2 + 2)  # decode workers x (max_slots + max_queue)
 WORKER_FLAGS = ("--memory-cache-bytes", "1", "--max-slots", "2", "--max-queue", "2")
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

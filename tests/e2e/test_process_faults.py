@@ -11,10 +11,8 @@ request gets a fresh cache salt, so a cache hit never hides a fault.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +35,7 @@ from tests.e2e.faults import (
     stream_partial,
 )
 from tests.e2e.stack import Stack
-from tests.redis_server import RedisServer
+from tests.tmpfs import fill, free_bytes, tmpfs
 
 STORY = (  # 108 tokens
     "Once upon a time, in a small village at the edge of a great forest, there lived an old "
@@ -62,12 +60,6 @@ def text_of(reply: httpx.Response) -> str:
 
 def salted(body: dict) -> dict:
     return {**body, "cache_salt": salt()}
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -239,15 +231,8 @@ BLOCK_BYTES = 30 * 2 * 3 * 64 * 64 * 4  # [L, 2, H, B, D] fp32, payload only
 def tiny_disk(tmp_path_factory):
     """A tmpfs of TMPFS_BYTES (needs root, as this box and CI run). No mount, no test: fail."""
     mnt = tmp_path_factory.mktemp("tmpfs")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"could not mount a tmpfs at {mnt} for the disk-full test: {r.stderr}")
-    yield mnt
-    r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:  # something still holds it: detach it anyway, then say so
-        subprocess.run(["umount", "-l", str(mnt)])
-        pytest.fail(f"umount {mnt}: {r.stderr}")
+    with tmpfs(mnt, str(TMPFS_BYTES)):
+        yield mnt
 
 
 @pytest.fixture(scope="module")
@@ -261,22 +246,6 @@ def disk_stack(tmp_path_factory, tiny_disk):
         yield s.start()
     finally:
         s.stop()
-
-
-def fill(path: Path) -> None:
-    """Write zeros to `path` until the filesystem says ENOSPC."""
-    chunk = bytes(1 << 20)
-    with path.open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-
-
-def disk_free(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
 
 
 def disk_state(stack: Stack, prefill: str, decode: str, kv: Path) -> dict:
@@ -301,7 +270,7 @@ def test_disk_full_evicts_and_keeps_serving(disk_stack, tiny_disk):
     wants = [text_of(complete(disk_stack, salted(b))) for b in bodies]  # disk not yet full
     try:
         fill(junk)
-        assert disk_free(tiny_disk) < 1 << 20
+        assert free_bytes(tiny_disk) < 1 << 20
         before = disk_state(disk_stack, prefill, decode, kv)
         started = time.monotonic()
         for body, want in zip(bodies, wants, strict=True):

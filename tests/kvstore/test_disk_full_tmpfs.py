@@ -9,13 +9,13 @@ a rescan) on every put.
 from __future__ import annotations
 
 import errno
-import os
-import subprocess
 
 import pytest
 
 from kvstore.codec import encode
 from tests.kvstore.helpers import disk_tier, make_block
+from tests.tmpfs import fill, free_bytes
+from tests.tmpfs import tmpfs as mounted
 
 TMPFS_SIZE = "16m"
 SHAPE = (4, 2, 2, 64, 64)  # float32: 256 KiB of payload, 65 tmpfs pages with the header
@@ -30,23 +30,6 @@ def _blobs(prefix: str, n: int) -> dict[str, bytes]:
 def _put_each(tier, blobs: dict[str, bytes]) -> list[int]:
     """One put_many per block, as a worker stores one block at a time; bytes stored each."""
     return [tier.put_many({k: v}) for k, v in blobs.items()]
-
-
-def _free_bytes(path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _fill(path) -> int:
-    """Write zeros to `path` until the filesystem says ENOSPC; returns the file's size."""
-    chunk = bytes(1 << 20)
-    with path.open("wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-    return path.stat().st_size
 
 
 def _count_enospc(tier, monkeypatch) -> list[str]:
@@ -71,22 +54,11 @@ def _files(path) -> list[str]:
 
 @pytest.fixture
 def tmpfs(tmp_path):
-    """A real 16 MiB tmpfs (needs root, as this box and CI run). No mount is a failure, never
-    a skip: the test is the only one that sees a real full disk."""
+    """A real 16 MiB tmpfs: the only test that sees a real full disk."""
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE}", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.fail(f"could not mount a tmpfs at {mnt} for the disk-full test "
-                    f"(needs root): {r.stderr.strip()}")
-    try:
+    with mounted(mnt, TMPFS_SIZE):
         yield mnt
-    finally:
-        r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-        if r.returncode != 0:  # something still holds it: detach it anyway, then say so
-            subprocess.run(["umount", "-l", str(mnt)])
-            pytest.fail(f"umount {mnt}: {r.stderr.strip()}")
 
 
 def test_full_tmpfs_costs_one_enospc_then_puts_evict(tmpfs, clock, monkeypatch):
@@ -95,8 +67,8 @@ def test_full_tmpfs_costs_one_enospc_then_puts_evict(tmpfs, clock, monkeypatch):
     _put_each(tier, old)
     tier.get_many(["old000"])  # now the most recently used: it must outlive old001..old006
     junk = tmpfs / "junk"
-    junk_size = _fill(junk)
-    assert _free_bytes(tmpfs) < len(new["new000"])  # the next put cannot fit as things are
+    junk_size = fill(junk)
+    assert free_bytes(tmpfs) < len(new["new000"])  # the next put cannot fit as things are
     enospc = _count_enospc(tier, monkeypatch)
 
     assert _put_each(tier, new) == [len(b) for b in new.values()]  # every put stored its block
@@ -117,7 +89,7 @@ def test_two_processes_on_a_full_tmpfs_each_hit_enospc_once(tmpfs, clock, monkey
     _put_each(one, _blobs("old", OLD))
     two = disk_tier(tmpfs / "kv", clock=clock)  # starts on the filled directory
     junk = tmpfs / "junk"
-    junk_size = _fill(junk)
+    junk_size = fill(junk)
     seen = [_count_enospc(t, monkeypatch) for t in (one, two)]
 
     a, b = _blobs("a", 6), _blobs("b", 6)

@@ -4,9 +4,11 @@
       1. retire sequences that finished last step (their KV stayed readable until now)
       2. admit waiting sequences whose KV is all imported (one token left): they decode now
       3. compact: decoding sequences into slots [0, n)
-      4. one batched decode forward over slots [0, n), sample, emit
-      5. prefill FIFO: with decodes running, a budget of `prefill_chunk` tokens (a longer prompt
-         continues next step, so it never stalls them for long); with none, whole prompts
+      4. plan prefill chunks FIFO: with decodes running, a budget of `prefill_chunk` tokens (a
+         longer prompt continues next step, so it never stalls them for long); with none,
+         whole prompts
+      5. one forward over both (engine/step_plan.py): the decode rows of slots [0, n) and the
+         chunks ride through the model's weights together; sample, emit
 
 Single-threaded by contract: one owner thread calls every method (see engine/runner.py), so
 there are no locks. Sequence state is counters (see engine/sequence.py).
@@ -29,6 +31,7 @@ from engine.sampler import Sampled, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest, Sequence, TokenEvent, stop_ids_for
 from engine.slots import SlotTable
+from engine.step_plan import Chunk
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "SeqRequest", "TokenEvent"]
 
@@ -131,13 +134,14 @@ class Engine:
         self._retire_done()
         self._admit_imported()
         decoders = self._slots.compact()
-        events = self._decode(decoders) if decoders else []
         # Chunking exists to keep running decodes flowing. With none running (always so on a
-        # prefill worker) a prompt goes in one pass: from position 0 that is SDPA's maskless
-        # causal kernel, ~2x faster on CPU than chunks over a cached prefix with explicit masks.
+        # prefill worker) prompts go in whole: from position 0 that is SDPA's maskless causal
+        # kernel, ~2x faster on CPU than chunks over a cached prefix with explicit masks.
         budget = self.config.prefill_chunk if decoders else self.max_model_len
-        events += self._prefill_phase(budget)
-        return events
+        planned = self._plan_prefill(budget, whole=not decoders)
+        if not decoders and not planned:
+            return []
+        return self._forward(decoders, planned)
 
     def has_work(self) -> bool:
         return any(not s.done for s in self._seqs.values())
@@ -303,55 +307,78 @@ class Engine:
             self._cache.write(seq.slot, blocks * self.layout.block_size, seq.held_flat)
         seq.held_blocks = seq.held_flat = None
 
-    def _prefill_phase(self, budget: int) -> list[TokenEvent]:
-        """FIFO prefill of up to `budget` tokens, one sequence per forward."""
-        events: list[TokenEvent] = []
-        while budget > 0:
-            seq = self._prefilling or (self._waiting[0] if self._waiting else None)
-            if seq is None:
+    def _plan_prefill(self, budget: int, whole: bool) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to feed) for this step's forward, FIFO, up to `budget` tokens in
+        all. A prompt cut short continues next step (as `_prefilling`, first in line); with
+        `whole`, a prompt that does not fit waits for a step of its own instead."""
+        planned: list[tuple[Sequence, int]] = []
+        first = [self._prefilling] if self._prefilling else []
+        for seq in [*first, *self._waiting]:
+            if budget <= 0:
                 break
-            if seq is not self._prefilling:  # the queue's head: place it
+            if seq is not self._prefilling:
+                if whole and planned and seq.todo > budget:
+                    break
                 if seq.slot < 0 and not self._has_room():
                     break
                 if not self._try_place(seq):
                     continue
-            if seq.todo == 1:
-                continue  # an import: it joins the next decode step
-            n = min(budget, seq.todo, self._chunk_cap(seq))
+                if seq.todo == 1:
+                    continue  # an import: it joins the next decode step
+            n = min(budget, seq.todo, self._chunk_cap(seq, planned))
+            if n <= 0:
+                break
+            planned.append((seq, n))
             budget -= n
-            logits = self._prefill(seq, n)
-            self._prefilling = seq if seq.todo > 1 else None
-            if logits is not None:
-                events += self._emit([seq], logits)
-        return events
+            if n < seq.todo:
+                break  # cut short: at most one sequence is mid-prefill
+        return planned
 
     @staticmethod
-    def _chunk_cap(seq: Sequence) -> int:
+    def _chunk_cap(seq: Sequence, planned: list[tuple[Sequence, int]]) -> int:
         """Prompt logprobs need every position's logits: [n, V] fp32 per forward, 1.6 GB for
-        an 8k prompt at V = 49152. Fed LOGITS_CHUNK at a time, it is 100 MB (the masked chunks
-        cost ~2x the one-pass kernel, only for these requests)."""
-        return LOGITS_CHUNK if seq.prompt_lps is not None else 1 << 62
+        an 8k prompt at V = 49152. Fed LOGITS_CHUNK at a time, one such prompt per forward,
+        it is 100 MB (the masked chunks cost ~2x the one-pass kernel, only for these)."""
+        if seq.prompt_lps is None:
+            return 1 << 62
+        return 0 if any(s.prompt_lps is not None for s, _ in planned) else LOGITS_CHUNK
 
-    def _prefill(self, seq: Sequence, n: int) -> torch.Tensor | None:
-        """Feed the next n tokens. Returns last-position logits [1, V] once all are fed."""
-        start, P = seq.kv_len, seq.num_prompt_tokens
-        collect = seq.prompt_lps is not None and start < P - 1
-        logits = self._fwd.prefill(seq.slot, seq.token_ids[start : start + n], start, collect)
-        seq.kv_len += n
-        self._stats.prefill_tokens += n
-        if collect:
-            # positions start.. predict tokens start+1..; only prompt tokens get an entry
-            targets = seq.token_ids[start + 1 : min(start + n, P - 1) + 1]
-            seq.prompt_lps += prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
-        return logits[-1:] if seq.todo == 0 else None
-
-    def _decode(self, decoders: list[Sequence]) -> list[TokenEvent]:
-        ids = [s.token_ids[s.kv_len] for s in decoders]
-        logits = self._fwd.decode(ids, [s.kv_len for s in decoders])  # [n, V]
+    def _forward(self, decoders: list[Sequence], planned: list[tuple[Sequence, int]]
+                 ) -> list[TokenEvent]:
+        """One forward over the decode rows and the planned prompt chunks; sample and emit."""
+        chunks = [Chunk(seq.slot, seq.kv_len, seq.token_ids[seq.kv_len : seq.kv_len + n],
+                        keep=self._keep(seq, n)) for seq, n in planned]
+        logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
+                                [s.kv_len for s in decoders], chunks)  # [rows, V]
         for s in decoders:
             s.kv_len += 1
         self._stats.decode_tokens += len(decoders)
-        return self._emit(decoders, logits)
+        samplers, rows, r = list(decoders), list(range(len(decoders))), len(decoders)
+        for (seq, n), chunk in zip(planned, chunks, strict=True):
+            self._fed_prompt(seq, n, logits[r : r + chunk.keep])
+            r += chunk.keep
+            if seq.todo == 0:
+                samplers.append(seq)
+                rows.append(r - 1)
+        last = planned[-1][0] if planned else None
+        self._prefilling = last if last is not None and last.todo > 1 else None
+        return self._emit(samplers, logits[rows]) if samplers else []
+
+    def _keep(self, seq: Sequence, n: int) -> int:
+        """Logits a chunk needs: all positions for prompt logprobs, else the next token's."""
+        if seq.prompt_lps is not None and seq.kv_len < seq.num_prompt_tokens - 1:
+            return n
+        return 1 if seq.todo == n else 0
+
+    def _fed_prompt(self, seq: Sequence, n: int, logits: torch.Tensor) -> None:
+        """Account n prompt tokens fed; logits [keep, V] are their positions' (see _keep)."""
+        start, P = seq.kv_len, seq.num_prompt_tokens
+        seq.kv_len += n
+        self._stats.prefill_tokens += n
+        if seq.prompt_lps is not None and start < P - 1:
+            # positions start.. predict tokens start+1..; only prompt tokens get an entry
+            targets = seq.token_ids[start + 1 : min(start + n, P - 1) + 1]
+            seq.prompt_lps += prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
 
     # --- sampling and bookkeeping -------------------------------------------------------------
 

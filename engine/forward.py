@@ -1,50 +1,33 @@
 """Model forwards over the slot cache, through the unmodified transformers model code.
 
 transformers decoders (Llama, Qwen2, Mistral, ...) call `cache.update(k, v, layer)` once per
-layer and attend over whatever it returns, under the 4D mask we pass (used as is;
-needs attn_implementation "sdpa", as the loader sets, or "eager"). `StepCache` is that hook: it
-writes each row's new K/V into its slot at the row's own position and returns views of the slot
-buffers, so there is no DynamicCache-style concatenation.
+layer and then their attention function. `StepCache` is that hook: it writes the step's new K/V
+into their slots and hands attention the layer's slot buffers, which the engine's attention
+function (engine/attention.py) reads group by group as the step's plan says (one flat row of
+decode rows and prompt chunks: engine/step_plan.py). No DynamicCache-style concatenation, and
+no mask building by transformers: a prepared 4D mask is passed, which it takes as is.
 
 This is the engine's seam to transformers' model code. The forward kwarg that takes the cache
 is read from the model's signature once (`cache`, or `past_key_values` before transformers
 renamed it), and every forward checks that `update` ran once per layer: a model that ignored
 our cache would build its own and return wrong logits without complaint.
-
-Two kinds of forward:
-
-- prefill: one sequence, tokens [start, start + t) of slot s. From position 0 no mask is passed,
-  so SDPA runs its causal kernel (`is_causal=True`), about 2x faster on CPU than the same
-  attention under an explicit mask; a chunk over a cached prefix gets an explicit [1, 1, t, kv]
-  mask.
-- decode: one token for each of the slots [0, n), row i at position pos[i], under an explicit
-  [n, 1, 1, kv] mask that hides each row's positions past its own length.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from engine.attention import use_step_attention
 from engine.cache import SlotKVCache
-
-
-@dataclass(slots=True)
-class StepPlan:
-    """Where this forward's new K/V go. Prefill: one slot. Decode: rows = slots [0, n)."""
-
-    start: int = 0  # position of the first new token (decode: of row 0, for the n == 1 case)
-    slot: int = 0  # prefill: the sequence's slot
-    positions: torch.Tensor | None = None  # decode: [n] write position per row
-    rows: torch.Tensor | None = None  # decode: [n] arange, the rows' slots
-    kv_len: int = 0  # decode: keys returned per row (max position + 1)
+from engine.step_plan import Chunk, StepPlan
 
 
 class _SlotLayer(CacheLayerMixin):
-    """Answers the size questions transformers' mask code asks; `StepCache.update` does the work."""
+    """Answers transformers' size questions; `StepCache.update` does the work. The engine passes
+    position ids and a prepared mask, so the answers only matter to code it does not run."""
 
     is_sliding = False
 
@@ -59,13 +42,10 @@ class _SlotLayer(CacheLayerMixin):
         raise AssertionError("StepCache.update handles every layer")
 
     def get_seq_length(self) -> int:
-        return self.owner.plan.start
+        return 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Only asked when we pass no mask: a prefill from position 0 (kv == q, so transformers
-        # skips the mask under SDPA and uses is_causal) or a batch-1 decode (one query, all of
-        # its keys). Under eager attention transformers builds the same mask from these sizes.
-        return self.owner.plan.start + query_length, 0
+        return query_length, 0
 
     def get_max_length(self) -> int:
         return self.owner.slot_cache.max_len
@@ -81,41 +61,12 @@ class StepCache(Cache):
         super().__init__(layers=[_SlotLayer(self) for _ in range(slot_cache.layout.num_layers)])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        # key_states, value_states: [B, H, q, D]
+        # key_states, value_states: [1, H, T, D], the step's flat row
         self.updates += 1
-        k_buf, v_buf = self.slot_cache.kv[layer_idx]  # each [S, H, T, D]
-        p = self.plan
-        if p.positions is None:
-            t = key_states.shape[2]
-            k_buf[p.slot, :, p.start : p.start + t] = key_states[0]
-            v_buf[p.slot, :, p.start : p.start + t] = value_states[0]
-            if p.start == 0:  # nothing cached before: attend to exactly the new tokens
-                return key_states, value_states
-            end = p.start + t
-            return k_buf[p.slot : p.slot + 1, :, :end], v_buf[p.slot : p.slot + 1, :, :end]
-        # Row i writes its one new token at positions[i]: two advanced indices around a slice
-        # select [n, H, D], which is the new token's [n, H, 1, D] without the q axis.
-        k_buf[p.rows, :, p.positions] = key_states[:, :, 0]
-        v_buf[p.rows, :, p.positions] = value_states[:, :, 0]
-        n = key_states.shape[0]
-        return k_buf[:n, :, : p.kv_len], v_buf[:n, :, : p.kv_len]
-
-
-def chunk_mask(start: int, t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[1, 1, t, start + t] additive mask: query i (position start + i) sees keys <= start + i."""
-    q_pos = torch.arange(start, start + t, device=device)[:, None]
-    k_pos = torch.arange(start + t, device=device)[None, :]
-    mask = torch.zeros(t, start + t, dtype=dtype, device=device)
-    mask.masked_fill_(k_pos > q_pos, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
-def decode_mask(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """[n, 1, 1, kv_len] additive mask: row i sees keys at positions <= positions[i]."""
-    k_pos = torch.arange(kv_len, device=positions.device)[None, :]
-    mask = torch.zeros(positions.shape[0], kv_len, dtype=dtype, device=positions.device)
-    mask.masked_fill_(k_pos > positions[:, None], torch.finfo(dtype).min)
-    return mask[:, None, None, :]
+        k_buf, v_buf = self.slot_cache.kv[layer_idx]  # each [S, H, cap, D]
+        self.plan.write(k_buf, v_buf, key_states, value_states)
+        self.plan.written = layer_idx
+        return k_buf, v_buf
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -145,51 +96,35 @@ class Forward:
         self.cache = StepCache(slot_cache)
         self.cache_kwarg = cache_kwarg(model)
         self.dtype = slot_cache.layout.dtype
+        use_step_attention(model)
+        # transformers takes a 4D mask as prepared and skips building its own; attention
+        # reads the plan's masks instead, so this one is never looked at.
+        self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=slot_cache.device)
 
-    def prefill(
-        self, slot: int, token_ids: list[int], start: int, all_logits: bool
-    ) -> torch.Tensor:
-        """Feed tokens at [start, start + t) of `slot`. Returns logits [t, V], or [1, V] (last)."""
-        t = len(token_ids)
+    def step(self, decode_ids: list[int], positions: list[int], chunks: list[Chunk]
+             ) -> torch.Tensor:
+        """One forward: a token for each of slots [0, n) (row i's at positions[i]) and every
+        prompt chunk. Returns logits [n + sum(chunk.keep), V]: the decode rows', then each
+        chunk's last `keep` positions', in order."""
         dev = self.slot_cache.device
-        self.slot_cache.reserve(length=start + t)
-        self.cache.plan = StepPlan(start=start, slot=slot)
-        ids = torch.tensor([token_ids], device=dev)  # [1, t]
-        pos = torch.arange(start, start + t, device=dev)[None]  # [1, t]
-        mask = None if start == 0 else chunk_mask(start, t, self.dtype, dev)
-        logits = self._run(ids, pos, mask, logits_to_keep=0 if all_logits else 1)
-        return logits[0].float()
-
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token per row for slots [0, n); row i's token sits at positions[i]. -> [n, V]."""
-        n = len(token_ids)
-        dev = self.slot_cache.device
-        kv_len = max(positions) + 1
-        self.slot_cache.reserve(length=kv_len)
-        pos = torch.tensor(positions, device=dev)  # [n]
-        self.cache.plan = StepPlan(
-            start=kv_len - 1, positions=pos, rows=torch.arange(n, device=dev), kv_len=kv_len
-        )
-        # One row attending to all of its kv_len keys needs no mask: the same SDPA call as HF's
-        # batch-1 decode, so batch-1 output matches generate() bit for bit.
-        mask = None if n == 1 else decode_mask(pos, kv_len, self.dtype)
-        ids = torch.tensor(token_ids, device=dev)[:, None]  # [n, 1]
-        logits = self._run(ids, pos[:, None], mask, logits_to_keep=1)  # [n, 1, V]
-        return logits[:, -1].float()
-
-    def _run(self, ids, pos, mask, logits_to_keep: int) -> torch.Tensor:
-        """One model forward through `self.cache`; raises unless every layer wrote through it."""
+        plan = StepPlan.build(positions, chunks, self.dtype, dev)
+        self.slot_cache.reserve(length=plan.max_len)
+        ids, pos = plan.flat_inputs(decode_ids)
+        keep = plan.kept_rows()
+        self.cache.plan = plan
         self.cache.updates = 0
         # use_cache=True is transformers' documented way to pass a cache in (cache_utils'
         # examples); None would fall back to config.use_cache, which some checkpoints set False.
         out = self.model(
-            input_ids=ids,
-            position_ids=pos,
-            attention_mask=mask,
+            input_ids=torch.tensor([ids], device=dev),  # [1, T]
+            position_ids=torch.tensor([pos], device=dev),  # [1, T]
+            attention_mask=self._no_mask,
             use_cache=True,
-            logits_to_keep=logits_to_keep,
+            logits_to_keep=keep if isinstance(keep, int) else torch.tensor(keep, device=dev),
+            tandem_plan=plan,
             **{self.cache_kwarg: self.cache},
         )
+        self.cache.plan = StepPlan()  # drop the step's tensors
         want = self.slot_cache.layout.num_layers
         if self.cache.updates != want:
             raise RuntimeError(
@@ -198,4 +133,4 @@ class Forward:
                 f"bypassed the engine's KV cache (passed as `{self.cache_kwarg}=`), so its "
                 "logits are wrong. Check the transformers version (see README)."
             )
-        return out.logits
+        return out.logits[0].float()

@@ -3,6 +3,7 @@ is a bug (`make bench` once died of ZeroDivisionError on its second repeat)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,18 @@ def test_bench_overhead_compares_engine_and_served(tmp_path):
                      "--requests", "2", "--prompt-tokens", "8", "--max-tokens", "3",
                      "--rounds", "1", "--workdir", str(tmp_path))
     assert "served / engine" in out and "round 1: engine" in out
+
+
+def test_bench_peer_alternates_targets(tmp_path):
+    """Only tandem-colocated (the peer takes minutes to start): a measurement line, the table and
+    the JSON with one measurement per round, level and target."""
+    out_json = tmp_path / "peer.json"
+    out = run_script("scripts/bench_peer.py", "--targets", "tandem-colocated", "--concurrency",
+                     "2", "--rounds", "1", "--max-tokens", "4", "--requests-per-slot", "1",
+                     "--dtype", "float32", "--workdir", str(tmp_path), "--out", str(out_json))
+    assert "round 1 c=2 tandem-colocated:" in out and "| 2 | tandem-colocated |" in out
+    doc = json.loads(out_json.read_text())
+    [m] = doc["measurements"]
+    assert (m["round"], m["concurrency"], m["target"]) == (0, 2, "tandem-colocated")
+    assert m["errors"] == [] and m["ttft_s"] > 0
+    assert len(m["requests"]) == 4 and m["completion_tokens"] > 0 and m["tok_s"] > 0

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
-from engine.forward import chunk_mask, decode_mask
 from engine.kv_layout import KVLayout
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.slots import SlotTable
+from engine.step_plan import chunk_mask, decode_mask
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=4, block_size=8, dtype=torch.float32)
 

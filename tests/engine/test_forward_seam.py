@@ -12,6 +12,7 @@ from engine.cache import SlotKVCache
 from engine.engine import Engine, EngineConfig
 from engine.forward import Forward, cache_kwarg
 from engine.kv_layout import KVLayout
+from engine.step_plan import Chunk
 from tests.engine.helpers import greedy, run_one
 
 
@@ -48,9 +49,9 @@ def test_bypassed_cache_raises(smollm_fp32):
     layers = smollm_fp32.config.num_hidden_layers
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match=rf"_DropsCache.*0 times, expected {layers}"):
-            fwd.prefill(0, [1, 2, 3], 0, all_logits=False)
+            fwd.step([], [], [Chunk(0, 0, [1, 2, 3], keep=1)])
         with pytest.raises(RuntimeError, match="bypassed"):
-            fwd.decode([4], [3])
+            fwd.step([4], [3], [])
 
 
 def test_cache_kwarg_follows_signature(smollm_fp32):

@@ -205,14 +205,14 @@ def test_prompt_logprobs_never_hold_more_than_a_chunk_of_logits(tiny_fp32, monke
     ids = [(i * 7919) % VOCAB for i in range(600)]
     params = greedy(1, prompt_logprobs=3)
     rows = []
-    prefill = Forward.prefill
+    forward = Forward.step
 
-    def spy(self, slot, token_ids, start, all_logits):
-        out = prefill(self, slot, token_ids, start, all_logits)
+    def spy(self, decode_ids, positions, chunks):
+        out = forward(self, decode_ids, positions, chunks)
         rows.append(out.shape[0])
         return out
 
-    monkeypatch.setattr(Forward, "prefill", spy)
+    monkeypatch.setattr(Forward, "step", spy)
     chunked = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
     assert rows == [512, 88]
     monkeypatch.setattr(engine_module, "LOGITS_CHUNK", 10**9)

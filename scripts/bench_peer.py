@@ -1,0 +1,221 @@
+"""Tandem against its CPU peer `transformers serve --continuous-batching`, rounds alternating.
+
+    .venv/bin/python scripts/bench_peer.py [--dtype auto] [--concurrency 1,16] [--rounds 3]
+        [--targets peer-cb,tandem-colocated,tandem-1p1d] [--requests-per-slot 3]
+        [--max-tokens 64] [--ttft] [--serve-flag=--torch-threads=1] [--env KEY=VALUE]
+
+All targets start once (free loopback ports, scripts/serving_targets.py), are warmed up and stay
+up; then for each round and concurrency level every target runs the same closed loop in turn,
+the order rotating each round, so a noisy machine hits all targets alike. A level sends
+concurrency x --requests-per-slot (at least 4) streamed chats, temperature 0, no ignore_eos (the
+peer rejects it), distinct per request and round. Rate = completion tokens (usage, else content
+chunks) over wall time. --ttft adds, per round, one cold ~1,000-word prompt per target (TTFT).
+Prints a line per measurement, then medians over rounds; raw figures go to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.loader import materialize  # noqa: E402
+from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
+from scripts.serving_targets import Server, default_dtype, peer_serve, tandem_serve  # noqa: E402
+from tandem.bench.client import make_client, request_body, send  # noqa: E402
+from tandem.bench.config import BenchConfig  # noqa: E402
+from tandem.bench.records import RequestRecord  # noqa: E402
+from tandem.bench.workloads import count_words, words  # noqa: E402
+
+TARGETS = ("peer-cb", "tandem-colocated", "tandem-1p1d")
+PEER = "peer-cb"
+TTFT_WORDS = 1000
+
+
+def med(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def story(tag: str) -> list[dict]:
+    """A short distinct prompt; the tag comes right after the chat template, so two requests
+    share no prefix beyond it."""
+    return chat(f"Story {tag}: write a short story about "
+                f"{', '.join(words(random.Random(tag), 3))}.")
+
+
+def run(server: Server, conc: int, prompts: list[list[dict]], max_tokens: int) -> dict:
+    """`conc` clients in flight until the prompts run out: rate, TTFT and every request."""
+    cfg = BenchConfig(base_url=server.url, model=server.model, concurrency=[conc],
+                      temperature=0.0, timeout_s=600.0)
+    records = [RequestRecord(index=i, session=i, turn=0, prompt_words=count_words(m),
+                             max_tokens=max_tokens) for i, m in enumerate(prompts)]
+    todo = iter(zip(prompts, records, strict=True))
+
+    async def loop() -> float:
+        async with make_client(cfg) as client:
+            async def worker() -> None:
+                for messages, record in todo:
+                    record.start_s = time.perf_counter() - t0
+                    body = request_body(cfg, server.model, messages, max_tokens)
+                    await send(client, cfg, body, record)
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(conc)))
+            return time.perf_counter() - t0
+    wall = asyncio.run(loop())
+    ok = [r for r in records if r.ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    return {"tok_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens,
+            "ttft_s": med(r.ttft_s for r in ok), "errors": [r.error for r in records if not r.ok],
+            "usage_reported": all(r.usage_reported for r in ok),
+            "requests": [r.to_json() for r in records]}
+
+
+def make_servers(args: argparse.Namespace, workdir: Path) -> list[Server]:
+    servers = []
+    for name in args.targets:
+        if name == PEER:  # the peer takes the model folder path as `model` (Server.model)
+            folder = Path(materialize(resolve_model(DEFAULT_MODEL)))
+            servers.append(peer_serve(name, workdir, folder, continuous=True, dtype=args.dtype))
+            continue
+        flags = ["--colocated"] if name == "tandem-colocated" else []
+        s = tandem_serve(name, workdir, workdir / f"{name}-kv", *flags, *args.serve_flag,
+                         dtype=args.dtype)
+        s.env.update(kv.split("=", 1) for kv in args.env)
+        servers.append(s)
+    return servers
+
+
+def warm_up(server: Server) -> None:
+    """One request alone (the peer's first --continuous-batching one sets its cache up: tens of
+    seconds), then two at once."""
+    t0 = time.monotonic()
+    errors = [e for n in (1, 2) for e in run(server, n, [chat(f"Hi {n}.{i}!") for i in range(n)],
+                                              4)["errors"]]
+    if errors:
+        raise RuntimeError(f"{server.name} warm-up failed: {errors[0]}")
+    print(f"{server.name}: warmed up in {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def table(rows: list[dict], names: list[str], key: str, label: str, ttft: bool) -> list[str]:
+    """Per level and target: the median over rounds of `key` (and of the level's median TTFT),
+    and tandem/peer as the ratio of medians and as the median of per-round ratios."""
+    out = ["", f"| concurrency | target | {label} (median) |" + (" TTFT s (median) |" * ttft)
+           + " tandem/peer (ratio of medians) | tandem/peer (median of ratios) |",
+           "|---|---|---:|" + "---:|" * (2 + ttft)]
+    for c in dict.fromkeys(r["concurrency"] for r in rows):
+        at = {n: {r["round"]: r for r in rows if r["concurrency"] == c and r["target"] == n}
+              for n in names}
+        peer = {rd: r[key] for rd, r in at.get(PEER, {}).items() if r[key]}
+        for n in names:
+            m = med(r[key] for r in at[n].values())
+            ratios = [None, None]
+            if n != PEER and peer and m is not None:
+                ratios = [m / med(peer.values()), med(r[key] / peer[rd] for rd, r in at[n].items()
+                                                      if rd in peer and r[key] is not None)]
+            cells = [fmt(m, ".3f" if key == "ttft_s" else ".1f")] + (
+                [fmt(med(r["ttft_s"] for r in at[n].values()), ".3f")] if ttft else []) + [
+                fmt(x, ".2f", "x") for x in ratios]
+            out.append(f"| {c} | {n} | {' | '.join(cells)} |")
+    return out
+
+
+def measure(rows: list[dict], server: Server, r: int, level: int | str, conc: int,
+            prompts: list[list[dict]], max_tokens: int) -> None:
+    m = run(server, conc, prompts, max_tokens)
+    rows.append({"round": r, "concurrency": level, "target": server.name, **m})
+    print(f"round {r + 1} c={level} {server.name}: {m['tok_s']:.1f} tok/s, "
+          f"{m['completion_tokens']} tokens in {m['wall_s']:.1f} s, TTFT "
+          f"{fmt(m['ttft_s'], '.3f')} s, {len(m['errors'])} errors", flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: auto)")
+    ap.add_argument("--concurrency", action="append", default=None,
+                    help="levels, repeatable or comma-separated (default 1,16)")
+    ap.add_argument("--targets", default=",".join(TARGETS), help=f"subset of {','.join(TARGETS)}")
+    for flag, default in (("--rounds", 3), ("--requests-per-slot", 3), ("--max-tokens", 64)):
+        ap.add_argument(flag, type=int, default=default)
+    ap.add_argument("--workdir", type=Path, default=None, help="logs, KV dirs (default: temp)")
+    ap.add_argument("--out", type=Path, default=None, help="default WORKDIR/bench_peer.json")
+    ap.add_argument("--serve-flag", action="append", default=[],
+                    help="extra `tandem serve` flag (repeatable): --serve-flag=--torch-threads=1")
+    ap.add_argument("--env", action="append", default=[],
+                    help="KEY=VALUE for the tandem targets (repeatable)")
+    ap.add_argument("--ttft", action="store_true",
+                    help=f"also one cold ~{TTFT_WORDS}-word prompt per target and round")
+    args = ap.parse_args(argv)
+    args.concurrency = [int(c) for part in args.concurrency or ["1,16"]
+                        for c in part.split(",") if c.strip()]
+    args.targets = [t for t in args.targets.split(",") if t]
+    if set(args.targets) - set(TARGETS) or not args.targets or min(args.concurrency) < 1:
+        ap.error(f"--targets: a subset of {','.join(TARGETS)}; --concurrency: levels >= 1")
+    args.dtype = args.dtype or default_dtype()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-peer-"))
+    out_path = args.out or workdir / "bench_peer.json"
+    rows, ttft_rows = [], []
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(s) for s in make_servers(args, workdir)]
+        for s in servers:
+            warm_up(s)
+        for r in range(args.rounds):
+            order = servers[r % len(servers):] + servers[:r % len(servers)]
+            for c in args.concurrency:
+                prompts = [story(f"{r}.{c}.{i}") for i in range(max(4, c * args.requests_per_slot))]
+                for s in order:
+                    measure(rows, s, r, c, c, prompts, args.max_tokens)
+            doc = f"Document {r}: {words(random.Random(r), TTFT_WORDS)}\nSummarize it."
+            for s in order if args.ttft else []:
+                measure(ttft_rows, s, r, "cold", 1, [chat(doc)], 4)
+    names = [s.name for s in servers]
+    flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2")
+                   if f in Path("/proc/cpuinfo").read_text())
+    header = (f"{DEFAULT_MODEL}, {args.dtype}, torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, {platform.machine()} ({', '.join(flags)}), nproc "
+              f"{len(os.sched_getaffinity(0))}; {args.rounds} rounds, "
+              f"{args.requests_per_slot} requests/slot, max_tokens {args.max_tokens}; tandem "
+              f"with {' '.join(args.serve_flag + args.env) or 'defaults'}")
+    lines = ["", header, *table(rows, names, "tok_s", "tok/s", True)]
+    if ttft_rows:  # lower is better here: a ratio under 1 favours tandem
+        lines += ["", f"Cold TTFT, one ~{TTFT_WORDS}-word prompt per round (4 output tokens):",
+                  *table(ttft_rows, names, "ttft_s", "TTFT s", False)]
+    print("\n".join(lines), flush=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"header": header, "workdir": str(workdir), "flags": flags, "argv": sys.argv,
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    out_path.write_text(json.dumps({"meta": meta, "measurements": rows, "ttft": ttft_rows},
+                                   indent=2) + "\n")
+    print(f"\nwrote {out_path}")
+    return 0 if all(not r["errors"] for r in rows + ttft_rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

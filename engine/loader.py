@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from engine.device import dtype_name, pick_device, resolve_dtype
+from engine.packed_linear import can_pack, pack_linears
 from engine.registry import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ def load_model(
         folder, dtype=torch_dtype, attn_implementation="sdpa", **revision
     )
     model.to(dev).eval()
+    fp = fingerprint(model, torch_dtype)
+    if can_pack(torch_dtype, dev):
+        log.info("packed %d bf16 Linear weights for oneDNN", pack_linears(model))
     log.info("loaded %s (%s, %s) from %s", spec.name, dtype_name(torch_dtype), dev, folder)
     return LoadedModel(
         name=spec.name,
@@ -149,6 +153,6 @@ def load_model(
         tokenizer=tokenizer,
         device=dev,
         dtype=torch_dtype,
-        fingerprint=fingerprint(model, torch_dtype),
+        fingerprint=fp,
         source=str(folder),
     )

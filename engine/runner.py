@@ -4,6 +4,14 @@ The Engine is single-threaded by contract. Everything that touches it (add, abor
 export) happens on the runner's thread; other threads talk to it through a command queue, and
 get results back through per-sequence asyncio queues or concurrent futures.
 
+The runner's thread should be the process's only one that runs parallel torch ops, loading the
+model included (`build`): libgomp gives every thread that starts a parallel region its own pool
+of helper threads, and once a process holds more of them than it has CPUs, every pool stops
+spinning between regions and sleeps instead. A decode step is ~450 small regions, each then
+paying a futex wake: measured on 2 vCPUs in bf16, batch-1 decode on a second thread fell from
+~34 to ~21 tok/s while the loading thread's pool lived, and back to ~34 with the model loaded
+on the engine's own thread (docs/BENCHMARKS.md, "One OpenMP pool per process").
+
 Failures stay with the sequence that caused them: a request engine.add() refuses, or one the
 engine drops mid-step for a failure of its own (Engine.take_failed), ends only its own stream.
 Only a step that raises (a broken forward) fails every sequence in flight.
@@ -49,9 +57,9 @@ class _Stream:
 class EngineRunner:
     """Owns an Engine and its thread. `after_step` hooks run on the engine thread."""
 
-    def __init__(self, engine: Engine, after_step: StepHook | None = None,
+    def __init__(self, engine: Engine | None = None, after_step: StepHook | None = None,
                  on_scheduled: QueueHook | None = None):
-        self.engine = engine
+        self.engine = engine  # None until build()
         self._after_step = after_step
         self._on_scheduled = on_scheduled
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -66,6 +74,13 @@ class EngineRunner:
         self._stop.set()
         self._commands.put(lambda: None)  # wake the loop
         self._thread.join(timeout=10)
+
+    def build(self, make: Callable[[], Engine]) -> Engine:
+        """Run make() on the runner's thread (started) and serve the Engine it returns."""
+        assert self.engine is None and self._thread.is_alive()
+        engine = self.call(lambda _: make()).result()
+        self.call(lambda _: setattr(self, "engine", engine)).result()
+        return engine
 
     @property
     def num_running(self) -> int:
@@ -172,8 +187,8 @@ class EngineRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain_commands(block=not self.engine.has_work())
-            if not self.engine.has_work():
+            self._drain_commands(block=not self._has_work())
+            if not self._has_work():
                 continue
             step_start = time.perf_counter()
             try:
@@ -186,6 +201,9 @@ class EngineRunner:
             self._fail_some(self.engine.take_failed())
             if self._after_step is not None:
                 self._after_step(self.engine, events)
+
+    def _has_work(self) -> bool:
+        return self.engine is not None and self.engine.has_work()
 
     def _report_scheduled(self, step_start: float) -> None:
         """Queue time of each sequence this step fed for the first time (a step feeds a

@@ -51,7 +51,6 @@ def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker = build_worker(settings)
         worker.registry.register(http_counts)
-        worker.runner.start()
         app.state.worker = worker
         lifecycle = Lifecycle(worker)  # heartbeat in Redis, drain on SIGTERM
         await lifecycle.start()

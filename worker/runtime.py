@@ -139,23 +139,34 @@ class Worker:
 
 
 def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)  # process-wide: the engine's forward
-    lm = load_model(resolve_model(settings.model), dtype=settings.dtype, device=settings.device)
     config = EngineConfig(
         max_slots=settings.max_slots,
         block_size=settings.block_size,
         prefill_chunk=settings.prefill_chunk,
         max_model_len=settings.max_model_len,
     )
-    engine = Engine(lm, config)
+    spec = resolve_model(settings.model)
     registry = CollectorRegistry()
+    runner = EngineRunner(after_step=after_step,
+                          on_scheduled=QueueMetrics(registry, spec.name).observe)
+    runner.start()
+
+
+    def make_engine() -> Engine:  # on the engine's thread: the process's one OpenMP pool
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        return Engine(load_model(spec, dtype=settings.dtype, device=settings.device), config)
+
+    try:
+        engine = runner.build(make_engine)
+    except BaseException:
+        runner.stop()
+        raise
+    lm = engine.loaded
     observer = StoreMetrics(registry, lm.name)
     # Built even with --no-prefix-cache: the store also carries the prefill->decode handoff
     # (the router then salts keys per request, so nothing is reused across requests).
     store = build_store(settings.store_config(), observer)
-    runner = EngineRunner(engine, after_step=after_step,
-                          on_scheduled=QueueMetrics(registry, lm.name).observe)
     admission = Admission(settings.max_slots + settings.max_queue)
     worker = Worker(settings, lm, engine, runner, store, registry,
                     HandoffMetrics(registry, lm.name), admission)

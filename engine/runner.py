@@ -54,6 +54,18 @@ class _Stream:
     members: int = 1  # sequences still open: the request's, plus any forked off it
 
 
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _flush(batches: dict[asyncio.AbstractEventLoop, list]) -> None:
+    """Queue each loop's batch of (queue, item) with one wake-up, and empty `batches`."""
+    for loop, items in batches.items():
+        loop.call_soon_threadsafe(_put_all, items)
+    batches.clear()
+
+
 class EngineRunner:
     """Owns an Engine and its thread. `after_step` hooks run on the engine thread."""
 
@@ -216,6 +228,9 @@ class EngineRunner:
                 self._on_scheduled(max(0.0, step_start - s.submitted))
 
     def _deliver(self, events: list[TokenEvent]) -> None:
+        """Hand a step's events to their streams: one wake-up per event loop per step, not per
+        event (each call_soon_threadsafe writes the loop's self-pipe and hands it the GIL)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for ev in events:
             s = self._streams.get(ev.seq_id)
             if s is None:
@@ -225,6 +240,7 @@ class EngineRunner:
                 value = s.on_event(self.engine, ev) if s.on_event else ev
             except Exception as e:
                 log.exception("event hook failed for %s", ev.seq_id)
+                _flush(batches)  # what came before goes first, then the error, then the close
                 self._put(s, e)
                 self._end_stream(s)
                 continue
@@ -233,7 +249,8 @@ class EngineRunner:
                 s.members -= 1
                 if s.prefill_only or ev.finish_reason is None:
                     self.engine.release(ev.seq_id)
-            self._put(s, (value, s.members == 0))
+            batches.setdefault(s.loop, []).append((s.queue, (value, s.members == 0)))
+        _flush(batches)
 
     def _end_stream(self, s: _Stream) -> None:
         """Forget every sequence still open on stream `s` (one failed: the stream is over;

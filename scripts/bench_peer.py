@@ -2,15 +2,25 @@
 
     .venv/bin/python scripts/bench_peer.py [--dtype auto] [--concurrency 1,16] [--rounds 3]
         [--targets peer-cb,tandem-colocated,tandem-1p1d] [--requests-per-slot 3]
-        [--max-tokens 64] [--ttft] [--serve-flag=--torch-threads=1] [--env KEY=VALUE]
+        [--max-tokens 64] [--ttft [--ttft-words 2850]] [--serve-flag=--torch-threads=1]
+        [--env KEY=VALUE]
 
 All targets start once (free loopback ports, scripts/serving_targets.py), are warmed up and stay
 up; then for each round and concurrency level every target runs the same closed loop in turn,
 the order rotating each round, so a noisy machine hits all targets alike. A level sends
 concurrency x --requests-per-slot (at least 4) streamed chats, temperature 0, no ignore_eos (the
 peer rejects it), distinct per request and round. Rate = completion tokens (usage, else content
-chunks) over wall time. --ttft adds, per round, one cold ~1,000-word prompt per target (TTFT).
-Prints a line per measurement, then medians over rounds; raw figures go to --out (JSON).
+chunks) over wall time. Prints a line per measurement, then medians over rounds; raw figures
+(every request) go to --out (JSON).
+
+--ttft adds issue 13's TTFT measurements to each round, after its levels (details in
+scripts/bench_peer_ttft.py): each target in the round's order gets a cold chat with a
+~2,900-token document new to it (--ttft-words, one document per round), then the same document
+with another question (cached); then tandem-1p1d is stopped, started again on the same KV dir,
+warmed up and asked a third question on the document (after restart: from the disk tier). The
+restarted server is the tandem-1p1d target from then on. A TTFT table follows the throughput one:
+median TTFT and cached tokens per kind and target, and tandem/peer ratios (lower is better;
+after restart against the peer's cached TTFT of the same round).
 """
 
 from __future__ import annotations
@@ -22,10 +32,10 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,24 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.loader import materialize  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
+from scripts import bench_peer_ttft  # noqa: E402
+from scripts.bench_peer_ttft import PEER, RESTARTED, TTFT_WORDS, fmt, med  # noqa: E402
 from scripts.serving_targets import Server, default_dtype, peer_serve, tandem_serve  # noqa: E402
 from tandem.bench.client import make_client, request_body, send  # noqa: E402
 from tandem.bench.config import BenchConfig  # noqa: E402
 from tandem.bench.records import RequestRecord  # noqa: E402
 from tandem.bench.workloads import count_words, words  # noqa: E402
 
-TARGETS = ("peer-cb", "tandem-colocated", "tandem-1p1d")
-PEER = "peer-cb"
-TTFT_WORDS = 1000
-
-
-def med(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(v: float | None, spec: str, suffix: str = "") -> str:
-    return "-" if v is None else f"{v:{spec}}{suffix}"
+TARGETS = (PEER, "tandem-colocated", RESTARTED)
 
 
 def chat(text: str) -> list[dict]:
@@ -93,19 +94,16 @@ def run(server: Server, conc: int, prompts: list[list[dict]], max_tokens: int) -
             "requests": [r.to_json() for r in records]}
 
 
-def make_servers(args: argparse.Namespace, workdir: Path) -> list[Server]:
-    servers = []
-    for name in args.targets:
-        if name == PEER:  # the peer takes the model folder path as `model` (Server.model)
-            folder = Path(materialize(resolve_model(DEFAULT_MODEL)))
-            servers.append(peer_serve(name, workdir, folder, continuous=True, dtype=args.dtype))
-            continue
-        flags = ["--colocated"] if name == "tandem-colocated" else []
-        s = tandem_serve(name, workdir, workdir / f"{name}-kv", *flags, *args.serve_flag,
-                         dtype=args.dtype)
-        s.env.update(kv.split("=", 1) for kv in args.env)
-        servers.append(s)
-    return servers
+def make_server(args: argparse.Namespace, workdir: Path, name: str) -> Server:
+    """A target, not started; a tandem one keeps its KV dir (WORKDIR/NAME-kv) across restarts."""
+    if name == PEER:  # the peer takes the model folder path as `model` (Server.model)
+        folder = Path(materialize(resolve_model(DEFAULT_MODEL)))
+        return peer_serve(name, workdir, folder, continuous=True, dtype=args.dtype)
+    flags = ["--colocated"] if name == "tandem-colocated" else []
+    s = tandem_serve(name, workdir, workdir / f"{name}-kv", *flags, *args.serve_flag,
+                     dtype=args.dtype)
+    s.env.update(kv.split("=", 1) for kv in args.env)
+    return s
 
 
 def warm_up(server: Server) -> None:
@@ -119,34 +117,46 @@ def warm_up(server: Server) -> None:
     print(f"{server.name}: warmed up in {time.monotonic() - t0:.1f} s", flush=True)
 
 
-def table(rows: list[dict], names: list[str], key: str, label: str, ttft: bool) -> list[str]:
-    """Per level and target: the median over rounds of `key` (and of the level's median TTFT),
+def restart(stack: contextlib.ExitStack, servers: list[Server], args: argparse.Namespace,
+            workdir: Path) -> Server:
+    """Stop tandem-1p1d, start a new one on its KV dir (the stack stops it at the end), warm it
+    up, and make it the target from now on."""
+    i = [s.name for s in servers].index(RESTARTED)
+    t0 = time.monotonic()
+    servers[i].stop()
+    servers[i] = stack.enter_context(make_server(args, workdir, RESTARTED))
+    print(f"{RESTARTED}: restarted in {time.monotonic() - t0:.1f} s", flush=True)
+    warm_up(servers[i])
+    return servers[i]
+
+
+def table(rows: list[dict], names: list[str]) -> list[str]:
+    """Per level and target: the median over rounds of tok/s (and of the level's median TTFT),
     and tandem/peer as the ratio of medians and as the median of per-round ratios."""
-    out = ["", f"| concurrency | target | {label} (median) |" + (" TTFT s (median) |" * ttft)
-           + " tandem/peer (ratio of medians) | tandem/peer (median of ratios) |",
-           "|---|---|---:|" + "---:|" * (2 + ttft)]
+    out = ["", "| concurrency | target | tok/s (median) | TTFT s (median) "
+           "| tandem/peer (ratio of medians) | tandem/peer (median of ratios) |",
+           "|---|---|---:|---:|---:|---:|"]
     for c in dict.fromkeys(r["concurrency"] for r in rows):
         at = {n: {r["round"]: r for r in rows if r["concurrency"] == c and r["target"] == n}
               for n in names}
-        peer = {rd: r[key] for rd, r in at.get(PEER, {}).items() if r[key]}
+        peer = {rd: r["tok_s"] for rd, r in at.get(PEER, {}).items() if r["tok_s"]}
         for n in names:
-            m = med(r[key] for r in at[n].values())
+            m = med(r["tok_s"] for r in at[n].values())
             ratios = [None, None]
             if n != PEER and peer and m is not None:
-                ratios = [m / med(peer.values()), med(r[key] / peer[rd] for rd, r in at[n].items()
-                                                      if rd in peer and r[key] is not None)]
-            cells = [fmt(m, ".3f" if key == "ttft_s" else ".1f")] + (
-                [fmt(med(r["ttft_s"] for r in at[n].values()), ".3f")] if ttft else []) + [
-                fmt(x, ".2f", "x") for x in ratios]
+                ratios = [m / med(peer.values()), med(r["tok_s"] / peer[rd]
+                                                      for rd, r in at[n].items() if rd in peer)]
+            cells = [fmt(m, ".1f"), fmt(med(r["ttft_s"] for r in at[n].values()), ".3f"),
+                     *(fmt(x, ".2f", "x") for x in ratios)]
             out.append(f"| {c} | {n} | {' | '.join(cells)} |")
     return out
 
 
-def measure(rows: list[dict], server: Server, r: int, level: int | str, conc: int,
-            prompts: list[list[dict]], max_tokens: int) -> None:
+def measure(rows: list[dict], server: Server, r: int, conc: int, prompts: list[list[dict]],
+            max_tokens: int) -> None:
     m = run(server, conc, prompts, max_tokens)
-    rows.append({"round": r, "concurrency": level, "target": server.name, **m})
-    print(f"round {r + 1} c={level} {server.name}: {m['tok_s']:.1f} tok/s, "
+    rows.append({"round": r, "concurrency": conc, "target": server.name, **m})
+    print(f"round {r + 1} c={conc} {server.name}: {m['tok_s']:.1f} tok/s, "
           f"{m['completion_tokens']} tokens in {m['wall_s']:.1f} s, TTFT "
           f"{fmt(m['ttft_s'], '.3f')} s, {len(m['errors'])} errors", flush=True)
 
@@ -165,8 +175,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="extra `tandem serve` flag (repeatable): --serve-flag=--torch-threads=1")
     ap.add_argument("--env", action="append", default=[],
                     help="KEY=VALUE for the tandem targets (repeatable)")
-    ap.add_argument("--ttft", action="store_true",
-                    help=f"also one cold ~{TTFT_WORDS}-word prompt per target and round")
+    ap.add_argument("--ttft", action="store_true", help="also cold, cached and (tandem-1p1d) "
+                    "after-restart TTFT per target and round (scripts/bench_peer_ttft.py)")
+    ap.add_argument("--ttft-words", type=int, default=TTFT_WORDS,
+                    help="words in the --ttft document (default %(default)s: ~2,900 tokens)")
     args = ap.parse_args(argv)
     args.concurrency = [int(c) for part in args.concurrency or ["1,16"]
                         for c in part.split(",") if c.strip()]
@@ -183,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out or workdir / "bench_peer.json"
     rows, ttft_rows = [], []
     with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(s) for s in make_servers(args, workdir)]
+        servers = [stack.enter_context(make_server(args, workdir, n)) for n in args.targets]
         for s in servers:
             warm_up(s)
         for r in range(args.rounds):
@@ -191,28 +203,31 @@ def main(argv: list[str] | None = None) -> int:
             for c in args.concurrency:
                 prompts = [story(f"{r}.{c}.{i}") for i in range(max(4, c * args.requests_per_slot))]
                 for s in order:
-                    measure(rows, s, r, c, c, prompts, args.max_tokens)
-            doc = f"Document {r}: {words(random.Random(r), TTFT_WORDS)}\nSummarize it."
-            for s in order if args.ttft else []:
-                measure(ttft_rows, s, r, "cold", 1, [chat(doc)], 4)
+                    measure(rows, s, r, c, prompts, args.max_tokens)
+            if args.ttft:
+                again = (partial(restart, stack, servers, args, workdir)
+                         if RESTARTED in args.targets else None)
+                bench_peer_ttft.ttft_round(ttft_rows, order, r, args.ttft_words, again)
     names = [s.name for s in servers]
     flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2")
                    if f in Path("/proc/cpuinfo").read_text())
+    ttft_note = f"TTFT document {args.ttft_words} words; " if args.ttft else ""
     header = (f"{DEFAULT_MODEL}, {args.dtype}, torch {torch.__version__}, transformers "
               f"{transformers.__version__}, {platform.machine()} ({', '.join(flags)}), nproc "
               f"{len(os.sched_getaffinity(0))}; {args.rounds} rounds, "
-              f"{args.requests_per_slot} requests/slot, max_tokens {args.max_tokens}; tandem "
+              f"{args.requests_per_slot} requests/slot, max_tokens {args.max_tokens}; "
+              f"{ttft_note}tandem "
               f"with {' '.join(args.serve_flag + args.env) or 'defaults'}")
-    lines = ["", header, *table(rows, names, "tok_s", "tok/s", True)]
-    if ttft_rows:  # lower is better here: a ratio under 1 favours tandem
-        lines += ["", f"Cold TTFT, one ~{TTFT_WORDS}-word prompt per round (4 output tokens):",
-                  *table(ttft_rows, names, "ttft_s", "TTFT s", False)]
+    lines = ["", header, *table(rows, names)]
+    ttft_summary = bench_peer_ttft.summary(ttft_rows, names)
+    if ttft_rows:
+        lines += bench_peer_ttft.table(ttft_summary, args.ttft_words)
     print("\n".join(lines), flush=True)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"header": header, "workdir": str(workdir), "flags": flags, "argv": sys.argv,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    out_path.write_text(json.dumps({"meta": meta, "measurements": rows, "ttft": ttft_rows},
-                                   indent=2) + "\n")
+    out_path.write_text(json.dumps({"meta": meta, "measurements": rows, "ttft": ttft_rows,
+                                   "ttft_summary": ttft_summary}, indent=2) + "\n")
     print(f"\nwrote {out_path}")
     return 0 if all(not r["errors"] for r in rows + ttft_rows) else 1
 

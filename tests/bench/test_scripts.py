@@ -33,16 +33,30 @@ def test_bench_overhead_compares_engine_and_served(tmp_path):
     assert "served / engine" in out and "round 1: engine" in out
 
 
-def test_bench_peer_alternates_targets(tmp_path):
-    """Only tandem-colocated (the peer takes minutes to start): a measurement line, the table and
-    the JSON with one measurement per round, level and target."""
+def test_bench_peer_throughput_and_ttft(tmp_path):
+    """Only tandem-1p1d (the peer takes minutes to start) and a 300-word TTFT document (over the
+    router's 256 uncached tokens, so the cold prompt takes the prefill hop, as ~2,900 tokens do):
+    a measurement line, both tables, and the JSON with one measurement per round, level and
+    target; the cached and after-restart requests (the latter on a new server over the same KV
+    dir) hit the cache."""
     out_json = tmp_path / "peer.json"
-    out = run_script("scripts/bench_peer.py", "--targets", "tandem-colocated", "--concurrency",
-                     "2", "--rounds", "1", "--max-tokens", "4", "--requests-per-slot", "1",
-                     "--dtype", "float32", "--workdir", str(tmp_path), "--out", str(out_json))
-    assert "round 1 c=2 tandem-colocated:" in out and "| 2 | tandem-colocated |" in out
+    out = run_script("scripts/bench_peer.py", "--targets", "tandem-1p1d", "--concurrency", "2",
+                     "--rounds", "1", "--max-tokens", "4", "--requests-per-slot", "1", "--ttft",
+                     "--ttft-words", "300", "--dtype", "float32", "--workdir", str(tmp_path),
+                     "--out", str(out_json))
+    assert "round 1 c=2 tandem-1p1d:" in out and "| 2 | tandem-1p1d |" in out
+    for kind in ("cold", "cached", "after restart"):
+        assert f"round 1 {kind} tandem-1p1d: TTFT" in out and f"| {kind} | tandem-1p1d |" in out
     doc = json.loads(out_json.read_text())
     [m] = doc["measurements"]
-    assert (m["round"], m["concurrency"], m["target"]) == (0, 2, "tandem-colocated")
+    assert (m["round"], m["concurrency"], m["target"]) == (0, 2, "tandem-1p1d")
     assert m["errors"] == [] and m["ttft_s"] > 0
     assert len(m["requests"]) == 4 and m["completion_tokens"] > 0 and m["tok_s"] > 0
+    ttft = {t["kind"]: t for t in doc["ttft"]}
+    assert [t["kind"] for t in doc["ttft"]] == ["cold", "cached", "after restart"]
+    assert all(t["target"] == "tandem-1p1d" and t["errors"] == [] and t["ttft_s"] > 0
+               for t in ttft.values())
+    assert ttft["cold"]["prompt_tokens"] > 300
+    assert ttft["cached"]["cached_tokens"] > 0 and ttft["after restart"]["cached_tokens"] > 0
+    assert [(t["kind"], t["target"]) for t in doc["ttft_summary"]] == [
+        ("cold", "tandem-1p1d"), ("cached", "tandem-1p1d"), ("after restart", "tandem-1p1d")]

@@ -362,7 +362,10 @@ class Engine:
                 rows.append(r - 1)
         last = planned[-1][0] if planned else None
         self._prefilling = last if last is not None and last.todo > 1 else None
-        return self._emit(samplers, logits[rows]) if samplers else []
+        if not samplers:
+            return []
+        # rows ascend, so as many rows as logits means all of them, in order: no copy
+        return self._emit(samplers, logits if len(rows) == len(logits) else logits[rows])
 
     def _keep(self, seq: Sequence, n: int) -> int:
         """Logits a chunk needs: all positions for prompt logprobs, else the next token's."""

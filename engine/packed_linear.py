@@ -3,7 +3,7 @@
 `F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call.
 Reordering once at load (what torch.compile's CPU freezing does) gives the same bits at half the
 time for a decode step's small GEMMs. Measured on the 2-vCPU avx512_bf16 dev box
-(docs/BENCHMARKS.md, "Packed bf16 weights"), per call:
+(docs/BENCHMARKS.md, "Serving speed after three changes"), per call:
 
     [1, 576] x [576, 1536]:     69 -> 35 us       [16, 576] x [576, 1536]:  131 -> 92 us
     [1, 576] x [576, 49152]:  3412 -> 1827 us     (the lm_head)

@@ -10,7 +10,7 @@ of helper threads, and once a process holds more of them than it has CPUs, every
 spinning between regions and sleeps instead. A decode step is ~450 small regions, each then
 paying a futex wake: measured on 2 vCPUs in bf16, batch-1 decode on a second thread fell from
 ~34 to ~21 tok/s while the loading thread's pool lived, and back to ~34 with the model loaded
-on the engine's own thread (docs/BENCHMARKS.md, "One OpenMP pool per process").
+on the engine's own thread (docs/BENCHMARKS.md, "Serving speed after three changes").
 
 Failures stay with the sequence that caused them: a request engine.add() refuses, or one the
 engine drops mid-step for a failure of its own (Engine.take_failed), ends only its own stream.

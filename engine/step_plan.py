@@ -103,12 +103,15 @@ class StepPlan:
 
     def kept_rows(self) -> int | list[int]:
         """`logits_to_keep`: every decode row, then each chunk's last `keep` positions. An int
-        (the last k flat positions; 0 = all) where that says the same, else the indices."""
+        (the last k flat positions; 0 = all) where that says the same, else the indices. With
+        no row to keep, 1 (a row nobody reads: transformers has no "none")."""
         rows = list(range(self.n))
         for c, off in zip(self.chunks, self.offsets, strict=True):
             end = off + len(c.token_ids)
             rows += range(end - c.keep, end)
         total = self.offsets[-1] + len(self.chunks[-1].token_ids) if self.chunks else self.n
+        if not rows:  # a prompt chunk mid-prefill: no row samples; 0 would mean "all of them"
+            return 1
         if rows == list(range(total - len(rows), total)):
             return 0 if len(rows) == total else len(rows)
         return rows

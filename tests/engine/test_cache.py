@@ -10,7 +10,7 @@ from engine.kv_layout import KVLayout
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.slots import SlotTable
-from engine.step_plan import chunk_mask, decode_mask
+from engine.step_plan import Chunk, StepPlan, chunk_mask, decode_mask
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=4, block_size=8, dtype=torch.float32)
 
@@ -114,3 +114,18 @@ def test_idle_engine_gives_back_a_grown_cache(tiny_fp32):
     assert engine._cache.num_slots == 16  # the burst grew it...
     engine.step()  # idle step: nothing held
     assert engine._cache.nbytes == initial  # ...and idleness gave it back
+
+
+def test_step_plan_keeps_only_the_logits_rows_that_sample():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    # two decode rows, then a chunk that completes its prompt: the last 3 flat positions
+    plan = StepPlan.build([4, 7], [Chunk(2, 0, [5, 6, 7], keep=1)], f32, cpu)
+    assert plan.kept_rows() == [0, 1, 4] and plan.max_len == 8
+    assert plan.flat_inputs([9, 9]) == ([9, 9, 5, 6, 7], [4, 7, 0, 1, 2])
+    # a chunk mid-prefill alone keeps no row: one row (never 0, which would mean all)
+    assert StepPlan.build([], [Chunk(0, 0, [1, 2, 3])], f32, cpu).kept_rows() == 1
+    # decode rows only: the last n positions, as an int
+    assert StepPlan.build([3, 3, 3], [], f32, cpu).kept_rows() == 0
+    # every position of a chunk (prompt logprobs) after a mid-prefill chunk
+    plan = StepPlan.build([], [Chunk(0, 0, [1, 2]), Chunk(1, 64, [3, 4, 5], keep=3)], f32, cpu)
+    assert plan.kept_rows() == 3 and plan.masks[0] is None and plan.masks[1].shape == (1, 1, 3, 67)

@@ -109,7 +109,7 @@ class Forward:
         dev = self.slot_cache.device
         plan = StepPlan.build(positions, chunks, self.dtype, dev)
         self.slot_cache.reserve(length=plan.max_len)
-        ids, pos = plan.flat_inputs(decode_ids)
+        ids, pos = plan.flat_inputs(decode_ids, positions)
         keep = plan.kept_rows()
         self.cache.plan = plan
         self.cache.updates = 0

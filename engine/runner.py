@@ -90,9 +90,12 @@ class EngineRunner:
     def build(self, make: Callable[[], Engine]) -> Engine:
         """Run make() on the runner's thread (started) and serve the Engine it returns."""
         assert self.engine is None and self._thread.is_alive()
-        engine = self.call(lambda _: make()).result()
-        self.call(lambda _: setattr(self, "engine", engine)).result()
-        return engine
+
+        def install(_: None) -> Engine:
+            self.engine = make()
+            return self.engine
+
+        return self.call(install).result()
 
     @property
     def num_running(self) -> int:

@@ -93,9 +93,10 @@ class StepPlan:
         ends = [c.start + len(c.token_ids) for c in self.chunks]
         return max([self.kv_len, *ends])
 
-    def flat_inputs(self, decode_ids: list[int]) -> tuple[list[int], list[int]]:
+    def flat_inputs(self, decode_ids: list[int], positions: list[int]
+                    ) -> tuple[list[int], list[int]]:
         """(token ids, positions) of the flat row, decode rows first."""
-        ids, pos = list(decode_ids), self.positions.tolist() if self.n else []
+        ids, pos = list(decode_ids), list(positions)
         for c in self.chunks:
             ids += c.token_ids
             pos += range(c.start, c.start + len(c.token_ids))

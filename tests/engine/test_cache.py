@@ -121,7 +121,7 @@ def test_step_plan_keeps_only_the_logits_rows_that_sample():
     # two decode rows, then a chunk that completes its prompt: the last 3 flat positions
     plan = StepPlan.build([4, 7], [Chunk(2, 0, [5, 6, 7], keep=1)], f32, cpu)
     assert plan.kept_rows() == [0, 1, 4] and plan.max_len == 8
-    assert plan.flat_inputs([9, 9]) == ([9, 9, 5, 6, 7], [4, 7, 0, 1, 2])
+    assert plan.flat_inputs([9, 9], [4, 7]) == ([9, 9, 5, 6, 7], [4, 7, 0, 1, 2])
     # a chunk mid-prefill alone keeps no row: one row (never 0, which would mean all)
     assert StepPlan.build([], [Chunk(0, 0, [1, 2, 3])], f32, cpu).kept_rows() == 1
     # decode rows only: the last n positions, as an int

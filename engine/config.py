@@ -9,18 +9,22 @@ import torch
 from engine.kv_layout import DEFAULT_BLOCK_SIZE
 
 _DEFAULT_MAX_LEN = 8192  # tokens; caps max_model_len by default to bound KV memory
+# vLLM's 16-token pages: fine-grained prefix sharing, and a row gathers < 16 keys it masks out.
+DEFAULT_PAGE_SIZE = 16
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    max_slots: int = 32  # sequences holding KV at once
+    max_slots: int = 32  # sequences running at once (vLLM's max_num_seqs)
     max_model_len: int | None = None  # None: min(max_position_embeddings, 8192)
     block_size: int = DEFAULT_BLOCK_SIZE  # tokens per exported/imported KV block
     prefill_chunk: int = 512  # prefill tokens per step, across waiting sequences
     seed: int | None = None  # seeds the draws of rows without their own seed
-    # Keep the last finished sequence's KV in its slot (evicted first when a slot is needed),
-    # so a next request sharing its tokens (same tenant) starts from it without a store load.
-    retain_finished: bool = True
+    page_size: int = DEFAULT_PAGE_SIZE  # tokens per page of the engine's KV pool
+    # The pool's budget: kv_cache_bytes if set, else kv_cache_fraction of the device's free
+    # memory (see engine/kv_budget.py for the defaults when neither is set).
+    kv_cache_bytes: int | None = None
+    kv_cache_fraction: float | None = None
 
 
 @dataclass(slots=True)
@@ -30,7 +34,20 @@ class EngineStats:
     steps: int = 0
     prefill_tokens: int = 0  # tokens fed by prefill forwards
     decode_tokens: int = 0  # tokens fed by batched decode forwards
-    kv_copies: int = 0  # whole-sequence KV copies between slots (compaction, fork)
+    kv_copies: int = 0  # page copies (copy-on-write of a shared partial page)
+    prefix_device_tokens: int = 0  # prompt tokens whose KV was found in the page pool
+    prefix_store_tokens: int = 0  # prompt tokens whose KV was imported (from the store)
+    preemptions: int = 0  # sequences evicted from the pool to make room (then recomputed)
+
+
+@dataclass(slots=True)
+class KVUsage:
+    """The page pool's occupancy (gauges; engine/page_pool.py has the states)."""
+
+    pages: int  # pages sequences can hold
+    used: int  # in some sequence's page table
+    cached: int  # free, but still findable by the prefix cache
+    page_size: int  # tokens per page
 
 
 def default_max_len(mcfg) -> int:

@@ -1,14 +1,20 @@
-"""The engine: continuous batching over a slot KV cache, one scheduler iteration per step().
+"""The engine: continuous batching over a paged KV pool, one scheduler iteration per step().
 
     step():
-      1. retire sequences that finished last step (their KV stayed readable until now)
+      1. retire sequences that finished last step (their KV stayed readable until now; their
+         full pages stay in the pool as the prefix cache)
       2. admit waiting sequences whose KV is all imported (one token left): they decode now
-      3. compact: decoding sequences into slots [0, n)
-      4. plan prefill chunks FIFO: with decodes running, a budget of `prefill_chunk` tokens (a
-         longer prompt continues next step, so it never stalls them for long); with none,
-         whole prompts
-      5. one forward over both (engine/step_plan.py): the decode rows of slots [0, n) and the
-         chunks ride through the model's weights together; sample, emit
+      3. give every decoder the page its next token goes in; when the pool is out of pages,
+         preempt the newest running sequence (its pages are freed, full ones stay cached) and
+         recompute it later from what the cache still holds
+      4. plan prefill chunks FIFO with the pages left: with decodes running, a budget of
+         `prefill_chunk` tokens (a longer prompt continues next step, so it never stalls them
+         for long); with none, whole prompts
+      5. one forward over both (engine/step_plan.py): the decode rows and the chunks ride
+         through the model's weights together; sample, emit
+
+A sequence entering the pool first takes the longest run of its pages already cached there
+(engine/paged_kv.py), then any longer prefix the store gave it.
 
 Single-threaded by contract: one owner thread calls every method (see engine/runner.py), so
 there are no locks. Sequence state is counters (see engine/sequence.py).
@@ -21,16 +27,19 @@ from collections import deque
 
 import torch
 
-from engine.cache import SlotKVCache, blocks_to_flat, flat_to_blocks
-from engine.config import EngineConfig, EngineStats, default_max_len, eos_ids
+from engine.config import EngineConfig, EngineStats, KVUsage, default_max_len, eos_ids
+from engine.device import dtype_name
 from engine.forward import Forward
-from engine.intake import check_params, check_request, common_prefix, trim_prefix
-from engine.kv_layout import KVLayout
+from engine.intake import InvalidRequest, check_params, check_request, trim_prefix
+from engine.kv_budget import pool_pages
+from engine.kv_layout import KVLayout, blocks_to_flat, flat_to_blocks
 from engine.loader import LoadedModel
+from engine.page_hash import chain_root
+from engine.page_pool import PagePool
+from engine.paged_kv import PagedKV
 from engine.sampler import Sampled, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest, Sequence, TokenEvent, stop_ids_for
-from engine.slots import SlotTable
 from engine.step_plan import Chunk
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "SeqRequest", "TokenEvent"]
@@ -44,12 +53,11 @@ class Engine:
     """Runs sequences of one model: add() queues, step() advances all of them by one iteration
     and returns the sampled tokens, abort()/release() forget them. A finished sequence's KV
     stays readable (kv_len, export_kv, export_blocks) until the next step() or add(), so an
-    event hook can export it; a prefill_only sequence keeps it until release(). The last
-    finished sequence's KV then stays in its slot for a next one to reuse (see _retain). A
-    sequence whose own request breaks a step is dropped alone and reported by take_failed().
+    event hook can export it; a prefill_only sequence keeps it until release(). A sequence
+    whose own request breaks a step is dropped alone and reported by take_failed().
 
-    Not thread-safe: one thread owns the engine (see engine/runner.py). `num_waiting` is safe
-    to read from other threads (a len()).
+    Not thread-safe: one thread owns the engine (see engine/runner.py). `num_waiting`,
+    `kv_usage` and `cached_prefix_tokens` are safe to call from other threads.
     """
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
@@ -57,18 +65,20 @@ class Engine:
         self.loaded = loaded
         self.max_model_len = config.max_model_len or default_max_len(loaded.config)
         self.layout = KVLayout.from_config(loaded.config, config.block_size, loaded.dtype)
+        if config.block_size % config.page_size:
+            raise ValueError(f"page_size {config.page_size} must divide the store's block_size "
+                             f"{config.block_size}, so blocks move as whole pages")
         self.eos_token_ids = eos_ids(loaded.model)
-        self._cache = SlotKVCache(self.layout, config.max_slots, self.max_model_len, loaded.device)
-        self._slots = SlotTable(self._cache)
-        self._fwd = Forward(loaded.model, self._cache)
+        self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device),
+                             config.page_size, loaded.device)
+        self._kv = PagedKV(self.pool, self._chain_root)
+        self._fwd = Forward(loaded.model, self.pool, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
-        self._waiting: deque[Sequence] = deque()  # FIFO, no slot yet
-        self._prefilling: Sequence | None = None  # mid-prefill across steps (at most one)
+        self._waiting: deque[Sequence] = deque()  # FIFO, not in the pool
+        self._placed: list[Sequence] = []  # in the pool, in the order they entered it
         self._done: list[Sequence] = []  # emitted their last event this step
         # Dropped by a failure of their own (see _fail), until take_failed() reports them.
         self._failed: list[tuple[str, Exception]] = []
-        # The last finished sequence, KV still in its slot (see _retire_done); not in _seqs.
-        self._retained: Sequence | None = None
         self._pending: dict[str, Sequence] = {}  # fork child id -> parent, until spawned
         self._stats = EngineStats()
         self._gen = torch.Generator(device=loaded.device)
@@ -76,9 +86,14 @@ class Engine:
             self._gen.manual_seed(config.seed)
         else:
             self._gen.seed()
-        log.info("engine: %s, max_slots=%d, max_model_len=%d, block=%d, prefill_chunk=%d",
-                 loaded.name, config.max_slots, self.max_model_len, config.block_size,
-                 config.prefill_chunk)
+        log.info("engine: %s, max_slots=%d, max_model_len=%d, block=%d, prefill_chunk=%d, "
+                 "kv pool %d pages x %d tokens (%.2f GB)", loaded.name, config.max_slots,
+                 self.max_model_len, config.block_size, config.prefill_chunk,
+                 self.pool.num_pages, config.page_size, self.pool.kv.nbytes / 1e9)
+
+    def _chain_root(self, cache_salt: str) -> bytes:
+        return chain_root(self.loaded.fingerprint, dtype_name(self.layout.dtype),
+                          self.config.page_size, cache_salt)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -86,10 +101,9 @@ class Engine:
         """Queue a sequence. Raises ValueError on a malformed request (nothing is queued).
 
         The id of a sequence that finished (and is not an unreleased prefill_only) may be reused
-        at once. Last step's finished sequences are retired first, so the last of them can
-        lend this one its KV (see _retain).
+        at once: last step's finished sequences are retired first.
         """
-        self._retire_done()  # also frees a finished sequence's id for reuse
+        self._retire_done()
         if req.seq_id in self._seqs or req.seq_id in self._pending:
             raise ValueError(f"duplicate seq_id {req.seq_id!r}")
         self.check(req)
@@ -99,14 +113,12 @@ class Engine:
                        cache_salt=req.cache_salt)
         if p.prompt_logprobs is not None:
             seq.prompt_lps = [None]  # needs every prompt position's logits: full prefill
-        else:
-            if req.prefix_kv is not None and req.prefix_len > 0:
-                # Keep one token to feed: its logits give the next token.
-                seq.kv_len = min(req.prefix_len, len(seq.token_ids) - 1)
-                seq.held_blocks, seq.held_flat = trim_prefix(
-                    req.prefix_kv, req.prefix_tail, seq.kv_len, self.layout)
-            self._adopt_retained(seq)
-        seq.reused = seq.kv_len
+        elif req.prefix_kv is not None and req.prefix_len > 0:
+            # Keep one token to feed: its logits give the next token.
+            seq.kv_len = min(req.prefix_len, len(seq.token_ids) - 1)
+            seq.held_start = req.prefix_start
+            seq.held_blocks, seq.held_flat = trim_prefix(
+                req.prefix_kv, req.prefix_tail, seq.kv_len - seq.held_start, self.layout)
         self._seqs[seq.seq_id] = seq
         self._waiting.append(seq)
 
@@ -115,15 +127,29 @@ class Engine:
         Reads only fixed configuration, so any thread may call it: a worker does, to answer
         400 before it starts streaming."""
         check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
+        need = min(len(req.token_ids) + req.params.max_tokens, self.max_model_len)
+        capacity = self.pool.num_pages * self.config.page_size
+        if need > capacity:
+            raise InvalidRequest(
+                "max_tokens", f"{len(req.token_ids)} prompt tokens + max_tokens "
+                f"{req.params.max_tokens} need {need} tokens of KV; this worker's KV pool "
+                f"holds {capacity}", "context_length_exceeded")
 
     def check_params(self, params: SamplingParams) -> None:
         """check() for a fork's parameters (its tokens are its parent's): any thread."""
         check_params(params, self.loaded.config.vocab_size)
 
+    def cached_prefix_tokens(self, token_ids: list[int], cache_salt: str = "") -> int:
+        """Leading tokens whose KV the pool holds now (full pages): advisory, any thread."""
+        probe = Sequence("", token_ids, len(token_ids), SamplingParams(), frozenset(),
+                         cache_salt=cache_salt)
+        full = (len(token_ids) - 1) // self.config.page_size
+        return self.pool.cached_pages(self._kv.digests(probe, full)) * self.config.page_size
+
     def take_failed(self) -> list[tuple[str, Exception]]:
         """(seq_id, error) of the sequences a step dropped for a failure of their own (an
-        import that did not fit its slot, sampling that raised for their row), since the last
-        call. They emit no further events; every other sequence carried on."""
+        import that did not fit, sampling that raised for their row), since the last call.
+        They emit no further events; every other sequence carried on."""
         failed, self._failed = self._failed, []
         return failed
 
@@ -133,12 +159,16 @@ class Engine:
         self._stats.steps += 1
         self._retire_done()
         self._admit_imported()
-        decoders = self._slots.compact()
+        decoders = self._reserve_decode()
         # Chunking exists to keep running decodes flowing. With none running (always so on a
         # prefill worker) prompts go in whole: from position 0 that is SDPA's maskless causal
         # kernel, ~2x faster on CPU than chunks over a cached prefix with explicit masks.
         budget = self.config.prefill_chunk if decoders else self.max_model_len
         planned = self._plan_prefill(budget, whole=not decoders)
+        while not decoders and not planned and self._stalled():
+            # Prompts part-way in hold every page and none can go on: give the oldest room.
+            self._preempt(self._newest_running())
+            planned = self._plan_prefill(budget, whole=True)
         if not decoders and not planned:
             return []
         return self._forward(decoders, planned)
@@ -147,7 +177,7 @@ class Engine:
         return any(not s.done for s in self._seqs.values())
 
     def abort(self, seq_id: str) -> None:
-        """Forget a sequence (any state) and free its slot. Unknown ids are ignored."""
+        """Forget a sequence (any state) and free its pages. Unknown ids are ignored."""
         parent = self._pending.pop(seq_id, None)
         if parent is not None:
             parent.forks = [f for f in parent.forks if f[0] != seq_id]
@@ -162,7 +192,7 @@ class Engine:
 
     @torch.inference_mode()
     def fork(self, parent_id: str, child_id: str, params: SamplingParams) -> None:
-        """Start child_id as a copy of parent_id's state, sharing its computed KV (copied).
+        """Start child_id as a copy of parent_id's state, sharing its pages.
 
         Before the parent has sampled here, the child is spawned at the parent's next sample
         and draws its own token from the same logits (the n > 1 case: the prompt is computed
@@ -188,21 +218,25 @@ class Engine:
         """Tokens [start, end) as a new tensor [L, 2, H, end - start, D] on the engine device."""
         seq = self._seqs[seq_id]
         assert 0 <= start <= end <= seq.kv_len, (start, end, seq.kv_len)
-        return self._kv_view(seq)[:, :, :, start:end].clone()
+        if seq.placed:
+            return self._kv.read(seq, start, end)
+        return self._held_view(seq)[:, :, :, start:end].clone()
 
     @torch.no_grad()
     def export_blocks(self, seq_id: str, first: int, count: int) -> torch.Tensor:
         """Full blocks [first, first + count) as [count, L, 2, H, B, D] on CPU."""
-        seq = self._seqs[seq_id]
         B = self.layout.block_size
-        assert first >= 0 and (first + count) * B <= seq.kv_len, (first, count, seq.kv_len)
-        flat = self._kv_view(seq)[:, :, :, first * B : (first + count) * B]
+        flat = self.export_kv(seq_id, first * B, (first + count) * B)
         return flat_to_blocks(flat, B).cpu()
 
     @property
     def stats(self) -> EngineStats:
-        self._stats.kv_copies = self._slots.copies
         return self._stats
+
+    def kv_usage(self) -> KVUsage:
+        """The pool's occupancy: ints and len()s only, so a metrics thread may read it."""
+        pool = self.pool
+        return KVUsage(pool.num_pages, pool.num_referenced, pool.num_cached, pool.page_size)
 
     @property
     def num_waiting(self) -> int:
@@ -212,127 +246,154 @@ class Engine:
     def num_running(self) -> int:
         return sum(1 for s in self._seqs.values() if not s.done) - len(self._waiting)
 
-    # --- scheduling ---------------------------------------------------------------------------
+    # --- the pool: admission, placement, preemption -------------------------------------------
 
-    @torch.inference_mode()  # also called from add(): slot copies need it either way
     def _retire_done(self) -> None:
-        """Free last step's finished sequences (keeping the last one's KV resident); park
-        unreleased prefill_only ones off-slot."""
+        """Free last step's finished sequences' pages (their full pages stay cached); an
+        unreleased prefill_only one keeps its pages until release()."""
         for seq in self._done:
-            if self._seqs.get(seq.seq_id) is not seq:
-                continue  # aborted or released meanwhile
-            if seq.prefill_only:
-                if seq.slot >= 0:
-                    seq.held_blocks, seq.held_flat = None, self._kv_view(seq).clone()
-                    self._slots.free(seq)
-            elif self.config.retain_finished and seq.slot >= 0 and seq.kv_len >= (
-                    self.layout.block_size):
-                self._retain(seq)
-            else:
+            if self._seqs.get(seq.seq_id) is seq and not seq.prefill_only:
                 self._drop(seq)
         self._done.clear()
-        if self._slots.num_held == (self._retained is not None):
-            self._shrink()
 
-    def _retain(self, seq: Sequence) -> None:
-        """Keep a finished sequence's slot, like a one-entry prefix cache of the last chat:
-        the next turn, or the next question on the same document, reuses its KV token by token
-        with no store load or copy (what a paged cache's prefix caching gives vLLM)."""
-        self._drop(seq, free_slot=False)
-        if self._retained is not None:
-            self._evict_retained()
-        self._retained = seq
+    def _running(self) -> int:
+        return sum(1 for s in self._placed if not s.done)
 
-    def _evict_retained(self) -> None:
-        seq, self._retained = self._retained, None
-        self._slots.free(seq)
-
-    def _adopt_retained(self, seq: Sequence) -> None:
-        """Start seq in the retained slot when that reuses at least as many tokens as its
-        store import would (same tenant only: the salt is part of the match)."""
-        old = self._retained
-        if old is None or old.cache_salt != seq.cache_salt:
-            return
-        n = common_prefix(old.token_ids, seq.token_ids, min(old.kv_len, len(seq.token_ids) - 1))
-        # Under a block (chats share their template's first tokens) reuse would only trade the
-        # maskless prefill from position 0 for a slower masked one.
-        if n < max(seq.kv_len, self.layout.block_size):
-            return
-        self._retained = None
-        self._slots.hand_over(old, seq)
-        seq.kv_len = n
-        seq.held_blocks = seq.held_flat = None
-
-    def _has_room(self) -> bool:
-        """Is a slot free? The retained sequence gives way rather than refuse a slot or make
-        the cache grow (growth zero-fills slots x capacity: 0.19 GB per 4k-token slot)."""
-        if self._retained is not None and self._slots.num_held >= self._cache.num_slots:
-            self._evict_retained()
-        return self._slots.has_free()
-
-    def _shrink(self) -> None:
-        """Idle: give back the slots a burst grew, keeping the retained KV (in slot 0)."""
-        keep = self._retained
-        if keep is not None and keep.slot != 0:
-            self._slots.move_to(keep, 0)
-        self._cache.reset(keep=keep.kv_len if keep is not None else 0)
+    def _stalled(self) -> bool:
+        """Sequences hold pages, yet none decodes next step (nothing was planned either)."""
+        running = [s for s in self._placed if not s.done]
+        return bool(running) and not any(s.is_decoder for s in running)
 
     def _admit_imported(self) -> None:
-        """Waiting sequences with one token left need no prefill: give them slots to decode."""
+        """Waiting sequences with one token left need no prefill: place them to decode."""
         for seq in [s for s in self._waiting if s.todo == 1]:
-            if seq.slot < 0 and not self._has_room():
+            if self._running() >= self.config.max_slots or self._try_place(seq) is False:
                 return
-            self._try_place(seq)
 
-    def _try_place(self, seq: Sequence) -> bool:
-        """_place, failing only `seq` if its import does not go in (the copy touches its own
-        slot only, and a cache growth swaps the tensor in only once it is complete)."""
+    def _try_place(self, seq: Sequence) -> bool | None:
+        """_place; None if its import did not go in (that fails `seq` alone)."""
         try:
-            self._place(seq)
+            return self._place(seq)
         except Exception as e:
             self._fail(seq, e)
+            return None
+
+    def _place(self, seq: Sequence) -> bool:
+        """Move a waiting sequence into the pool: its longest cached prefix, then whatever of
+        its store import goes beyond that, plus a page for a decoder's next token. False (and
+        nothing taken) when the pool lacks the pages."""
+        imported = seq.kv_len  # a store import of tokens [held_start, kv_len) waits in held_*
+        seq.kv_len = 0
+        hit = seq.kv_len = self._kv.match(seq) if seq.prompt_lps is None else 0
+        # The import must start inside what the pool holds (its pages may be gone since).
+        held = imported if hit >= seq.held_start else 0
+        end = max(hit, held)
+        decoder = end == len(seq.token_ids) - 1  # decodes at once: its next token's page too
+        if self._kv.pages_needed(seq, end + decoder) > self.pool.num_free:
+            self._kv.free(seq)
+            seq.kv_len = imported
             return False
+        self._waiting.remove(seq)
+        self._placed.append(seq)
+        seq.placed = True
+        if held > hit:
+            self._kv.grow(seq, held)
+            self._write_held(seq, hit, held)
+            seq.kv_len = held
+        seq.held_blocks = seq.held_flat = None
+        seq.held_start = 0
+        self._kv.commit(seq)
+        self._stats.prefix_device_tokens += hit
+        self._stats.prefix_store_tokens += seq.kv_len - hit
+        if not seq.sampled:
+            seq.reused = seq.kv_len
         return True
 
-    def _place(self, seq: Sequence) -> None:
-        """Move a waiting sequence into a free slot (unless it adopted one), copying in any KV
-        it holds."""
-        self._waiting.remove(seq)
-        if seq.slot < 0:
-            self._slots.alloc(seq)
-        if seq.held_blocks is not None:
-            self._cache.write_blocks(seq.slot, seq.held_blocks)
+    def _write_held(self, seq: Sequence, start: int, end: int) -> None:
+        """Copy tokens [start, end) of seq's held import into its pages."""
+        parts = list(seq.held_blocks) if seq.held_blocks is not None else []
         if seq.held_flat is not None:
-            blocks = 0 if seq.held_blocks is None else len(seq.held_blocks)
-            self._cache.write(seq.slot, blocks * self.layout.block_size, seq.held_flat)
-        seq.held_blocks = seq.held_flat = None
+            parts.append(seq.held_flat)
+        at = seq.held_start
+        for kv in parts:  # each [L, 2, H, t, D] covering tokens [at, at + t)
+            t = kv.shape[3]
+            lo, hi = max(start, at), min(end, at + t)
+            if lo < hi:
+                self._kv.write(seq, lo, kv[:, :, :, lo - at : hi - at])
+            at += t
+
+    def _reserve_decode(self) -> list[Sequence]:
+        """Every decoder's page for its next token, oldest first, preempting the newest running
+        sequence while the pool is out of pages. Returns the decoders, longest first."""
+        decoders = []
+        for seq in [s for s in self._placed if s.is_decoder]:
+            if not seq.placed:
+                continue  # preempted for an older one in this loop
+            while self._kv.pages_needed(seq, seq.kv_len + 1) > self.pool.num_free:
+                victim = self._newest_running()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.placed:
+                self._kv.grow(seq, seq.kv_len + 1)
+                decoders.append(seq)
+        decoders.sort(key=lambda s: -s.kv_len)
+        return decoders
+
+    def _newest_running(self) -> Sequence:
+        return next(s for s in reversed(self._placed) if not s.done)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take seq out of the pool to the front of the queue. Its full pages stay cached, so
+        it resumes from what is still there when it is placed again, recomputing the rest."""
+        log.info("preempting %s (%d tokens of KV)", seq.seq_id, seq.kv_len)
+        self._kv.free(seq)
+        self._placed.remove(seq)
+        seq.placed, seq.kv_len = False, 0
+        if seq.prompt_lps is not None:
+            seq.prompt_lps = [None]  # prompt logprobs are collected again from position 0
+        self._waiting.appendleft(seq)
+        self._stats.preemptions += 1
+
+    # --- scheduling ---------------------------------------------------------------------------
 
     def _plan_prefill(self, budget: int, whole: bool) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to feed) for this step's forward, FIFO, up to `budget` tokens in
-        all. A prompt cut short continues next step (as `_prefilling`, first in line); with
-        `whole`, a prompt that does not fit waits for a step of its own instead."""
+        all and the pages free. A prompt cut short continues next step, first in line; with
+        `whole`, a prompt that does not fit the budget waits for a step of its own instead."""
         planned: list[tuple[Sequence, int]] = []
-        first = [self._prefilling] if self._prefilling else []
-        for seq in [*first, *self._waiting]:
+        started = [s for s in self._placed if not s.done and s.todo > 1]
+        for seq in [*started, *self._waiting]:
             if budget <= 0:
                 break
-            if seq is not self._prefilling:
+            if not seq.placed:
                 if whole and planned and seq.todo > budget:
                     break
-                if seq.slot < 0 and not self._has_room():
+                if self._running() >= self.config.max_slots:
                     break
-                if not self._try_place(seq):
+                placed = self._try_place(seq)
+                if placed is None:
                     continue
+                if not placed:
+                    break
                 if seq.todo == 1:
-                    continue  # an import: it joins the next decode step
-            n = min(budget, seq.todo, self._chunk_cap(seq, planned))
+                    continue  # fully cached or imported: it decodes next step
+            n = min(budget, seq.todo, self._chunk_cap(seq, planned), self._room(seq))
             if n <= 0:
                 break
+            self._kv.grow(seq, seq.kv_len + n)
             planned.append((seq, n))
             budget -= n
             if n < seq.todo:
-                break  # cut short: at most one sequence is mid-prefill
+                break  # cut short: it goes first next step
         return planned
+
+    def _room(self, seq: Sequence) -> int:
+        """Tokens seq can feed now: the rest of its own pages, then the pool's free ones."""
+        free = self.pool.num_free - self._kv.must_copy(seq)
+        if free < 0:
+            return 0
+        return len(seq.pages) * self.config.page_size - seq.kv_len + free * self.config.page_size
 
     @staticmethod
     def _chunk_cap(seq: Sequence, planned: list[tuple[Sequence, int]]) -> int:
@@ -346,12 +407,14 @@ class Engine:
     def _forward(self, decoders: list[Sequence], planned: list[tuple[Sequence, int]]
                  ) -> list[TokenEvent]:
         """One forward over the decode rows and the planned prompt chunks; sample and emit."""
-        chunks = [Chunk(seq.slot, seq.kv_len, seq.token_ids[seq.kv_len : seq.kv_len + n],
+        chunks = [Chunk(seq.pages, seq.kv_len, seq.token_ids[seq.kv_len : seq.kv_len + n],
                         keep=self._keep(seq, n)) for seq, n in planned]
         logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
-                                [s.kv_len for s in decoders], chunks)  # [rows, V]
+                                [s.kv_len for s in decoders], [s.pages for s in decoders],
+                                chunks)  # [rows, V]
         for s in decoders:
             s.kv_len += 1
+            self._kv.commit(s)
         self._stats.decode_tokens += len(decoders)
         samplers, rows, r = list(decoders), list(range(len(decoders))), len(decoders)
         for (seq, n), chunk in zip(planned, chunks, strict=True):
@@ -360,8 +423,6 @@ class Engine:
             if seq.todo == 0:
                 samplers.append(seq)
                 rows.append(r - 1)
-        last = planned[-1][0] if planned else None
-        self._prefilling = last if last is not None and last.todo > 1 else None
         if not samplers:
             return []
         # rows ascend, so as many rows as logits means all of them, in order: no copy
@@ -377,6 +438,7 @@ class Engine:
         """Account n prompt tokens fed; logits [keep, V] are their positions' (see _keep)."""
         start, P = seq.kv_len, seq.num_prompt_tokens
         seq.kv_len += n
+        self._kv.commit(seq)
         self._stats.prefill_tokens += n
         if seq.prompt_lps is not None and start < P - 1:
             # positions start.. predict tokens start+1..; only prompt tokens get an entry
@@ -437,7 +499,7 @@ class Engine:
         return ev
 
     def _spawn(self, parent: Sequence, child_id: str, params: SamplingParams) -> Sequence:
-        """A new sequence with the parent's tokens and a copy of its computed KV."""
+        """A new sequence with the parent's tokens, sharing its pages (copy-on-write)."""
         child = Sequence(child_id, list(parent.token_ids), parent.num_prompt_tokens, params,
                          stop_ids_for(params, self.eos_token_ids), parent.prefill_only,
                          parent.cache_salt, kv_len=parent.kv_len, sampled=True)
@@ -446,19 +508,20 @@ class Engine:
             child.reused, child.prompt_lps = parent.reused, parent.prompt_lps
         if parent.prefill_only:
             return child  # samples its first token and is done; the parent holds the prompt KV
-        if parent.slot >= 0 and self._has_room():
-            self._slots.alloc(child)
-            self._cache.move(parent.slot, child.slot, parent.kv_len)
-            self._slots.copies += 1
-        else:  # no slot now: hold a copy and wait at the front of the queue
-            child.held_flat = self._kv_view(parent).clone()
+        if parent.placed:
+            self._kv.fork(parent, child)
+            child.placed = True
+            self._placed.append(child)
+        else:  # the parent was preempted: the child recomputes too
+            child.kv_len = 0
             self._waiting.appendleft(child)
         return child
 
-    def _kv_view(self, seq: Sequence) -> torch.Tensor:
-        """Tokens [0, kv_len) of a sequence, wherever they are: [L, 2, H, kv_len, D]."""
-        if seq.slot >= 0:
-            return self._cache.read(seq.slot, 0, seq.kv_len)
+    def _held_view(self, seq: Sequence) -> torch.Tensor:
+        """Tokens [0, kv_len) of a waiting sequence's held import: [L, 2, H, kv_len, D]."""
+        if seq.held_start:
+            raise RuntimeError(f"{seq.seq_id}: its first {seq.held_start} tokens are in no "
+                               "import (the pool had them); export it once admitted")
         parts = []
         if seq.held_blocks is not None:
             held = seq.held_blocks
@@ -466,17 +529,18 @@ class Engine:
         if seq.held_flat is not None:
             parts.append(seq.held_flat)
         if not parts:  # waiting, nothing imported
-            return self._cache.read(0, 0, 0)
-        return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self._cache.device)
+            return self.pool.kv.new_zeros(self.layout.num_layers, 2, self.layout.num_kv_heads,
+                                          0, self.layout.head_dim)
+        return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self.pool.kv.device)
 
-    def _drop(self, seq: Sequence, free_slot: bool = True) -> None:
+    def _drop(self, seq: Sequence) -> None:
         del self._seqs[seq.seq_id]
-        if seq.slot >= 0 and free_slot:
-            self._slots.free(seq)
-        if seq in self._waiting:  # a waiting sequence may hold an adopted slot
+        if seq.placed:
+            self._kv.free(seq)
+            self._placed.remove(seq)
+            seq.placed = False
+        if seq in self._waiting:
             self._waiting.remove(seq)
-        if self._prefilling is seq:
-            self._prefilling = None
         for child_id, _ in seq.forks:
             self._pending.pop(child_id, None)
         seq.held_blocks = seq.held_flat = None

@@ -1,10 +1,10 @@
-"""Model forwards over the slot cache, through the unmodified transformers model code.
+"""Model forwards over the paged KV pool, through the unmodified transformers model code.
 
 transformers decoders (Llama, Qwen2, Mistral, ...) call `cache.update(k, v, layer)` once per
 layer and then their attention function. `StepCache` is that hook: it writes the step's new K/V
-into their slots and hands attention the layer's slot buffers, which the engine's attention
-function (engine/attention.py) reads group by group as the step's plan says (one flat row of
-decode rows and prompt chunks: engine/step_plan.py). No DynamicCache-style concatenation, and
+into their pages and hands attention the step's own K/V, and the engine's attention function
+(engine/attention.py) reads the layer's pages group by group as the step's plan says (one flat
+row of decode rows and prompt chunks: engine/step_plan.py). No DynamicCache-style concatenation, and
 no mask building by transformers: a prepared 4D mask is passed, which it takes as is.
 
 This is the engine's seam to transformers' model code. The forward kwarg that takes the cache
@@ -21,11 +21,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.attention import use_step_attention
-from engine.cache import SlotKVCache
+from engine.page_pool import PagePool
 from engine.step_plan import Chunk, StepPlan
 
 
-class _SlotLayer(CacheLayerMixin):
+class _PagedLayer(CacheLayerMixin):
     """Answers transformers' size questions; `StepCache.update` does the work. The engine passes
     position ids and a prepared mask, so the answers only matter to code it does not run."""
 
@@ -48,25 +48,26 @@ class _SlotLayer(CacheLayerMixin):
         return query_length, 0
 
     def get_max_length(self) -> int:
-        return self.owner.slot_cache.max_len
+        return self.owner.max_len
 
 
 class StepCache(Cache):
-    """A transformers `Cache` over the slot buffers, re-aimed by `plan` before each forward."""
+    """A transformers `Cache` over the page pool, re-aimed by `plan` before each forward."""
 
-    def __init__(self, slot_cache: SlotKVCache):
-        self.slot_cache = slot_cache
+    def __init__(self, pool: PagePool, max_len: int):
+        self.pool = pool
+        self.max_len = max_len
         self.plan = StepPlan()
         self.updates = 0  # update() calls since the forward began; Forward checks == num_layers
-        super().__init__(layers=[_SlotLayer(self) for _ in range(slot_cache.layout.num_layers)])
+        super().__init__(layers=[_PagedLayer(self) for _ in range(pool.layout.num_layers)])
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states, value_states: [1, H, T, D], the step's flat row
         self.updates += 1
-        k_buf, v_buf = self.slot_cache.kv[layer_idx]  # each [S, H, cap, D]
-        self.plan.write(k_buf, v_buf, key_states, value_states)
+        k_pool, v_pool = self.pool.kv[layer_idx]  # each [N, P, H, D]
+        self.plan.write(k_pool, v_pool, key_states, value_states)
         self.plan.written = layer_idx
-        return k_buf, v_buf
+        return key_states, value_states
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -88,27 +89,28 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 
 
 class Forward:
-    """Runs the model over the slot cache. Returns float32 logits."""
+    """Runs the model over the page pool. Returns float32 logits."""
 
-    def __init__(self, model: torch.nn.Module, slot_cache: SlotKVCache):
+    def __init__(self, model: torch.nn.Module, pool: PagePool, max_len: int):
         self.model = model
-        self.slot_cache = slot_cache
-        self.cache = StepCache(slot_cache)
+        self.pool = pool
+        self.cache = StepCache(pool, max_len)
         self.cache_kwarg = cache_kwarg(model)
-        self.dtype = slot_cache.layout.dtype
+        self.dtype = pool.layout.dtype
         use_step_attention(model)
         # transformers takes a 4D mask as prepared and skips building its own; attention
         # reads the plan's masks instead, so this one is never looked at.
-        self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=slot_cache.device)
+        self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=pool.kv.device)
 
-    def step(self, decode_ids: list[int], positions: list[int], chunks: list[Chunk]
-             ) -> torch.Tensor:
-        """One forward: a token for each of slots [0, n) (row i's at positions[i]) and every
-        prompt chunk. Returns logits [n + sum(chunk.keep), V]: the decode rows', then each
-        chunk's last `keep` positions', in order."""
-        dev = self.slot_cache.device
-        plan = StepPlan.build(positions, chunks, self.dtype, dev)
-        self.slot_cache.reserve(length=plan.max_len)
+    def step(self, decode_ids: list[int], positions: list[int], tables: list[list[int]],
+             chunks: list[Chunk]) -> torch.Tensor:
+        """One forward: a token for each decode row (row i's at positions[i] of page table
+        tables[i]; rows longest first) and every prompt chunk. Every page written must be in
+        its table already. Returns logits [n + sum(chunk.keep), V]: the decode rows', then
+        each chunk's last `keep` positions', in order."""
+        dev = self.pool.kv.device
+        plan = StepPlan.build(list(zip(tables, positions, strict=True)), chunks,
+                              self.pool.page_size, self.dtype, dev)
         ids, pos = plan.flat_inputs(decode_ids, positions)
         keep = plan.kept_rows()
         self.cache.plan = plan
@@ -125,7 +127,7 @@ class Forward:
             **{self.cache_kwarg: self.cache},
         )
         self.cache.plan = StepPlan()  # drop the step's tensors
-        want = self.slot_cache.layout.num_layers
+        want = self.pool.layout.num_layers
         if self.cache.updates != want:
             raise RuntimeError(
                 f"{type(self.model).__name__}.forward called StepCache.update "

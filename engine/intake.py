@@ -60,7 +60,11 @@ def check_request(req: SeqRequest, lay: KVLayout, vocab: int, max_model_len: int
              f"token id out of range [0, {vocab})")
     check_params(req.params, vocab)
     if req.prefix_kv is not None and req.prefix_len > 0:
-        check_prefix(req.prefix_kv, req.prefix_tail, req.prefix_len, n, lay)
+        _require(req.prefix_start % lay.block_size == 0 and 0 <= req.prefix_start < req.prefix_len,
+                 "prefix_start", f"prefix_start {req.prefix_start} is not a whole number of "
+                 f"blocks below prefix_len {req.prefix_len}")
+        check_prefix(req.prefix_kv, req.prefix_tail, req.prefix_len - req.prefix_start,
+                     n - req.prefix_start, lay)
 
 
 def check_params(p: SamplingParams, vocab: int) -> None:

@@ -37,3 +37,18 @@ class KVLayout:
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
         return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+
+
+def flat_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[L, 2, H, n * B, D] -> a new contiguous [n, L, 2, H, B, D] (always a copy: never an
+    alias of the live pool)."""
+    L, two, H, T, D = flat.shape
+    n = T // block_size
+    blocks = flat.reshape(L, two, H, n, block_size, D)
+    return blocks.permute(3, 0, 1, 2, 4, 5).clone(memory_format=torch.contiguous_format)
+
+
+def blocks_to_flat(blocks: torch.Tensor) -> torch.Tensor:
+    """[n, L, 2, H, B, D] -> a new contiguous [L, 2, H, n * B, D]."""
+    n, L, two, H, B, D = blocks.shape
+    return blocks.permute(1, 2, 3, 0, 4, 5).reshape(L, two, H, n * B, D)

@@ -3,7 +3,7 @@
 A sequence's state is counters, not modes:
 
     token_ids  |p0 p1 p2 p3 p4 p5 g0 g1|     prompt (num_prompt_tokens), then generated
-    kv         |<--- kv_len --->|            tokens whose K/V sit in the slot
+    kv         |<--- kv_len --->|            tokens whose K/V sit in its pages
                                  ^^^^^^^^    to feed: token_ids[kv_len:]
 
 Each step feeds `token_ids[kv_len:]` (prefill chunks while more than one token is left, then one
@@ -26,11 +26,15 @@ PromptLogprob = tuple[float, list[tuple[int, float]]]  # (logprob of the token, 
 
 @dataclass(slots=True)
 class SeqRequest:
-    """A sequence to run. `prefix_kv` covers token_ids[:prefix_len], as blocks
+    """A sequence to run. `prefix_kv` covers token_ids[prefix_start:prefix_len], as blocks
     [n, L, 2, H, B, D], a list of n blocks [L, 2, H, B, D] (as the store returns them: no
     concatenation), or concatenated [L, 2, H, T, D]; `prefix_tail` [L, 2, H, t, D] (t < B)
     optionally follows the blocks. Both may sit on any device; they are copied in at admission
     and only read, so they may be views of a store's buffers.
+
+    `prefix_start` > 0 (whole blocks) says the engine's own pool held tokens [0, prefix_start)
+    when the caller looked (Engine.cached_prefix_tokens), so the store was not asked for them.
+    Should they be evicted before admission, the import is dropped and recomputed.
     """
 
     seq_id: str
@@ -41,6 +45,7 @@ class SeqRequest:
     prefix_len: int = 0
     prefill_only: bool = False  # stop after one token; keep the KV until release()
     prefix_tail: torch.Tensor | None = None
+    prefix_start: int = 0
     # Tenancy tag: resident KV is reused only between sequences with the same tag.
     cache_salt: str = ""
 
@@ -74,8 +79,14 @@ class Sequence:
     cache_salt: str = ""
     kv_len: int = 0
     reused: int | None = None  # kv_len at admission, until the first event reports it
-    slot: int = -1  # -1: no slot (waiting, or parked)
-    # K/V held outside the slots: an import waiting for admission, or a parked prefill.
+    placed: bool = False  # its KV is in the page pool (False: waiting, or preempted)
+    pages: list[int] = field(default_factory=list)  # page table: page i = tokens [i*P, (i+1)*P)
+    committed: int = 0  # leading pages registered in the prefix cache
+    root: bytes | None = None  # page digest chain root (tenant-scoped), set on first use
+    digests: list[bytes] = field(default_factory=list)  # chained digests of its full pages
+    # K/V held outside the pool: a store import of tokens [held_start, kv_len) waiting for
+    # admission.
+    held_start: int = 0
     held_blocks: torch.Tensor | list[torch.Tensor] | None = None  # n blocks: tokens [0, n * B)
     held_flat: torch.Tensor | None = None  # [L, 2, H, t, D], the tokens right after the blocks
     finish_reason: str | None = None
@@ -95,7 +106,7 @@ class Sequence:
 
     @property
     def is_decoder(self) -> bool:
-        return self.slot >= 0 and not self.done and self.todo == 1
+        return self.placed and not self.done and self.todo == 1
 
     def sample_row(self) -> SampleRow:
         p = self.params

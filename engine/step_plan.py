@@ -3,17 +3,26 @@
 A step's tokens go through the model as one flat sequence [1, T]:
 
     flat:  | d0 d1 ... d(n-1) | chunk 0 tokens | chunk 1 tokens | ...
-             decode rows:       prompt chunks: tokens [start, start + t) of one slot each
-             slots [0, n), one
-             token each
+             decode rows:       prompt chunks: tokens [start, start + t) of one sequence each
+             one token each,
+             longest first
 
 so every Linear runs one GEMM over all T tokens. At serving sizes a forward streams all of the
 weights whatever T is: measured on 2 cores in bf16 (docs/BENCHMARKS.md), a 32-token prefill
 forward and a 16-row decode forward both take ~56 ms, and a marginal token ~1 ms. A prompt that
 rides along with the decode rows therefore costs its tokens, not a forward of its own. Only
-attention tells the groups apart: `attend` runs the model's own attention function (sdpa or
-eager) once per group, over that group's keys in the slot cache, with the same shapes and masks
-as a forward of the group alone (engine/attention.py registers it with transformers).
+attention tells the groups apart: `attend` runs attention once per group, over that group's
+keys gathered from its page tables (engine/paged_kv.py), with the same shapes and masks as a
+forward of the group alone (engine/attention.py registers it with transformers).
+
+Decode rows are grouped by length so that no row attends over much more than its own keys:
+
+    rows (longest first)  2900 2890 | 400 390 380 | 12
+    groups                [  0, 2 ) | [ 2, 5 )    | [5, 6)    one attention call each
+
+A row joins a group while the group's longest row exceeds it by at most
+max(GROUP_SPARE, a quarter of the longest): an extra group costs one more attention call per
+layer (~20 us on CPU, ~0.6 ms a step over 30 layers), about what 256 padded keys of one row cost.
 """
 
 from __future__ import annotations
@@ -21,16 +30,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from engine.page_pool import NULL_PAGE
+
+GROUP_SPARE = 256  # keys a decode row may attend beyond its own length (see the docstring)
 
 
 @dataclass(slots=True)
 class Chunk:
-    """Prompt tokens [start, start + len(token_ids)) of the sequence in `slot`."""
+    """Prompt tokens [start, start + len(token_ids)) of the sequence whose table is `pages`."""
 
-    slot: int
+    pages: list[int]
     start: int
     token_ids: list[int]
     keep: int = 0  # logits kept for its last `keep` positions: 0, 1 (next token), or all
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    """Decode rows [lo, hi) of the flat row, attending over `width` keys each."""
+
+    lo: int
+    hi: int
+    table: torch.Tensor  # [(hi - lo) * pages] page ids, row-major, padded with the null page
+    width: int  # keys per row: the exact length for a lone row, else whole pages
+    mask: torch.Tensor | None  # [hi - lo, 1, 1, width] additive; None for a lone row
 
 
 def chunk_mask(start: int, t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -42,56 +68,79 @@ def chunk_mask(start: int, t: int, dtype: torch.dtype, device: torch.device) -> 
     return mask[None, None]
 
 
-def decode_mask(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
-    """[n, 1, 1, kv_len] additive mask: row i sees keys at positions <= positions[i]."""
-    k_pos = torch.arange(kv_len, device=positions.device)[None, :]
-    mask = torch.zeros(positions.shape[0], kv_len, dtype=dtype, device=positions.device)
-    mask.masked_fill_(k_pos > positions[:, None], torch.finfo(dtype).min)
+def decode_mask(lengths: list[int], width: int, dtype: torch.dtype, device: torch.device
+                ) -> torch.Tensor:
+    """[n, 1, 1, width] additive mask: row i sees its first lengths[i] keys."""
+    k_pos = torch.arange(width, device=device)[None, :]
+    lens = torch.tensor(lengths, device=device)[:, None]
+    mask = torch.zeros(len(lengths), width, dtype=dtype, device=device)
+    mask.masked_fill_(k_pos >= lens, torch.finfo(dtype).min)
     return mask[:, None, None, :]
+
+
+def group_rows(lengths: list[int]) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of rows (lengths descending) that share one attention call."""
+    groups, lo = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[lo] - lengths[i] > max(GROUP_SPARE, lengths[lo] // 4):
+            groups.append((lo, i))
+            lo = i
+    return groups
+
+
+def page_table(tables: list[list[int]], pages: int, device: torch.device) -> torch.Tensor:
+    """[len(tables) * pages] the tables' first `pages` ids, each padded with the null page."""
+    ids = [t[i] if i < len(t) else NULL_PAGE for t in tables for i in range(pages)]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def gather(pool: torch.Tensor, table: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """Keys (or values) [rows, H, width, D] from pool [N, P, H, D]: one index_select copy, then
+    views."""
+    _, P, H, D = pool.shape
+    return pool.index_select(0, table).view(rows, -1, H, D)[:, :width].transpose(1, 2)
 
 
 @dataclass(slots=True)
 class StepPlan:
     """One forward's layout, built once and read by every layer (StepCache.update, attend)."""
 
-    n: int = 0  # decode rows: the first n flat tokens, slots [0, n)
-    positions: torch.Tensor | None = None  # [n] each row's write position
-    rows: torch.Tensor | None = None  # [n] arange: the rows' slots
-    kv_len: int = 0  # keys per decode row: max(positions) + 1
-    decode_mask: torch.Tensor | None = None  # [n, 1, 1, kv_len]; None for one row
+    n: int = 0  # decode rows: the first n flat tokens
+    slots: torch.Tensor | None = None  # [T] where each flat token's K/V goes in the pool
+    groups: list[DecodeGroup] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # each chunk's first flat index
     masks: list[torch.Tensor | None] = field(default_factory=list)  # per chunk; None from 0
-    written: int = -1  # the layer StepCache.update last wrote (attend checks it was this one)
+    tables: list[torch.Tensor | None] = field(default_factory=list)  # per chunk; None from 0
+    # The layer StepCache.update last wrote (attend checks it is this one) and its pools.
+    written: int = -1
+    k_pool: torch.Tensor | None = None  # [N, P, H, D]
+    v_pool: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, positions: list[int], chunks: list[Chunk], dtype: torch.dtype,
-              device: torch.device) -> StepPlan:
-        n = len(positions)
-        plan = cls(n=n, chunks=chunks)
-        if n:
-            plan.positions = torch.tensor(positions, device=device)
-            plan.rows = torch.arange(n, device=device)
-            plan.kv_len = max(positions) + 1
-            # One row attending to all of its keys needs no mask: the same SDPA call as HF's
-            # batch-1 decode, so batch-1 output matches generate() bit for bit.
-            if n > 1:
-                plan.decode_mask = decode_mask(plan.positions, plan.kv_len, dtype)
-        off = n
+    def build(cls, rows: list[tuple[list[int], int]], chunks: list[Chunk], page_size: int,
+              dtype: torch.dtype, device: torch.device) -> StepPlan:
+        """rows: (page table, write position) of each decode row, longest first."""
+        P = page_size
+        plan = cls(n=len(rows), chunks=chunks)
+        slots = [pages[pos // P] * P + pos % P for pages, pos in rows]
+        lengths = [pos + 1 for _, pos in rows]
+        for lo, hi in group_rows(lengths):
+            plan.groups.append(_decode_group(rows[lo:hi], lengths[lo:hi], lo, P, dtype, device))
+        off = plan.n
         for c in chunks:
+            t = len(c.token_ids)
             plan.offsets.append(off)
-            off += len(c.token_ids)
-            # From position 0 no mask: SDPA's causal kernel (is_causal), ~2x faster on CPU than
-            # the same attention under an explicit mask.
-            plan.masks.append(None if c.start == 0 else
-                              chunk_mask(c.start, len(c.token_ids), dtype, device))
+            off += t
+            slots += [c.pages[p // P] * P + p % P for p in range(c.start, c.start + t)]
+            # From position 0 the chunk's own K/V are all its keys: no gather, and no mask, so
+            # SDPA's causal kernel (is_causal), ~2x faster on CPU than under an explicit mask.
+            first = c.start == 0
+            plan.masks.append(None if first else chunk_mask(c.start, t, dtype, device))
+            end_page = -(-(c.start + t) // P)
+            plan.tables.append(None if first else page_table([c.pages], end_page, device))
+        plan.slots = torch.tensor(slots, dtype=torch.long, device=device)
         return plan
-
-    @property
-    def max_len(self) -> int:
-        """Token positions the slot cache must hold for this forward."""
-        ends = [c.start + len(c.token_ids) for c in self.chunks]
-        return max([self.kv_len, *ends])
 
     def flat_inputs(self, decode_ids: list[int], positions: list[int]
                     ) -> tuple[list[int], list[int]]:
@@ -117,32 +166,63 @@ class StepPlan:
             return 0 if len(rows) == total else len(rows)
         return rows
 
-    def write(self, k_buf: torch.Tensor, v_buf: torch.Tensor, key: torch.Tensor,
+    def write(self, k_pool: torch.Tensor, v_pool: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor) -> None:
-        """Store the step's new K/V [1, H, T, D] into one layer's slot buffers [S, H, cap, D]."""
-        if self.n:
-            # Two advanced indices around a slice select [n, H, D]: row i's token at
-            # positions[i] of slot i.
-            k_buf[self.rows, :, self.positions] = key[0, :, : self.n].transpose(0, 1)
-            v_buf[self.rows, :, self.positions] = value[0, :, : self.n].transpose(0, 1)
-        for c, off in zip(self.chunks, self.offsets, strict=True):
-            t = len(c.token_ids)
-            k_buf[c.slot, :, c.start : c.start + t] = key[0, :, off : off + t]
-            v_buf[c.slot, :, c.start : c.start + t] = value[0, :, off : off + t]
+        """Store the step's new K/V [1, H, T, D] into one layer's pools [N, P, H, D]."""
+        N, P, H, D = k_pool.shape
+        k_pool.view(N * P, H, D).index_copy_(0, self.slots, key[0].transpose(0, 1))
+        v_pool.view(N * P, H, D).index_copy_(0, self.slots, value[0].transpose(0, 1))
+        self.k_pool, self.v_pool = k_pool, v_pool
 
-    def attend(self, base, module, query: torch.Tensor, k_buf: torch.Tensor,
-               v_buf: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Attention output [1, T, Hq, D] for queries [1, Hq, T, D], one `base` call per group."""
+    def attend(self, base, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               **kwargs) -> torch.Tensor:
+        """Attention output [1, T, Hq, D] for queries [1, Hq, T, D], one call per group; key
+        and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them)."""
         outs = []
-        if self.n:
-            q = query[0, :, : self.n].transpose(0, 1).unsqueeze(2)  # [n, Hq, 1, D]
-            k, v = k_buf[: self.n, :, : self.kv_len], v_buf[: self.n, :, : self.kv_len]
-            out, _ = base(module, q, k, v, self.decode_mask, **kwargs)  # [n, 1, Hq, D]
-            outs.append(out.transpose(0, 1))
-        for c, off, mask in zip(self.chunks, self.offsets, self.masks, strict=True):
+        for g in self.groups:
+            rows = g.hi - g.lo
+            q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
+            k = gather(self.k_pool, g.table, rows, g.width)  # [g, H, width, D]
+            v = gather(self.v_pool, g.table, rows, g.width)
+            outs.append(_decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1))
+        for c, off, mask, table in zip(self.chunks, self.offsets, self.masks, self.tables,
+                                       strict=True):
             t = len(c.token_ids)
-            end = c.start + t
-            k, v = k_buf[c.slot : c.slot + 1, :, :end], v_buf[c.slot : c.slot + 1, :, :end]
+            if table is None:
+                k, v = key[:, :, off : off + t], value[:, :, off : off + t]
+            else:
+                k = gather(self.k_pool, table, 1, c.start + t)  # [1, H, start + t, D]
+                v = gather(self.v_pool, table, 1, c.start + t)
             out, _ = base(module, query[:, :, off : off + t], k, v, mask, **kwargs)  # [1, t, Hq, D]
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _decode_group(rows: list[tuple[list[int], int]], lengths: list[int], lo: int, P: int,
+                  dtype: torch.dtype, device: torch.device) -> DecodeGroup:
+    pages = -(-lengths[0] // P)
+    table = page_table([r[0] for r in rows], pages, device)
+    if len(rows) == 1:  # exact length, no mask: the same SDPA call as HF's batch-1 decode
+        return DecodeGroup(lo, lo + 1, table, lengths[0], None)
+    return DecodeGroup(lo, lo + len(rows), table, pages * P,
+                       decode_mask(lengths, pages * P, dtype, device))
+
+
+def _decode_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+    """[g, 1, Hq, D] for decode queries q [g, Hq, 1, D] over k, v [g, H, width, D].
+
+    Under a mask, transformers' SDPA path expands K and V to all Hq query heads (repeat_kv: a
+    copy of Hq / H times the gathered bytes). The Hq / H queries that share a key head are
+    instead packed as that head's query rows, [g, H, Hq / H, D], which the mask [g, 1, 1, w]
+    broadcasts over: the same per-row arithmetic (outputs measured bit-identical in bf16 and
+    fp32), without the copy. A lone row keeps transformers' own call, which generate() makes.
+    """
+    if mask is None or base is not sdpa_attention_forward:
+        out, _ = base(module, q, k, v, mask, **kwargs)
+        return out
+    g, Hq, _, D = q.shape
+    H = k.shape[1]
+    out = F.scaled_dot_product_attention(q.reshape(g, H, Hq // H, D), k, v, attn_mask=mask,
+                                         scale=kwargs.get("scaling"))  # [g, H, Hq / H, D]
+    return out.reshape(g, 1, Hq, D)

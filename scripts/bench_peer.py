@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_peer.py [--dtype auto] [--concurrency 1,16] [--rounds 3]
         [--targets peer-cb,tandem-colocated,tandem-1p1d] [--requests-per-slot 3]
         [--max-tokens 64] [--ttft [--ttft-words 2850]] [--serve-flag=--torch-threads=1]
-        [--env KEY=VALUE]
+        [--env KEY=VALUE] [--baseline DIR --targets ...,base-colocated,base-1p1d]
 
 All targets start once (free loopback ports, scripts/serving_targets.py), are warmed up and stay
 up; then for each round and concurrency level every target runs the same closed loop in turn,
@@ -12,6 +12,10 @@ concurrency x --requests-per-slot (at least 4) streamed chats, temperature 0, no
 peer rejects it), distinct per request and round. Rate = completion tokens (usage, else content
 chunks) over wall time. Prints a line per measurement, then medians over rounds; raw figures
 (every request) go to --out (JSON).
+
+--baseline DIR serves the base-* targets from another checkout of tandem (e.g. `git worktree add
+DIR <commit>`): the same run then measures a change against the code before it, which is the
+only comparison this noisy machine supports.
 
 --ttft adds issue 13's TTFT measurements to each round, after its levels (details in
 scripts/bench_peer_ttft.py): each target in the round's order gets a cold chat with a
@@ -54,6 +58,7 @@ from tandem.bench.records import RequestRecord  # noqa: E402
 from tandem.bench.workloads import count_words, words  # noqa: E402
 
 TARGETS = (PEER, "tandem-colocated", RESTARTED)
+BASE_TARGETS = ("base-colocated", "base-1p1d")  # with --baseline: the same, from its checkout
 
 
 def chat(text: str) -> list[dict]:
@@ -67,10 +72,11 @@ def story(tag: str) -> list[dict]:
                 f"{', '.join(words(random.Random(tag), 3))}.")
 
 
-def run(server: Server, conc: int, prompts: list[list[dict]], max_tokens: int) -> dict:
+def run(server: Server, conc: int, prompts: list[list[dict]], max_tokens: int,
+        ignore_eos: bool = False) -> dict:
     """`conc` clients in flight until the prompts run out: rate, TTFT and every request."""
     cfg = BenchConfig(base_url=server.url, model=server.model, concurrency=[conc],
-                      temperature=0.0, timeout_s=600.0)
+                      temperature=0.0, timeout_s=600.0, ignore_eos=ignore_eos)
     records = [RequestRecord(index=i, session=i, turn=0, prompt_words=count_words(m),
                              max_tokens=max_tokens) for i, m in enumerate(prompts)]
     todo = iter(zip(prompts, records, strict=True))
@@ -99,10 +105,12 @@ def make_server(args: argparse.Namespace, workdir: Path, name: str) -> Server:
     if name == PEER:  # the peer takes the model folder path as `model` (Server.model)
         folder = Path(materialize(resolve_model(DEFAULT_MODEL)))
         return peer_serve(name, workdir, folder, continuous=True, dtype=args.dtype)
-    flags = ["--colocated"] if name == "tandem-colocated" else []
+    flags = ["--colocated"] if name.endswith("-colocated") else []
     s = tandem_serve(name, workdir, workdir / f"{name}-kv", *flags, *args.serve_flag,
                      dtype=args.dtype)
     s.env.update(kv.split("=", 1) for kv in args.env)
+    if name in BASE_TARGETS:  # `python -m` puts the cwd first on sys.path: its code runs
+        s.cwd = s.env["PYTHONPATH"] = str(args.baseline.resolve())
     return s
 
 
@@ -175,6 +183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="extra `tandem serve` flag (repeatable): --serve-flag=--torch-threads=1")
     ap.add_argument("--env", action="append", default=[],
                     help="KEY=VALUE for the tandem targets (repeatable)")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="a checkout of tandem that the base-* targets run (see above)")
     ap.add_argument("--ttft", action="store_true", help="also cold, cached and (tandem-1p1d) "
                     "after-restart TTFT per target and round (scripts/bench_peer_ttft.py)")
     ap.add_argument("--ttft-words", type=int, default=TTFT_WORDS,
@@ -183,8 +193,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.concurrency = [int(c) for part in args.concurrency or ["1,16"]
                         for c in part.split(",") if c.strip()]
     args.targets = [t for t in args.targets.split(",") if t]
-    if set(args.targets) - set(TARGETS) or not args.targets or min(args.concurrency) < 1:
-        ap.error(f"--targets: a subset of {','.join(TARGETS)}; --concurrency: levels >= 1")
+    known = TARGETS + (BASE_TARGETS if args.baseline else ())
+    if set(args.targets) - set(known) or not args.targets or min(args.concurrency) < 1:
+        ap.error(f"--targets: a subset of {','.join(known)} (base-* with --baseline); "
+                 "--concurrency: levels >= 1")
     args.dtype = args.dtype or default_dtype()
     return args
 

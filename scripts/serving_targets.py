@@ -52,6 +52,7 @@ class Server:
     ready_path: str
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # another checkout to serve from (its code, not this one's)
     proc: subprocess.Popen | None = None
 
     @property
@@ -63,7 +64,7 @@ class Server:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=self.cwd)
         self._wait_ready()
         return self
 

@@ -1,15 +1,17 @@
 """A worker's /metrics: KV store per tier (via the kvstore observer hook, and the tiers' own
-counters read at scrape time), KV handoff sizes and times, queue time, and engine load read at
-scrape time. One registry per worker process (each worker is one process, so no multiprocess
-mode is needed)."""
+counters read at scrape time), KV handoff sizes and times, queue time, and engine load, KV pool
+occupancy and engine counters read at scrape time. One registry per worker process (each worker
+is one process, so no multiprocess mode is needed)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.config import EngineStats, KVUsage
 
 # A 64-token SmolLM2 block is ~1.5 MB (bf16) to ~3 MB (fp32); reads span memory to Redis.
 STORE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -108,30 +110,66 @@ class QueueMetrics:
         self.queue_time.labels(self.model).observe(seconds)
 
 
-class EngineCollector:
-    """Load gauges and worker counters, read from their owners at scrape time."""
+@dataclass(slots=True)
+class EngineReading:
+    """What EngineCollector reads at scrape time: ints and snapshots a non-engine thread may
+    read (Worker.engine_reading builds it)."""
 
-    def __init__(self, model: str, read: Callable[[], tuple[int, int, int, object]]):
+    running: int
+    waiting: int
+    max_slots: int
+    counters: object  # WorkerCounters: each field is exported as tandem:worker_<field>_total
+    kv: KVUsage
+    stats: EngineStats
+
+
+class EngineCollector:
+    """Load and KV pool gauges, engine and worker counters, read from their owners at scrape
+    time."""
+
+    def __init__(self, model: str, read: Callable[[], EngineReading]):
         self.model = model
-        self.read = read  # -> (running, waiting, max_slots, WorkerCounters)
+        self.read = read
 
     def collect(self):
-        running, waiting, slots, counters = self.read()
-        m = [self.model]
-        out = []
-        for name, doc, value in (
-            ("num_requests_running", "Sequences in the running batch.", running),
-            ("num_requests_waiting", "Sequences waiting for a slot.", waiting),
-            ("kv_slots_usage_perc", "Fraction of KV slots in use.", running / max(1, slots)),
-        ):
-            g = GaugeMetricFamily(f"tandem:{name}", doc, labels=["model_name"])
-            g.add_metric(m, value)
-            out.append(g)
-        for field, value in asdict(counters).items():
-            name = field.removesuffix("_total")
-            c = CounterMetricFamily(f"tandem:worker_{name}",
-                                    f"WorkerCounters.{field} (see /health).",
-                                    labels=["model_name"])
-            c.add_metric(m, value)
-            out.append(c)
-        return out
+        r = self.read()
+        return ([self._family(GaugeMetricFamily, *g) for g in self._gauges(r)]
+                + [self._family(CounterMetricFamily, *c) for c in self._counters(r)])
+
+    def _family(self, kind, name: str, doc: str, value: float):
+        family = kind(name, doc, labels=["model_name"])
+        family.add_metric([self.model], value)
+        return family
+
+    @staticmethod
+    def _gauges(r: EngineReading) -> list[tuple[str, str, float]]:
+        kv = r.kv
+        return [
+            ("tandem:num_requests_running", "Sequences in the running batch.", r.running),
+            ("tandem:num_requests_waiting", "Sequences waiting for a slot.", r.waiting),
+            ("tandem:kv_slots_usage_perc", "Fraction of KV slots in use.",
+             r.running / max(1, r.max_slots)),
+            # vLLM's name: the share of the pool's pages held by running sequences.
+            ("tandem:kv_cache_usage_perc", "Fraction of KV pages in use.",
+             kv.used / max(1, kv.pages)),
+            ("tandem:kv_pages_capacity", "KV pages sequences can hold.", kv.pages),
+            ("tandem:kv_pages_used", "KV pages in some sequence's page table.", kv.used),
+            ("tandem:kv_pages_cached", "Free KV pages the prefix cache can still find.",
+             kv.cached),
+        ]
+
+    @staticmethod
+    def _counters(r: EngineReading) -> list[tuple[str, str, float]]:
+        st = r.stats
+        engine = [
+            ("tandem:num_preemptions", "Sequences evicted from the KV pool to make room "
+             "(recomputed when readmitted).", st.preemptions),
+            ("tandem:prefix_cache_device_tokens", "Prompt tokens whose KV was found in the KV "
+             "pool.", st.prefix_device_tokens),
+            ("tandem:prefix_cache_store_tokens", "Prompt tokens whose KV was imported from the "
+             "store.", st.prefix_store_tokens),
+        ]
+        worker = [(f"tandem:worker_{field.removesuffix('_total')}",
+                   f"WorkerCounters.{field} (see /health).", value)
+                  for field, value in asdict(r.counters).items()]
+        return engine + worker

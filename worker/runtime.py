@@ -25,6 +25,7 @@ from wire.internal_api import WorkerHealth
 from worker.admission import Admission, Ticket
 from worker.metrics import (
     EngineCollector,
+    EngineReading,
     HandoffMetrics,
     QueueMetrics,
     StoreCollector,
@@ -123,6 +124,13 @@ class Worker:
         waiting = self.engine.num_waiting
         return max(0, self.runner.num_running - waiting), waiting
 
+    def engine_reading(self) -> EngineReading:
+        """For /metrics, on the scrape thread: load(), kv_usage() and the stats' ints are safe
+        to read there."""
+        running, waiting = self.load()
+        return EngineReading(running, waiting, self.engine.config.max_slots, self.counters,
+                             self.engine.kv_usage(), self.engine.stats)
+
     def health(self) -> WorkerHealth:
         return WorkerHealth(
             role=self.settings.role,
@@ -144,6 +152,9 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
         block_size=settings.block_size,
         prefill_chunk=settings.prefill_chunk,
         max_model_len=settings.max_model_len,
+        page_size=settings.page_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        kv_cache_fraction=settings.kv_cache_fraction,
     )
     spec = resolve_model(settings.model)
     registry = CollectorRegistry()
@@ -170,8 +181,7 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     admission = Admission(settings.max_slots + settings.max_queue)
     worker = Worker(settings, lm, engine, runner, store, registry,
                     HandoffMetrics(registry, lm.name), admission)
-    registry.register(EngineCollector(
-        lm.name, lambda: (*worker.load(), config.max_slots, worker.counters)))
+    registry.register(EngineCollector(lm.name, worker.engine_reading))
     registry.register(StoreCollector(lm.name, store.stats))
     return worker
 

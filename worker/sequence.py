@@ -1,8 +1,11 @@
 """Starting a sequence, the same for prefill and decode: check -> namespace -> block keys ->
 prefix load from the store -> engine request -> counters.
 
-    known tokens:  |-- block 0 --|-- block 1 --|-- block 2 --|- tail -|
-                   |<- loaded from the store ->|<- computed by the engine ->|
+    known tokens:  |-- block 0 --|-- block 1 --|-- block 2 --|-- block 3 --|- tail -|
+                   |<- in the engine's pool ->|<- loaded from the store ->|<- computed ->|
+
+The engine's own page pool is asked first (Engine.cached_prefix_tokens): blocks it holds are
+not read from the store, only the ones after them.
 
 `check_sequence` runs the engine's own checks before the worker answers, so a bad request is a
 400, never a broken stream. The block keys are a `KeyChain` made once here; a decode worker
@@ -32,16 +35,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class PrefixKV:
-    blocks: list[torch.Tensor] | None  # each [L, 2, H, B, D]: tokens [0, num_blocks * B)
+    blocks: list[torch.Tensor] | None  # each [L, 2, H, B, D]: tokens [start, start + n * B)
     tail: torch.Tensor | None  # [L, 2, H, t, D], t < B: the request's partial last block
-    length: int  # tokens covered (blocks + tail), capped at the caller's limit
-    num_blocks: int
+    length: int  # tokens covered from 0 (pool + blocks + tail), capped at the caller's limit
+    num_blocks: int  # leading full blocks the store holds (loaded or not): not to write again
+    start: int = 0  # tokens [0, start) are in the engine's pool, so not loaded
 
     def seq_fields(self) -> dict:
-        """The SeqRequest fields that import this prefix."""
+        """The SeqRequest fields that import this prefix (none when nothing was loaded)."""
+        if self.length <= self.start:
+            return {}
+        fields = {"prefix_len": self.length, "prefix_start": self.start}
         if self.blocks is None:  # a tail alone (a prompt under one block) is a flat prefix
-            return {"prefix_kv": self.tail, "prefix_len": self.length}
-        return {"prefix_kv": self.blocks, "prefix_tail": self.tail, "prefix_len": self.length}
+            return {"prefix_kv": self.tail, **fields}
+        return {"prefix_kv": self.blocks, "prefix_tail": self.tail, **fields}
+
+    @property
+    def num_loaded(self) -> int:
+        return len(self.blocks) if self.blocks else 0
 
 
 NO_PREFIX = PrefixKV(None, None, 0, 0)
@@ -115,7 +126,7 @@ async def start_sequence(
         **prefix.seq_fields(),
     )
     worker.counters.requests_total += 1
-    worker.counters.blocks_loaded_total += prefix.num_blocks
+    worker.counters.blocks_loaded_total += prefix.num_loaded
     return Started(req, ns, keys, prefix)
 
 
@@ -144,37 +155,41 @@ def _key_and_load(
             log.warning("%s: ignoring a tail key that is not this prompt's", body.request_id)
         else:
             tail_key = mine
-    return load_prefix(worker, keys.keys, limit, tail_key, tail_start)
+    resident = worker.engine.cached_prefix_tokens(body.token_ids, body.cache_salt) if limit else 0
+    return load_prefix(worker, keys.keys, limit, tail_key, tail_start, resident)
 
 
 def load_prefix(
     worker: Worker, keys: list[str], limit: int, tail_key: str | None = None, tail_start: int = 0,
+    resident: int = 0,
 ) -> PrefixKV:
     """Leading KV from the store for the first `limit` tokens, whose full blocks are `keys`
-    (blocking: call from a thread). Stops at the first missing or malformed block; everything
+    (blocking: call from a thread), skipping the blocks within the first `resident` tokens
+    (the engine's pool has them). Stops at the first missing or malformed block; everything
     after it is recomputed."""
     if limit <= 0:
         return NO_PREFIX
     start = time.perf_counter()
     store, B = worker.store, worker.block_size
     keys = keys[: store.lookup_prefix(keys)]
+    skip = min(resident // B, limit // B, len(keys))
     blocks = []
-    for t in store.get_many(keys, borrow=True) if keys else []:
+    for t in store.get_many(keys[skip:], borrow=True) if keys[skip:] else []:
         if not _fits(worker, t, full=True):
             break
         blocks.append(t)
-    length = len(blocks) * B
+    length = (skip + len(blocks)) * B
     tail = None
     if tail_key and tail_start == length and length < limit:
         tail = store.get_many([tail_key], borrow=True)[0]
         tail = tail if _fits(worker, tail, full=False) else None
         length += 0 if tail is None else tail.shape[3]
-    if not length:
-        return NO_PREFIX
     loaded = blocks + ([tail] if tail is not None else [])
+    if not loaded:
+        return PrefixKV(None, None, 0, skip)
     nbytes = sum(t.numel() * t.element_size() for t in loaded)
     worker.handoff.observe("load", nbytes, time.perf_counter() - start)
-    return PrefixKV(blocks or None, tail, min(length, limit), len(blocks))
+    return PrefixKV(blocks or None, tail, min(length, limit), skip + len(blocks), skip * B)
 
 
 def _fits(worker: Worker, t: torch.Tensor | None, full: bool) -> bool:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from engine.config import DEFAULT_PAGE_SIZE
 from wire.settings import StoreSettings
 
 
@@ -36,6 +37,17 @@ class WorkerSettings(StoreSettings):
     )
     max_model_len: int | None = Field(None, description="default: the model's, capped at 8192")
     prefill_chunk: int = Field(512, description="prompt tokens per prefill chunk")
+    page_size: int = Field(
+        DEFAULT_PAGE_SIZE, ge=1, description="tokens per KV page; must divide block_size"
+    )
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="KV pool budget in bytes (default: kv_cache_fraction of free "
+        "memory, else CUDA 0.9 of free / CPU min(4 GiB, half of available RAM))"
+    )
+    kv_cache_fraction: float | None = Field(
+        None, gt=0, le=1, description="KV pool budget as a fraction of the device's free "
+        "memory after the weights (ignored when kv_cache_bytes is set)"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the forward (default: torch's, one "
         "per core; fewer leaves cores to the router and other workers on a shared host)"

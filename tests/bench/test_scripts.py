@@ -60,3 +60,19 @@ def test_bench_peer_throughput_and_ttft(tmp_path):
     assert ttft["cached"]["cached_tokens"] > 0 and ttft["after restart"]["cached_tokens"] > 0
     assert [(t["kind"], t["target"]) for t in doc["ttft_summary"]] == [
         ("cold", "tandem-1p1d"), ("cached", "tandem-1p1d"), ("after restart", "tandem-1p1d")]
+
+
+def test_bench_multiround_hits_the_prefix_cache(tmp_path):
+    """2 users x 2 questions on 300-word documents: the per-user table, the summary line, and a
+    JSON record per request, round 2 (the conversation so far) finding its prefix cached."""
+    out_json = tmp_path / "multiround.json"
+    out = run_script("scripts/bench_multiround.py", "--users", "2", "--questions", "2",
+                     "--doc-words", "300", "--max-tokens", "4", "--dtype", "float32",
+                     "--workdir", str(tmp_path), "--out", str(out_json))
+    assert "| user | round 1 (cold) | round 2 |" in out and "| 1 | " in out
+    assert "round 2 / cold TTFT: max " in out and "prefix hit rate" in out
+    records = json.loads(out_json.read_text())["records"]
+    assert [(r["round"], r["user"]) for r in records] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r["error"] is None and r["ttft_s"] > 0 for r in records)
+    assert all(r["prompt_tokens"] > 300 for r in records)
+    assert all(r["cached_tokens"] > 0 for r in records if r["round"] == 2)

@@ -36,6 +36,9 @@ WORKER_FAMILIES = {
     "tandem:kvstore_put_seconds", "tandem:kvstore_bytes", "tandem:kvstore_hits",
     "tandem:kvstore_misses", "tandem:kvstore_corrupt_blocks", "tandem:kvstore_tier_up",
     "tandem:kv_handoff_bytes", "tandem:kv_handoff_seconds", "tandem:http_requests",
+    "tandem:kv_cache_usage_perc", "tandem:kv_pages_capacity", "tandem:kv_pages_used",
+    "tandem:kv_pages_cached", "tandem:num_preemptions", "tandem:prefix_cache_device_tokens",
+    "tandem:prefix_cache_store_tokens",
 }
 
 
@@ -140,8 +143,14 @@ def test_workers_measure_queue_time_and_handoff(stack, scripted):
     assert value(decode, "tandem:kv_handoff_bytes_count", op="load") >= 1
     for text in (decode, prefill):
         assert value(text, "tandem:kvstore_tier_up", tier="memory") == 1
+        assert value(text, "tandem:kv_pages_capacity") > 0
+        assert 0 <= value(text, "tandem:kv_cache_usage_perc") <= 1
+        assert value(text, "tandem:num_preemptions_total") == 0  # six short requests fit
     # The second long prompt's prefix came from the store, on whichever worker loaded it.
     assert value(decode, "tandem:kvstore_hits_total") + value(prefill, "tandem:kvstore_hits_total")
+    reused = sum(value(text, f"tandem:prefix_cache_{where}_tokens_total")
+                 for text in (decode, prefill) for where in ("device", "store"))
+    assert reused >= 4 * 64  # the engines saw it too (from their pool or the store)
 
 
 def dashboard_queries() -> list[str]:

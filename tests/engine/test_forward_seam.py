@@ -8,17 +8,17 @@ import warnings
 import pytest
 import torch
 
-from engine.cache import SlotKVCache
 from engine.engine import Engine, EngineConfig
 from engine.forward import Forward, cache_kwarg
 from engine.kv_layout import KVLayout
+from engine.page_pool import PagePool
 from engine.step_plan import Chunk
 from tests.engine.helpers import greedy, run_one
 
 
-def _slot_cache(loaded) -> SlotKVCache:
+def _forward(model, loaded) -> Forward:
     layout = KVLayout.from_config(loaded.config, 16, loaded.dtype)
-    return SlotKVCache(layout, max_slots=2, max_len=64, device=loaded.device)
+    return Forward(model, PagePool(layout, 8, 16, loaded.device), max_len=64)
 
 
 class _DropsCache(torch.nn.Module):
@@ -45,21 +45,21 @@ class _Neither(torch.nn.Module):
 
 
 def test_bypassed_cache_raises(smollm_fp32):
-    fwd = Forward(_DropsCache(smollm_fp32.model), _slot_cache(smollm_fp32))
+    fwd = _forward(_DropsCache(smollm_fp32.model), smollm_fp32)
     layers = smollm_fp32.config.num_hidden_layers
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match=rf"_DropsCache.*0 times, expected {layers}"):
-            fwd.step([], [], [Chunk(0, 0, [1, 2, 3], keep=1)])
+            fwd.step([], [], [], [Chunk([1], 0, [1, 2, 3], keep=1)])
         with pytest.raises(RuntimeError, match="bypassed"):
-            fwd.step([4], [3], [])
+            fwd.step([4], [3], [[1]], [])
 
 
 def test_cache_kwarg_follows_signature(smollm_fp32):
     assert cache_kwarg(_OldName()) == "past_key_values"
     assert cache_kwarg(_NewName()) == "cache"  # the new name wins when both are named
     with pytest.raises(TypeError, match="_Neither"):
-        Forward(_Neither(), _slot_cache(smollm_fp32))
-    real = Forward(smollm_fp32.model, _slot_cache(smollm_fp32)).cache_kwarg
+        _forward(_Neither(), smollm_fp32)
+    real = _forward(smollm_fp32.model, smollm_fp32).cache_kwarg
     assert real in inspect.signature(smollm_fp32.model.forward).parameters
 
 

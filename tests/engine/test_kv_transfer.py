@@ -111,3 +111,28 @@ def test_fork_mid_generation_copies_the_state(smollm_fp32, prompt_ids):
     # continues where the parent stood: 4 more tokens each, the same ones (greedy)
     assert out["c"].tokens == out["p"].tokens and len(out["p"].tokens) == 4
     assert engine.stats.prefill_tokens == len(ids)
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["pool-then-import", "pool-lost"])
+def test_an_import_after_the_pools_own_prefix(tiny_fp32, prompt, evicted):
+    """prefix_start: the pool held block 0 when the worker looked, so only block 1 and the tail
+    are imported. Should block 0's pages be gone by admission, the import is dropped and the
+    prompt recomputed: slower, never wrong."""
+    params = PARAMS["greedy"]
+    want = run_one(_engine(tiny_fp32), prompt, params).tokens
+    prefill = _engine(tiny_fp32)
+    prefill.add(make_request("r", prompt, params, prefill_only=True))
+    (first,) = prefill.step()
+    blocks, tail = prefill.export_blocks("r", 1, 1), prefill.export_kv("r", 2 * B, len(prompt))
+
+    decode = _engine(tiny_fp32)
+    run(decode, [make_request("warm", prompt[:B + 5], greedy(1))])  # pages of block 0
+    assert decode.cached_prefix_tokens(prompt) >= B
+    if evicted:
+        decode = _engine(tiny_fp32)  # a fresh pool: the pages the caller saw are gone
+    req = SeqRequest("r", prompt + [first.token_id], len(prompt), params, prefix_kv=blocks,
+                     prefix_len=len(prompt), prefix_tail=tail, prefix_start=B)
+    got = run(decode, [req])["r"]
+    assert [first.token_id] + got.tokens == want
+    assert got.events[0].num_cached_tokens == (0 if evicted else len(prompt))
+    assert decode.stats.prefix_store_tokens == (0 if evicted else len(prompt) - B)

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.device import cpu_has_fast_bf16
-from engine.packed_linear import PackedLinear, can_pack
+from engine.packed_linear import PackedLinear, can_pack, pack_linears
 
 
 def _packed(model) -> int:
@@ -31,7 +31,13 @@ def test_packed_model_gives_the_plain_models_logits_bit_for_bit(smollm_bf16):
         smollm_bf16.source, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     assert _packed(plain) == 0
     gen = torch.Generator().manual_seed(0)
-    for t in (1, 9, 130):
+    for t in (1, 9, 32, 33, 130):  # 32 rows: the packed path's last; 33 on: F.linear
         ids = torch.randint(1000, 40000, (1, t), generator=gen)
         assert torch.equal(smollm_bf16.model(input_ids=ids).logits, plain(input_ids=ids).logits)
 
+
+
+def test_nothing_is_packed_where_one_shape_would_change_the_bits(monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)).to(torch.bfloat16)
+    monkeypatch.setattr(PackedLinear, "same_as_linear", lambda self: self.in_features != 4)
+    assert pack_linears(model) == 0 and _packed(model) == 0

@@ -104,7 +104,8 @@ def test_a_row_that_breaks_sampling_fails_alone(engine, tiny_fp32):
     assert [ev.token_id for ev in first if ev.seq_id == "good"] + out["good"].tokens == want
     [(seq_id, err)] = engine.take_failed()
     assert seq_id == "bad" and isinstance(err, IndexError | RuntimeError)
-    assert engine.take_failed() == [] and engine._slots.num_held <= 1  # at most the retained
+    assert engine.take_failed() == [] and engine.step() == []
+    assert engine.pool.num_referenced == 0
 
 
 def test_an_import_that_does_not_go_in_fails_alone(engine, tiny_fp32):
@@ -207,8 +208,8 @@ def test_prompt_logprobs_never_hold_more_than_a_chunk_of_logits(tiny_fp32, monke
     rows = []
     forward = Forward.step
 
-    def spy(self, decode_ids, positions, chunks):
-        out = forward(self, decode_ids, positions, chunks)
+    def spy(self, decode_ids, positions, tables, chunks):
+        out = forward(self, decode_ids, positions, tables, chunks)
         rows.append(out.shape[0])
         return out
 

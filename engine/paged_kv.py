@@ -1,0 +1,120 @@
+"""Where each sequence's KV lives: its page table over the pool (engine/page_pool.py).
+
+    token_ids   |t0 .. t15|t16 .. t31|t32 t33 t34 . . . |
+    seq.pages   [    7    ,    2     ,    9             ]    page i holds tokens [i*P, (i+1)*P)
+    kv_len = 35: pages 7 and 2 are full (digested, findable by other sequences); 9 holds 3 of 16
+
+Pages are refcounted and may sit in several tables: a prefix hit shares the full pages of an
+earlier sequence, and a fork (n > 1, a branch) shares all of its parent's. A full page is never
+written again, so sharing one costs nothing; a partial last page shared by forks is copied by
+the first of them to write into it (copy-on-write).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.page_hash import extend_chain
+from engine.page_pool import PagePool
+from engine.sequence import Sequence
+
+
+class PagedKV:
+    """Page tables, prefix matching and KV import/export for the engine's sequences. The pages
+    themselves live in `pool`; each Sequence carries its own table (`pages`) and digests."""
+
+    def __init__(self, pool: PagePool, root_for):
+        self.pool = pool
+        self.page_size = pool.page_size
+        self._root_for = root_for  # cache_salt -> chain root (engine/page_hash.py)
+
+    # --- prefix cache -------------------------------------------------------------------------
+
+    def digests(self, seq: Sequence, full_pages: int) -> list[bytes]:
+        """The chained digests of seq's first `full_pages` pages (computed once per page)."""
+        if seq.root is None:
+            seq.root = self._root_for(seq.cache_salt)
+        extend_chain(seq.digests, seq.root, seq.token_ids, self.page_size, full_pages)
+        return seq.digests[:full_pages]
+
+    def match(self, seq: Sequence) -> int:
+        """Take the longest run of cached pages that starts seq's tokens (always leaving one
+        token to feed: its logits give the next token). Returns the tokens it covers."""
+        assert not seq.pages
+        limit = (len(seq.token_ids) - 1) // self.page_size
+        pages = self.pool.lookup(self.digests(seq, limit))
+        for page in pages:
+            self.pool.share(page)
+        seq.pages = pages
+        return len(pages) * self.page_size
+
+    def commit(self, seq: Sequence) -> None:
+        """Make seq's newly filled pages findable by later sequences."""
+        full = seq.kv_len // self.page_size
+        if seq.committed < full:
+            digests = self.digests(seq, full)
+            for i in range(seq.committed, full):
+                self.pool.register(seq.pages[i], digests[i])
+            seq.committed = full
+
+    # --- page tables --------------------------------------------------------------------------
+
+    def pages_needed(self, seq: Sequence, end: int) -> int:
+        """Pages the pool must hand out for seq to write tokens [kv_len, end)."""
+        if end <= seq.kv_len:
+            return 0
+        new = -(-end // self.page_size) - len(seq.pages)
+        return max(0, new) + self.must_copy(seq)
+
+    def must_copy(self, seq: Sequence) -> int:
+        """1 if seq's next write lands in a partial page it shares (copy-on-write)."""
+        P = self.page_size
+        return int(seq.kv_len % P != 0 and self.pool.ref[seq.pages[seq.kv_len // P]] > 1)
+
+    def grow(self, seq: Sequence, end: int) -> None:
+        """Give seq pages of its own for tokens [kv_len, end): pages_needed() must be free."""
+        if end <= seq.kv_len:
+            return
+        if self.must_copy(seq):
+            i = seq.kv_len // self.page_size
+            old, new = seq.pages[i], self.pool.allocate()
+            self.pool.kv[:, :, new] = self.pool.kv[:, :, old]
+            self.pool.release([old])
+            seq.pages[i] = new
+        while len(seq.pages) * self.page_size < end:
+            seq.pages.append(self.pool.allocate())
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.release(seq.pages)
+        seq.pages, seq.committed = [], 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """child shares every page of parent's table."""
+        for page in parent.pages:
+            self.pool.share(page)
+        child.pages, child.committed = list(parent.pages), parent.committed
+        child.root, child.digests = parent.root, list(parent.digests)
+
+    # --- token addressing ---------------------------------------------------------------------
+
+    def slots(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+        """[end - start] flat indices (page * P + offset) of tokens [start, end) in the pool
+        viewed as [N * P, H, D]."""
+        dev = self.pool.kv.device
+        pos = torch.arange(start, end, device=dev)
+        table = torch.tensor(pages, dtype=torch.long, device=dev)
+        return table[pos // self.page_size] * self.page_size + pos % self.page_size
+
+    def _flat(self) -> torch.Tensor:
+        L, two, N, P, H, D = self.pool.kv.shape
+        return self.pool.kv.view(L, two, N * P, H, D)
+
+    def write(self, seq: Sequence, start: int, kv: torch.Tensor) -> None:
+        """Write kv [L, 2, H, t, D] at tokens [start, start + t) of seq's pages."""
+        idx = self.slots(seq.pages, start, start + kv.shape[3])
+        self._flat()[:, :, idx] = kv.to(self.pool.kv.device).permute(0, 1, 3, 2, 4)
+
+    def read(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
+        """Tokens [start, end) of seq as a new tensor [L, 2, H, end - start, D]."""
+        idx = self.slots(seq.pages, start, end)
+        return self._flat()[:, :, idx].permute(0, 1, 3, 2, 4).contiguous()

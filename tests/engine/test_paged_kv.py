@@ -1,0 +1,144 @@
+"""The page pool and page tables on a toy layout: refcounts, LRU eviction of cached pages,
+copy-on-write, token addressing, block round trips and the step plan's groups and masks."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.kv_layout import KVLayout, blocks_to_flat, flat_to_blocks
+from engine.page_hash import chain_root
+from engine.page_pool import NULL_PAGE, PagePool
+from engine.paged_kv import PagedKV
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.step_plan import Chunk, StepPlan, chunk_mask, decode_mask, group_rows
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=4, block_size=8, dtype=torch.float32)
+P = 4  # tokens per page
+
+
+def _pool(pages: int = 9) -> PagePool:
+    return PagePool(LAYOUT, pages, P, torch.device("cpu"))
+
+
+def _paged(pages: int = 9) -> PagedKV:
+    return PagedKV(_pool(pages), lambda salt: chain_root("fp", "float32", P, salt))
+
+
+def _seq(ids: list[int], salt: str = "") -> Sequence:
+    return Sequence("s", list(ids), len(ids), SamplingParams(), frozenset(), cache_salt=salt)
+
+
+def _kv(t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, 3, t, 4, generator=g)  # [L, 2, H, t, D]
+
+
+def test_pages_are_zeroed_on_first_use_and_the_null_page_is_never_handed_out():
+    pool = _pool(4)
+    pool.kv.fill_(float("nan"))  # what uninitialised memory may hold
+    pages = [pool.allocate() for _ in range(3)]
+    assert NULL_PAGE not in pages and pool.num_free == 0
+    assert not torch.isnan(pool.kv[:, :, pages]).any()
+
+
+def test_eviction_takes_plain_then_fresh_then_the_oldest_cached_page():
+    pool = _pool(5)  # pages 1..4
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.register(a, b"A")
+    pool.register(b, b"B")
+    pool.release([a, b])  # freed in reverse: b is the older free page
+    pool.release([c])  # no digest: plain
+    assert pool.num_free == 4 and pool.num_cached == 2
+    assert pool.allocate() == c  # plain first
+    assert pool.allocate() == 4  # then fresh
+    assert pool.allocate() == b and pool.evictions == 1  # then the oldest cached
+    assert pool.lookup([b"A", b"B"]) == [a]  # b's digest is gone with it
+    pool.share(a)  # a hit takes it out of the free pages
+    assert pool.num_free == 0 and pool.ref[a] == 1
+
+
+def test_match_takes_the_longest_cached_run_and_leaves_a_token_to_feed():
+    kv = _paged()
+    first = _seq(list(range(10)))  # 2 full pages, 2 tokens in a third
+    kv.grow(first, 10)
+    first.kv_len = 10
+    kv.commit(first)
+    assert first.committed == 2
+    table = list(first.pages)
+    kv.free(first)
+    assert kv.pool.num_cached == 2
+    again = _seq(list(range(8)))  # 8 tokens = 2 pages, but one token must stay to feed
+    assert kv.match(again) == 4 and again.pages == table[:1]
+    longer = _seq(list(range(12)))
+    assert kv.match(longer) == 8
+    other = _seq(list(range(12)), salt="tenant-2")
+    assert kv.match(other) == 0  # another tenant's digests differ
+
+
+def test_a_fork_shares_pages_and_copies_a_partial_page_on_write():
+    kv = _paged()
+    parent = _seq(list(range(6)))
+    kv.grow(parent, 6)
+    kv.write(parent, 0, _kv(6))
+    parent.kv_len = 6
+    child = _seq(list(range(6)))
+    child.kv_len = 6
+    kv.fork(parent, child)
+    assert child.pages == parent.pages and kv.pool.ref[parent.pages[1]] == 2
+    assert kv.pages_needed(child, 7) == 1  # its next token lands in the shared partial page
+    kv.grow(child, 7)
+    assert child.pages[0] == parent.pages[0] and child.pages[1] != parent.pages[1]
+    assert torch.equal(kv.read(child, 0, 6), kv.read(parent, 0, 6))  # the copy holds the same
+    kv.write(child, 6, _kv(1, seed=5))
+    assert torch.equal(kv.read(parent, 0, 6), _kv(6))  # the parent's page is untouched
+
+
+def test_tokens_round_trip_through_scattered_pages_and_blocks():
+    kv = _paged()
+    seq = _seq(list(range(24)))
+    kv.pool.allocate()  # make the table non-contiguous
+    kv.grow(seq, 24)
+    data = _kv(24)
+    kv.write(seq, 0, data[:, :, :, :10])
+    kv.write(seq, 10, data[:, :, :, 10:])
+    assert torch.equal(kv.read(seq, 3, 21), data[:, :, :, 3:21])
+    blocks = flat_to_blocks(kv.read(seq, 0, 24), 8)
+    assert blocks.shape == (3, *LAYOUT.block_shape) and blocks.is_contiguous()
+    assert torch.equal(blocks[1], data[:, :, :, 8:16])
+    kv.write(seq, 0, _kv(24, seed=9))
+    assert torch.equal(blocks_to_flat(blocks), data)  # an export never aliases the pool
+
+
+def test_decode_rows_group_by_length_and_masks_hide_the_rest():
+    assert group_rows([2900, 2890, 400, 390, 380, 12]) == [(0, 2), (2, 5), (5, 6)]
+    assert group_rows([300, 100, 45]) == [(0, 3)]  # within 256 keys of the longest
+    m = chunk_mask(start=3, t=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert m.shape == (1, 1, 2, 5)
+    assert (m[0, 0, 0, :4] == 0).all() and m[0, 0, 0, 4] < -1e30 and (m[0, 0, 1] == 0).all()
+    d = decode_mask([1, 3], 4, torch.float32, torch.device("cpu"))
+    assert d.shape == (2, 1, 1, 4)
+    assert d[0, 0, 0, 0] == 0 and (d[0, 0, 0, 1:] < -1e30).all() and (d[1, 0, 0, :3] == 0).all()
+
+
+def test_step_plan_addresses_pages_and_keeps_only_the_logits_rows_that_sample():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    # two decode rows (pages [3, 5] at position 6, page [7] at 2), then a whole prompt
+    plan = StepPlan.build([([3, 5], 6), ([7], 2)], [Chunk([2], 0, [5, 6, 7], keep=1)], P,
+                          f32, cpu)
+    assert plan.slots.tolist() == [5 * P + 2, 7 * P + 2, 2 * P, 2 * P + 1, 2 * P + 2]
+    assert plan.kept_rows() == [0, 1, 4]
+    [g] = plan.groups
+    assert g.table.tolist() == [3, 5, 7, NULL_PAGE] and g.width == 2 * P
+    assert g.mask[0, 0, 0, :7].eq(0).all() and g.mask[1, 0, 0, 3:].lt(-1e30).all()
+    assert plan.flat_inputs([9, 9], [6, 2]) == ([9, 9, 5, 6, 7], [6, 2, 0, 1, 2])
+    # a lone decode row attends to exactly its own keys, unmasked (HF's batch-1 call)
+    [lone] = StepPlan.build([([4, 1], 5)], [], P, f32, cpu).groups
+    assert lone.width == 6 and lone.mask is None
+    # a chunk mid-prefill alone keeps no row: one row (never 0, which would mean all)
+    assert StepPlan.build([], [Chunk([1], 0, [1, 2, 3])], P, f32, cpu).kept_rows() == 1
+    # every position of a chunk (prompt logprobs) after one from position 0
+    plan = StepPlan.build([], [Chunk([1], 0, [1, 2]), Chunk([2, 3], 5, [3, 4, 5], keep=3)],
+                          P, f32, cpu)
+    assert plan.kept_rows() == 3 and plan.masks[0] is None and plan.masks[1].shape == (1, 1, 3, 8)
+    assert plan.tables[0] is None and plan.tables[1].tolist() == [2, 3]

@@ -25,6 +25,9 @@ class EngineConfig:
     # memory (see engine/kv_budget.py for the defaults when neither is set).
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float | None = None
+    # Keep finished sequences' full pages findable for later ones (vLLM's
+    # enable_prefix_caching); off, every prompt is computed (benchmarks that repeat one).
+    prefix_caching: bool = True
 
 
 @dataclass(slots=True)

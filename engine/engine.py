@@ -71,7 +71,7 @@ class Engine:
         self.eos_token_ids = eos_ids(loaded.model)
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device),
                              config.page_size, loaded.device)
-        self._kv = PagedKV(self.pool, self._chain_root)
+        self._kv = PagedKV(self.pool, self._chain_root, config.prefix_caching)
         self._fwd = Forward(loaded.model, self.pool, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._waiting: deque[Sequence] = deque()  # FIFO, not in the pool
@@ -279,48 +279,19 @@ class Engine:
             return None
 
     def _place(self, seq: Sequence) -> bool:
-        """Move a waiting sequence into the pool: its longest cached prefix, then whatever of
-        its store import goes beyond that, plus a page for a decoder's next token. False (and
-        nothing taken) when the pool lacks the pages."""
-        imported = seq.kv_len  # a store import of tokens [held_start, kv_len) waits in held_*
-        seq.kv_len = 0
-        hit = seq.kv_len = self._kv.match(seq) if seq.prompt_lps is None else 0
-        # The import must start inside what the pool holds (its pages may be gone since).
-        held = imported if hit >= seq.held_start else 0
-        end = max(hit, held)
-        decoder = end == len(seq.token_ids) - 1  # decodes at once: its next token's page too
-        if self._kv.pages_needed(seq, end + decoder) > self.pool.num_free:
-            self._kv.free(seq)
-            seq.kv_len = imported
+        """Move a waiting sequence into the pool (PagedKV.place). False (and nothing taken)
+        when the pool lacks the pages."""
+        reused = self._kv.place(seq, self.pool.num_free)
+        if reused is None:
             return False
         self._waiting.remove(seq)
         self._placed.append(seq)
         seq.placed = True
-        if held > hit:
-            self._kv.grow(seq, held)
-            self._write_held(seq, hit, held)
-            seq.kv_len = held
-        seq.held_blocks = seq.held_flat = None
-        seq.held_start = 0
-        self._kv.commit(seq)
-        self._stats.prefix_device_tokens += hit
-        self._stats.prefix_store_tokens += seq.kv_len - hit
+        self._stats.prefix_device_tokens += reused[0]
+        self._stats.prefix_store_tokens += reused[1]
         if not seq.sampled:
             seq.reused = seq.kv_len
         return True
-
-    def _write_held(self, seq: Sequence, start: int, end: int) -> None:
-        """Copy tokens [start, end) of seq's held import into its pages."""
-        parts = list(seq.held_blocks) if seq.held_blocks is not None else []
-        if seq.held_flat is not None:
-            parts.append(seq.held_flat)
-        at = seq.held_start
-        for kv in parts:  # each [L, 2, H, t, D] covering tokens [at, at + t)
-            t = kv.shape[3]
-            lo, hi = max(start, at), min(end, at + t)
-            if lo < hi:
-                self._kv.write(seq, lo, kv[:, :, :, lo - at : hi - at])
-            at += t
 
     def _reserve_decode(self) -> list[Sequence]:
         """Every decoder's page for its next token, oldest first, preempting the newest running
@@ -535,8 +506,8 @@ class Engine:
 
     def _drop(self, seq: Sequence) -> None:
         del self._seqs[seq.seq_id]
+        self._kv.free(seq)  # also the pages of an import that failed half-way in
         if seq.placed:
-            self._kv.free(seq)
             self._placed.remove(seq)
             seq.placed = False
         if seq in self._waiting:

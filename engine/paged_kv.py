@@ -23,10 +23,11 @@ class PagedKV:
     """Page tables, prefix matching and KV import/export for the engine's sequences. The pages
     themselves live in `pool`; each Sequence carries its own table (`pages`) and digests."""
 
-    def __init__(self, pool: PagePool, root_for):
+    def __init__(self, pool: PagePool, root_for, caching: bool = True):
         self.pool = pool
         self.page_size = pool.page_size
         self._root_for = root_for  # cache_salt -> chain root (engine/page_hash.py)
+        self.caching = caching  # False: no page is registered, so none is ever matched
 
     # --- prefix cache -------------------------------------------------------------------------
 
@@ -51,11 +52,51 @@ class PagedKV:
     def commit(self, seq: Sequence) -> None:
         """Make seq's newly filled pages findable by later sequences."""
         full = seq.kv_len // self.page_size
-        if seq.committed < full:
+        if self.caching and seq.committed < full:
             digests = self.digests(seq, full)
             for i in range(seq.committed, full):
                 self.pool.register(seq.pages[i], digests[i])
             seq.committed = full
+
+    # --- entering the pool ----------------------------------------------------------------
+
+    def place(self, seq: Sequence, free: int) -> tuple[int, int] | None:
+        """Put a waiting sequence's KV into the pool: its longest cached prefix, then whatever
+        of its held import (tokens [held_start, kv_len)) goes beyond that, plus a page for its
+        next token if it decodes at once. Returns (tokens from the pool, tokens imported), or
+        None, with nothing taken, when that needs more than `free` pages."""
+        imported = seq.kv_len
+        seq.kv_len = 0
+        hit = seq.kv_len = self.match(seq) if seq.prompt_lps is None else 0
+        # The import must start inside what the pool holds (its pages may be gone since).
+        held = imported if hit >= seq.held_start else 0
+        end = max(hit, held)
+        decoder = end == len(seq.token_ids) - 1
+        if self.pages_needed(seq, end + decoder) > free:
+            self.free(seq)
+            seq.kv_len = imported
+            return None
+        if held > hit:
+            self.grow(seq, held)
+            self._write_held(seq, hit, held)
+            seq.kv_len = held
+        seq.held_blocks = seq.held_flat = None
+        seq.held_start = 0
+        self.commit(seq)
+        return hit, seq.kv_len - hit
+
+    def _write_held(self, seq: Sequence, start: int, end: int) -> None:
+        """Copy tokens [start, end) of seq's held import into its pages."""
+        parts = list(seq.held_blocks) if seq.held_blocks is not None else []
+        if seq.held_flat is not None:
+            parts.append(seq.held_flat)
+        at = seq.held_start
+        for kv in parts:  # each [L, 2, H, t, D] covering tokens [at, at + t)
+            t = kv.shape[3]
+            lo, hi = max(start, at), min(end, at + t)
+            if lo < hi:
+                self.write(seq, lo, kv[:, :, :, lo - at : hi - at])
+            at += t
 
     # --- page tables --------------------------------------------------------------------------
 

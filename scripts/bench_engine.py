@@ -113,9 +113,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     loaded = load_model(resolve_model(args.model), dtype=args.dtype, device=args.device)
     batches = [int(b) for b in args.batches.split(",")]
-    # retain_finished off: a repeat must compute its prompt again, not adopt the last run's KV.
+    # Prefix caching off: a repeat must compute its prompt again, not reuse the last run's KV.
     engine = Engine(loaded, EngineConfig(max_slots=max(batches), prefill_chunk=4096,
-                                         retain_finished=False))
+                                         prefix_caching=False))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bench = Bench(loaded, engine, clock, args.repeat)
     rows = [(f"prefill {args.prefill_tokens} tok, batch 1", *bench.prefill(args.prefill_tokens))]

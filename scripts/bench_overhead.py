@@ -113,7 +113,7 @@ def main() -> None:
     logging.basicConfig(level="WARNING")
     loaded = load_model(resolve_model(DEFAULT_MODEL), dtype=args.dtype)
     dtype = dtype_name(loaded.dtype)
-    engine = Engine(loaded, EngineConfig(max_slots=args.concurrency, retain_finished=False))
+    engine = Engine(loaded, EngineConfig(max_slots=args.concurrency, prefix_caching=False))
     prompts = workload(loaded.config.vocab_size, args.requests, args.prompt_tokens)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     server = tandem_serve("tandem-colocated", workdir, workdir / "kv", "--colocated",

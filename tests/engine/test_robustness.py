@@ -119,6 +119,7 @@ def test_an_import_that_does_not_go_in_fails_alone(engine, tiny_fp32):
     assert [seq_id for seq_id, _ in engine.take_failed()] == ["bad"]
     want = run_one(Engine(tiny_fp32, EngineConfig(max_slots=1)), ids, greedy(6, ignore_eos=True))
     assert out["good"].tokens == want.tokens
+    assert engine.step() == [] and engine.pool.num_referenced == 0  # its pages came back
 
 
 def _stream(runner: EngineRunner, req: SeqRequest):

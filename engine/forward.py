@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.attention import use_step_attention
 from engine.page_pool import PagePool
-from engine.step_plan import Chunk, StepPlan
+from engine.step_plan import Chunk, StepPlan, Workspace
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -95,6 +95,7 @@ class Forward:
         self.model = model
         self.pool = pool
         self.cache = StepCache(pool, max_len)
+        self.workspace = Workspace()
         self.cache_kwarg = cache_kwarg(model)
         self.dtype = pool.layout.dtype
         use_step_attention(model)
@@ -111,6 +112,7 @@ class Forward:
         dev = self.pool.kv.device
         plan = StepPlan.build(list(zip(tables, positions, strict=True)), chunks,
                               self.pool.page_size, self.dtype, dev)
+        plan.workspace = self.workspace
         ids, pos = plan.flat_inputs(decode_ids, positions)
         keep = plan.kept_rows()
         self.cache.plan = plan

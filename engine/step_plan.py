@@ -94,11 +94,35 @@ def page_table(tables: list[list[int]], pages: int, device: torch.device) -> tor
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def gather(pool: torch.Tensor, table: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """Keys (or values) [rows, H, width, D] from pool [N, P, H, D]: one index_select copy, then
-    views."""
+def gather(pool: torch.Tensor, table: torch.Tensor, rows: int, width: int,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys (or values) [rows, H, width, D] from pool [N, P, H, D]: one index_select copy, into
+    `out` (a workspace of at least len(table) pages) when given, then views."""
     _, P, H, D = pool.shape
-    return pool.index_select(0, table).view(rows, -1, H, D)[:, :width].transpose(1, 2)
+    if out is None:
+        pages = pool.index_select(0, table)
+    else:
+        pages = torch.index_select(pool, 0, table, out=out[: len(table)])
+    return pages.view(rows, -1, H, D)[:, :width].transpose(1, 2)
+
+
+class Workspace:
+    """Two page buffers [n, P, H, D] the gathers of every layer and group write into in turn,
+    grown on demand and kept. A fresh tensor per gather costs more than the copy: measured on
+    the 2-vCPU box, fp32, 16 rows x 512 keys, gather + attention took 6.1 ms per layer with a
+    new tensor each time (glibc returns big blocks to the kernel, so each one page-faults
+    anew) and 1.3 ms without (docs/BENCHMARKS.md, "The cost of paging")."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def buffers(self, pool: torch.Tensor, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None or self.k.shape[0] < pages or self.k.dtype != pool.dtype:
+            shape = (max(pages, 2 * (0 if self.k is None else self.k.shape[0])), *pool.shape[1:])
+            self.k = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+            self.v = torch.empty_like(self.k)
+        return self.k, self.v
 
 
 @dataclass(slots=True)
@@ -116,6 +140,7 @@ class StepPlan:
     written: int = -1
     k_pool: torch.Tensor | None = None  # [N, P, H, D]
     v_pool: torch.Tensor | None = None
+    workspace: Workspace | None = None  # gathers land here (None: fresh tensors)
 
     @classmethod
     def build(cls, rows: list[tuple[list[int], int]], chunks: list[Chunk], page_size: int,
@@ -182,8 +207,7 @@ class StepPlan:
         for g in self.groups:
             rows = g.hi - g.lo
             q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
-            k = gather(self.k_pool, g.table, rows, g.width)  # [g, H, width, D]
-            v = gather(self.v_pool, g.table, rows, g.width)
+            k, v = self._gather(g.table, rows, g.width)  # [g, H, width, D] each
             outs.append(_decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1))
         for c, off, mask, table in zip(self.chunks, self.offsets, self.masks, self.tables,
                                        strict=True):
@@ -191,11 +215,17 @@ class StepPlan:
             if table is None:
                 k, v = key[:, :, off : off + t], value[:, :, off : off + t]
             else:
-                k = gather(self.k_pool, table, 1, c.start + t)  # [1, H, start + t, D]
-                v = gather(self.v_pool, table, 1, c.start + t)
+                k, v = self._gather(table, 1, c.start + t)  # [1, H, start + t, D] each
             out, _ = base(module, query[:, :, off : off + t], k, v, mask, **kwargs)  # [1, t, Hq, D]
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _gather(self, table: torch.Tensor, rows: int, width: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        kb, vb = (None, None) if self.workspace is None else self.workspace.buffers(
+            self.k_pool, len(table))
+        return (gather(self.k_pool, table, rows, width, kb),
+                gather(self.v_pool, table, rows, width, vb))
 
 
 def _decode_group(rows: list[tuple[list[int], int]], lengths: list[int], lo: int, P: int,

@@ -9,8 +9,9 @@ Times one decode step's attention over all of SmolLM2-135M's layers (30 layers, 
     dense  the slot cache's path: K/V of every row contiguous [n, H, T, D], transformers' SDPA
            function under the batch mask (batch 1: unmasked), as the engine ran before paging
     paged  the engine's path now (engine/step_plan.py): each row's 16-token pages scattered
-           over a pool, one index_select gather per layer for K and V, then attention with
-           the query heads packed per KV head (batch 1: transformers' SDPA function)
+           over a pool, one index_select gather per layer for K and V into the engine's
+           reused workspace, then attention with the query heads packed per KV head (batch 1:
+           transformers' SDPA function)
 
 Prints ms per step for each and paged / dense. Both attend over the same keys (every row has the
 same context, so no grouping is involved) and their outputs are checked equal.
@@ -30,7 +31,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.step_plan import _decode_attention, decode_mask, gather, page_table  # noqa: E402
+from engine.step_plan import (  # noqa: E402
+    Workspace,
+    _decode_attention,
+    decode_mask,
+    gather,
+    page_table,
+)
 
 LAYERS, HQ, H, D, P = 30, 9, 3, 64, 16
 
@@ -55,7 +62,7 @@ def _case(dtype: torch.dtype, n: int, T: int) -> dict:
     q = torch.randn(n, HQ, 1, D, generator=g).to(dtype)
     mask = decode_mask([T] * n, T, dtype, torch.device("cpu")) if n > 1 else None
     return dict(q=q, pool_k=pool_k, pool_v=pool_v, table=table, dense_k=dense_k,
-                dense_v=dense_v, mask=mask, n=n, T=T)
+                dense_v=dense_v, mask=mask, n=n, T=T, ws=Workspace())
 
 
 def dense(c: dict) -> torch.Tensor:
@@ -65,8 +72,9 @@ def dense(c: dict) -> torch.Tensor:
 
 
 def paged(c: dict) -> torch.Tensor:
-    k = gather(c["pool_k"], c["table"], c["n"], c["T"])
-    v = gather(c["pool_v"], c["table"], c["n"], c["T"])
+    kb, vb = c["ws"].buffers(c["pool_k"], len(c["table"]))
+    k = gather(c["pool_k"], c["table"], c["n"], c["T"], kb)
+    v = gather(c["pool_v"], c["table"], c["n"], c["T"], vb)
     return _decode_attention(sdpa_attention_forward, _Attn(), c["q"], k, v, c["mask"],
                              {"scaling": D ** -0.5})
 

@@ -148,16 +148,3 @@ def trim_prefix(
     rest = length - n * B
     flat = tail[:, :, :, :rest] if rest > 0 and tail is not None else None
     return prefix[:n], flat
-
-
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of a and b, at most `limit` (<= both lengths)."""
-    n, step = 0, 256
-    while n < limit:
-        m = min(limit, n + step)
-        if a[n:m] != b[n:m]:  # slices compare in C; walk only the differing one
-            while a[n] == b[n]:
-                n += 1
-            return n
-        n = m
-    return limit

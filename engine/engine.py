@@ -144,7 +144,7 @@ class Engine:
         probe = Sequence("", token_ids, len(token_ids), SamplingParams(), frozenset(),
                          cache_salt=cache_salt)
         full = (len(token_ids) - 1) // self.config.page_size
-        return self.pool.cached_pages(self._kv.digests(probe, full)) * self.config.page_size
+        return len(self.pool.lookup(self._kv.digests(probe, full))) * self.config.page_size
 
     def take_failed(self) -> list[tuple[str, Exception]]:
         """(seq_id, error) of the sequences a step dropped for a failure of their own (an

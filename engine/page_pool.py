@@ -35,7 +35,7 @@ NULL_PAGE = 0
 
 class PagePool:
     """Owns the page tensor and each page's refcount and digest. Not thread-safe (the engine's
-    thread only), except `cached_pages`, a lock-free read another thread may do (see there)."""
+    thread only), except `lookup`, a lock-free read another thread may do (see there)."""
 
     def __init__(self, layout: KVLayout, num_pages: int, page_size: int, device: torch.device):
         assert num_pages >= 2, num_pages
@@ -119,7 +119,8 @@ class PagePool:
             self.digest[page] = digest
 
     def lookup(self, digests: list[bytes]) -> list[int]:
-        """The pages holding the longest run of `digests` from the first."""
+        """The pages holding the longest run of `digests` from the first. Any thread may ask
+        (dict reads are atomic under the GIL); the answer may be stale by the time it is used."""
         pages = []
         for d in digests:
             page = self._by_digest.get(d)
@@ -127,13 +128,3 @@ class PagePool:
                 break
             pages.append(page)
         return pages
-
-    def cached_pages(self, digests: list[bytes]) -> int:
-        """How many leading digests are resident: an advisory count any thread may take (dict
-        reads are atomic under the GIL; an answer may be stale by the time it is used)."""
-        n = 0
-        for d in digests:
-            if d not in self._by_digest:
-                break
-            n += 1
-        return n

@@ -30,20 +30,20 @@ from transformers import AutoConfig, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import DEFAULT_PAGE_SIZE  # noqa: E402
+from engine.kv_layout import DEFAULT_BLOCK_SIZE, KVLayout  # noqa: E402
 from engine.loader import materialize  # noqa: E402
+from engine.page_pool import PagePool  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from scripts.bench_peer import run, story  # noqa: E402
-from scripts.serving_targets import default_dtype, tandem_serve  # noqa: E402
+from scripts.serving_targets import cpu_flags, default_dtype, tandem_serve  # noqa: E402
 
 P = DEFAULT_PAGE_SIZE
 
 
 def page_bytes(folder: str, dtype: str) -> int:
-    cfg = AutoConfig.from_pretrained(folder)
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_token = 2 * cfg.num_hidden_layers * kv_heads * head_dim
-    return per_token * P * getattr(torch, dtype).itemsize
+    layout = KVLayout.from_config(AutoConfig.from_pretrained(folder), DEFAULT_BLOCK_SIZE,
+                                  getattr(torch, dtype))
+    return PagePool.page_bytes(layout, P)
 
 
 def needed_pages(folder: str, prompts: list[list[dict]], max_tokens: int) -> int:
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         after = gauges(worker)
     capacity = after["tandem:kv_pages_capacity"]
     pool_bytes = (capacity + 1) * page_bytes(folder, dtype)  # + the null page
-    flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2")
-                   if f in Path("/proc/cpuinfo").read_text())
+    flags = cpu_flags()
     print(f"{DEFAULT_MODEL}, {dtype}, torch {torch.__version__}, {platform.machine()} "
           f"({', '.join(flags)}), nproc {len(os.sched_getaffinity(0))}; c={args.concurrency}, "
           f"max_tokens {args.max_tokens}")

@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.registry import DEFAULT_MODEL  # noqa: E402
-from scripts.serving_targets import Server, default_dtype, tandem_serve  # noqa: E402
+from scripts.serving_targets import Server, cpu_flags, default_dtype, tandem_serve  # noqa: E402
 from tandem.bench.client import make_client, request_body, send  # noqa: E402
 from tandem.bench.config import BenchConfig  # noqa: E402
 from tandem.bench.records import RequestRecord  # noqa: E402
@@ -218,8 +218,7 @@ def user_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
 
 
 def header(args: argparse.Namespace) -> tuple[str, list[str]]:
-    flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2")
-                   if f in Path("/proc/cpuinfo").read_text())
+    flags = cpu_flags()
     return (f"{DEFAULT_MODEL}, {args.dtype}, torch {torch.__version__}, {platform.machine()} "
             f"({', '.join(flags)}), nproc {len(os.sched_getaffinity(0))}; tandem {args.mode} "
             f"with {' '.join(args.serve_flag) or 'defaults'}; {args.users} users x "

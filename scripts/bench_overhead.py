@@ -35,7 +35,7 @@ from engine.loader import load_model  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.sequence import SeqRequest  # noqa: E402
-from scripts.serving_targets import tandem_serve  # noqa: E402
+from scripts.serving_targets import cpu_flags, tandem_serve  # noqa: E402
 
 
 def workload(vocab: int, n: int, length: int) -> list[list[int]]:
@@ -131,8 +131,7 @@ def main() -> None:
             print(f"round {r + 1}: engine {eng:.1f} tok/s (decode-only {decode:.1f}), "
                   f"served {served:.1f} tok/s: {served / eng:.2f}x, "
                   f"{served / decode:.2f}x decode-only", flush=True)
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx2")
-                    if f in Path("/proc/cpuinfo").read_text()})
+    flags = cpu_flags()
     eng, decode, served = (statistics.median(c) for c in zip(*rows, strict=True))
     print(f"\n{DEFAULT_MODEL}, {dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.machine()} ({', '.join(flags)}); "

@@ -38,6 +38,7 @@ from engine.step_plan import (  # noqa: E402
     gather,
     page_table,
 )
+from scripts.serving_targets import cpu_flags  # noqa: E402
 
 LAYERS, HQ, H, D, P = 30, 9, 3, 64, 16
 
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", default="128,512,2048")
     ap.add_argument("--repeat", type=int, default=50)
     args = ap.parse_args(argv)
-    flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2")
-                   if f in Path("/proc/cpuinfo").read_text())
+    flags = cpu_flags()
     print(f"torch {torch.__version__}, {platform.machine()} ({', '.join(flags)}), "
           f"{torch.get_num_threads()} threads, nproc {len(os.sched_getaffinity(0))}")
     print("| dtype | rows | context | dense ms/step | paged ms/step | paged / dense |")

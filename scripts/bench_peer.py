@@ -51,7 +51,13 @@ from engine.loader import materialize  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from scripts import bench_peer_ttft  # noqa: E402
 from scripts.bench_peer_ttft import PEER, RESTARTED, TTFT_WORDS, fmt, med  # noqa: E402
-from scripts.serving_targets import Server, default_dtype, peer_serve, tandem_serve  # noqa: E402
+from scripts.serving_targets import (  # noqa: E402
+    Server,
+    cpu_flags,
+    default_dtype,
+    peer_serve,
+    tandem_serve,
+)
 from tandem.bench.client import make_client, request_body, send  # noqa: E402
 from tandem.bench.config import BenchConfig  # noqa: E402
 from tandem.bench.records import RequestRecord  # noqa: E402
@@ -221,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                          if RESTARTED in args.targets else None)
                 bench_peer_ttft.ttft_round(ttft_rows, order, r, args.ttft_words, again)
     names = [s.name for s in servers]
-    flags = sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2")
-                   if f in Path("/proc/cpuinfo").read_text())
+    flags = cpu_flags()
     ttft_note = f"TTFT document {args.ttft_words} words; " if args.ttft else ""
     header = (f"{DEFAULT_MODEL}, {args.dtype}, torch {torch.__version__}, transformers "
               f"{transformers.__version__}, {platform.machine()} ({', '.join(flags)}), nproc "

@@ -37,6 +37,12 @@ READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
 
 
+def cpu_flags() -> list[str]:
+    """The CPU features every benchmark header names (native bf16 or not decides the dtype)."""
+    text = Path("/proc/cpuinfo").read_text()
+    return sorted(f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in text)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -255,13 +255,17 @@ def test_discovered_worker_drains_on_sigterm(stack, redis):
         found = poll(lambda: [w for w in stack.workers() if w["url"] == url and w["healthy"]],
                      180, "the router to discover the new worker", every=0.5)
         assert found[0]["discovered"] and found[0]["role"] == "decode"
-        body = {"prompt": "List some animals.", "max_tokens": 48, "temperature": 0}
+        # Long enough (no EOS) that the new worker's stream is still running when the last of
+        # the wave's streams has its first token: the workers share 2 cores, so that can take
+        # as long as a short reply does.
+        body = {"prompt": "List some animals.", "max_tokens": LONG_TOKENS, "temperature": 0,
+                "ignore_eos": True}
         want = complete(stack, body).json()["choices"][0]["text"]
         failovers = metric(stack.url, "tandem:worker_failovers_total")
         started = threading.Event()
         with ThreadPoolExecutor(1) as pool:
             wave = pool.submit(run_wave, stack, body, 3, started)  # one per decode worker
-            started.wait(120)
+            assert started.wait(120), "the wave's streams never all started"
             [serving] = [w for w in stack.workers() if w["url"] == url]
             assert serving["inflight"] == 1, serving
             extra.send_signal(signal.SIGTERM)
@@ -270,6 +274,8 @@ def test_discovered_worker_drains_on_sigterm(stack, redis):
             assert complete(stack, body).json()["choices"][0]["text"] == want  # not sent to it
             assert wave.result() == [want] * 3
         assert extra.wait(timeout=60) is not None
+        log = (stack.workdir / f"decode-{port}.log").read_text()
+        assert "draining 1 request(s)" in log and "drained; shutting down" in log, log[-2000:]
         assert metric(stack.url, "tandem:worker_failovers_total") == failovers  # drained
         poll(lambda: url not in [w["url"] for w in stack.workers()], 15,
              "the router to drop the worker")

@@ -3,14 +3,9 @@
     step():
       1. retire sequences that finished last step (their KV stayed readable until now; their
          full pages stay in the pool as the prefix cache)
-      2. admit waiting sequences whose KV is all imported (one token left): they decode now
-      3. give every decoder the page its next token goes in; when the pool is out of pages,
-         preempt the newest running sequence (its pages are freed, full ones stay cached) and
-         recompute it later from what the cache still holds
-      4. plan prefill chunks FIFO with the pages left: with decodes running, a budget of
-         `prefill_chunk` tokens (a longer prompt continues next step, so it never stalls them
-         for long); with none, whole prompts
-      5. one forward over both (engine/step_plan.py): the decode rows and the chunks ride
+      2. schedule (engine/scheduler.py): admit, reserve decode pages (preempting when out),
+         plan prefill chunks
+      3. one forward over both (engine/step_plan.py): the decode rows and the chunks ride
          through the model's weights together; sample, emit
 
 A sequence entering the pool first takes the longest run of its pages already cached there
@@ -23,7 +18,6 @@ there are no locks. Sequence state is counters (see engine/sequence.py).
 from __future__ import annotations
 
 import logging
-from collections import deque
 
 import torch
 
@@ -39,14 +33,13 @@ from engine.page_pool import PagePool
 from engine.paged_kv import PagedKV
 from engine.sampler import Sampled, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
+from engine.scheduler import Plan, Scheduler
 from engine.sequence import SeqRequest, Sequence, TokenEvent, stop_ids_for
 from engine.step_plan import Chunk
 
 __all__ = ["Engine", "EngineConfig", "EngineStats", "SeqRequest", "TokenEvent"]
 
 log = logging.getLogger(__name__)
-
-LOGITS_CHUNK = 512  # prompt positions per forward when every position's logits are kept
 
 
 class Engine:
@@ -74,13 +67,13 @@ class Engine:
         self._kv = PagedKV(self.pool, self._chain_root, config.prefix_caching)
         self._fwd = Forward(loaded.model, self.pool, self.max_model_len)
         self._seqs: dict[str, Sequence] = {}
-        self._waiting: deque[Sequence] = deque()  # FIFO, not in the pool
-        self._placed: list[Sequence] = []  # in the pool, in the order they entered it
         self._done: list[Sequence] = []  # emitted their last event this step
         # Dropped by a failure of their own (see _fail), until take_failed() reports them.
         self._failed: list[tuple[str, Exception]] = []
         self._pending: dict[str, Sequence] = {}  # fork child id -> parent, until spawned
         self._stats = EngineStats()
+        self._sched = Scheduler(config, self.pool, self._kv, self._stats, self.max_model_len,
+                                self._fail)
         self._gen = torch.Generator(device=loaded.device)
         if config.seed is not None:
             self._gen.manual_seed(config.seed)
@@ -120,7 +113,7 @@ class Engine:
             seq.held_blocks, seq.held_flat = trim_prefix(
                 req.prefix_kv, req.prefix_tail, seq.kv_len - seq.held_start, self.layout)
         self._seqs[seq.seq_id] = seq
-        self._waiting.append(seq)
+        self._sched.waiting.append(seq)
 
     def check(self, req: SeqRequest) -> None:
         """Raise engine.intake.InvalidRequest (a ValueError) on a request add() would refuse.
@@ -158,20 +151,8 @@ class Engine:
         """One scheduler iteration. Returns the tokens sampled in it, in no promised order."""
         self._stats.steps += 1
         self._retire_done()
-        self._admit_imported()
-        decoders = self._reserve_decode()
-        # Chunking exists to keep running decodes flowing. With none running (always so on a
-        # prefill worker) prompts go in whole: from position 0 that is SDPA's maskless causal
-        # kernel, ~2x faster on CPU than chunks over a cached prefix with explicit masks.
-        budget = self.config.prefill_chunk if decoders else self.max_model_len
-        planned = self._plan_prefill(budget, whole=not decoders)
-        while not decoders and not planned and self._stalled():
-            # Prompts part-way in hold every page and none can go on: give the oldest room.
-            self._preempt(self._newest_running())
-            planned = self._plan_prefill(budget, whole=True)
-        if not decoders and not planned:
-            return []
-        return self._forward(decoders, planned)
+        plan = self._sched.schedule()
+        return self._forward(plan) if plan else []
 
     def has_work(self) -> bool:
         return any(not s.done for s in self._seqs.values())
@@ -240,13 +221,13 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._sched.waiting)
 
     @property
     def num_running(self) -> int:
-        return sum(1 for s in self._seqs.values() if not s.done) - len(self._waiting)
+        return sum(1 for s in self._seqs.values() if not s.done) - self.num_waiting
 
-    # --- the pool: admission, placement, preemption -------------------------------------------
+    # --- stepping ------------------------------------------------------------------------------
 
     def _retire_done(self) -> None:
         """Free last step's finished sequences' pages (their full pages stay cached); an
@@ -256,128 +237,9 @@ class Engine:
                 self._drop(seq)
         self._done.clear()
 
-    def _running(self) -> int:
-        return sum(1 for s in self._placed if not s.done)
-
-    def _stalled(self) -> bool:
-        """Sequences hold pages, yet none decodes next step (nothing was planned either)."""
-        running = [s for s in self._placed if not s.done]
-        return bool(running) and not any(s.is_decoder for s in running)
-
-    def _admit_imported(self) -> None:
-        """Waiting sequences with one token left need no prefill: place them to decode."""
-        for seq in [s for s in self._waiting if s.todo == 1]:
-            if self._running() >= self.config.max_slots or self._try_place(seq) is False:
-                return
-
-    def _try_place(self, seq: Sequence) -> bool | None:
-        """_place; None if its import did not go in (that fails `seq` alone)."""
-        try:
-            return self._place(seq)
-        except Exception as e:
-            self._fail(seq, e)
-            return None
-
-    def _place(self, seq: Sequence) -> bool:
-        """Move a waiting sequence into the pool (PagedKV.place). False (and nothing taken)
-        when the pool lacks the pages."""
-        reused = self._kv.place(seq, self.pool.num_free)
-        if reused is None:
-            return False
-        self._waiting.remove(seq)
-        self._placed.append(seq)
-        seq.placed = True
-        self._stats.prefix_device_tokens += reused[0]
-        self._stats.prefix_store_tokens += reused[1]
-        if not seq.sampled:
-            seq.reused = seq.kv_len
-        return True
-
-    def _reserve_decode(self) -> list[Sequence]:
-        """Every decoder's page for its next token, oldest first, preempting the newest running
-        sequence while the pool is out of pages. Returns the decoders, longest first."""
-        decoders = []
-        for seq in [s for s in self._placed if s.is_decoder]:
-            if not seq.placed:
-                continue  # preempted for an older one in this loop
-            while self._kv.pages_needed(seq, seq.kv_len + 1) > self.pool.num_free:
-                victim = self._newest_running()
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.placed:
-                self._kv.grow(seq, seq.kv_len + 1)
-                decoders.append(seq)
-        decoders.sort(key=lambda s: -s.kv_len)
-        return decoders
-
-    def _newest_running(self) -> Sequence:
-        return next(s for s in reversed(self._placed) if not s.done)
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Take seq out of the pool to the front of the queue. Its full pages stay cached, so
-        it resumes from what is still there when it is placed again, recomputing the rest."""
-        log.info("preempting %s (%d tokens of KV)", seq.seq_id, seq.kv_len)
-        self._kv.free(seq)
-        self._placed.remove(seq)
-        seq.placed, seq.kv_len = False, 0
-        if seq.prompt_lps is not None:
-            seq.prompt_lps = [None]  # prompt logprobs are collected again from position 0
-        self._waiting.appendleft(seq)
-        self._stats.preemptions += 1
-
-    # --- scheduling ---------------------------------------------------------------------------
-
-    def _plan_prefill(self, budget: int, whole: bool) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens to feed) for this step's forward, FIFO, up to `budget` tokens in
-        all and the pages free. A prompt cut short continues next step, first in line; with
-        `whole`, a prompt that does not fit the budget waits for a step of its own instead."""
-        planned: list[tuple[Sequence, int]] = []
-        started = [s for s in self._placed if not s.done and s.todo > 1]
-        for seq in [*started, *self._waiting]:
-            if budget <= 0:
-                break
-            if not seq.placed:
-                if whole and planned and seq.todo > budget:
-                    break
-                if self._running() >= self.config.max_slots:
-                    break
-                placed = self._try_place(seq)
-                if placed is None:
-                    continue
-                if not placed:
-                    break
-                if seq.todo == 1:
-                    continue  # fully cached or imported: it decodes next step
-            n = min(budget, seq.todo, self._chunk_cap(seq, planned), self._room(seq))
-            if n <= 0:
-                break
-            self._kv.grow(seq, seq.kv_len + n)
-            planned.append((seq, n))
-            budget -= n
-            if n < seq.todo:
-                break  # cut short: it goes first next step
-        return planned
-
-    def _room(self, seq: Sequence) -> int:
-        """Tokens seq can feed now: the rest of its own pages, then the pool's free ones."""
-        free = self.pool.num_free - self._kv.must_copy(seq)
-        if free < 0:
-            return 0
-        return len(seq.pages) * self.config.page_size - seq.kv_len + free * self.config.page_size
-
-    @staticmethod
-    def _chunk_cap(seq: Sequence, planned: list[tuple[Sequence, int]]) -> int:
-        """Prompt logprobs need every position's logits: [n, V] fp32 per forward, 1.6 GB for
-        an 8k prompt at V = 49152. Fed LOGITS_CHUNK at a time, one such prompt per forward,
-        it is 100 MB (the masked chunks cost ~2x the one-pass kernel, only for these)."""
-        if seq.prompt_lps is None:
-            return 1 << 62
-        return 0 if any(s.prompt_lps is not None for s, _ in planned) else LOGITS_CHUNK
-
-    def _forward(self, decoders: list[Sequence], planned: list[tuple[Sequence, int]]
-                 ) -> list[TokenEvent]:
+    def _forward(self, plan: Plan) -> list[TokenEvent]:
         """One forward over the decode rows and the planned prompt chunks; sample and emit."""
+        decoders, planned = plan.decoders, plan.prefill
         chunks = [Chunk(seq.pages, seq.kv_len, seq.token_ids[seq.kv_len : seq.kv_len + n],
                         keep=self._keep(seq, n)) for seq, n in planned]
         logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
@@ -481,11 +343,10 @@ class Engine:
             return child  # samples its first token and is done; the parent holds the prompt KV
         if parent.placed:
             self._kv.fork(parent, child)
-            child.placed = True
-            self._placed.append(child)
+            self._sched.add_placed(child)
         else:  # the parent was preempted: the child recomputes too
             child.kv_len = 0
-            self._waiting.appendleft(child)
+            self._sched.requeue(child)
         return child
 
     def _held_view(self, seq: Sequence) -> torch.Tensor:
@@ -507,11 +368,7 @@ class Engine:
     def _drop(self, seq: Sequence) -> None:
         del self._seqs[seq.seq_id]
         self._kv.free(seq)  # also the pages of an import that failed half-way in
-        if seq.placed:
-            self._placed.remove(seq)
-            seq.placed = False
-        if seq in self._waiting:
-            self._waiting.remove(seq)
+        self._sched.remove(seq)
         for child_id, _ in seq.forks:
             self._pending.pop(child_id, None)
         seq.held_blocks = seq.held_flat = None

@@ -64,8 +64,7 @@ class StepCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # key_states, value_states: [1, H, T, D], the step's flat row
         self.updates += 1
-        k_pool, v_pool = self.pool.kv[layer_idx]  # each [N, P, H, D]
-        self.plan.write(k_pool, v_pool, key_states, value_states)
+        self.plan.write(self.pool.kv[layer_idx], key_states, value_states)  # [2, N, P, H, D]
         self.plan.written = layer_idx
         return key_states, value_states
 

@@ -79,9 +79,17 @@ class PagePool:
         """Free pages still holding findable KV."""
         return len(self._cached)
 
-    def allocate(self) -> int:
-        """A page with ref 1: a plain free one, else a fresh one, else the oldest cached one."""
-        if self._plain:
+    def allocate(self, after: int | None = None) -> int:
+        """A page with ref 1: page `after + 1` if it is plain or the next fresh one (a table of
+        consecutive pages is read in place, without a gather: engine/step_plan.py), else a
+        plain free one, else a fresh one, else the oldest cached one (strict LRU: a cached page
+        is never taken out of turn for adjacency)."""
+        want = None if after is None else after + 1
+        want_fresh = want == self._fresh < len(self.ref)
+        if want in self._plain:
+            page = want
+            del self._plain[page]
+        elif self._plain and not want_fresh:
             page = next(iter(self._plain))
             del self._plain[page]
         elif self._fresh < len(self.ref):

@@ -118,12 +118,12 @@ class PagedKV:
             return
         if self.must_copy(seq):
             i = seq.kv_len // self.page_size
-            old, new = seq.pages[i], self.pool.allocate()
+            old, new = seq.pages[i], self.pool.allocate(seq.pages[i - 1] if i else None)
             self.pool.kv[:, :, new] = self.pool.kv[:, :, old]
             self.pool.release([old])
             seq.pages[i] = new
         while len(seq.pages) * self.page_size < end:
-            seq.pages.append(self.pool.allocate())
+            seq.pages.append(self.pool.allocate(seq.pages[-1] if seq.pages else None))
 
     def free(self, seq: Sequence) -> None:
         self.pool.release(seq.pages)

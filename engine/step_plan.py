@@ -49,13 +49,44 @@ class Chunk:
 
 
 @dataclass(slots=True)
+class Keys:
+    """Where a group's keys are: `rows` page tables of `pages` pages each (row-major, padded
+    with the null page), read `width` keys per row. A lone table of consecutive pages is read
+    in place (`first`, its first page id); any other is gathered by `table`."""
+
+    rows: int
+    pages: int
+    width: int
+    table: torch.Tensor | None  # [rows * pages] page ids; None when `first` is set
+    first: int | None = None
+
+    @classmethod
+    def of(cls, tables: list[list[int]], pages: int, width: int, device: torch.device) -> Keys:
+        t = tables[0][:pages]
+        if len(tables) == 1 and t == list(range(t[0], t[0] + pages)):
+            return cls(1, pages, width, None, t[0])
+        return cls(len(tables), pages, width, page_table(tables, pages, device))
+
+    def read(self, kv: torch.Tensor, workspace: Workspace | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, H, width, D] from one layer's pool kv [2, N, P, H, D]."""
+        _, _, P, H, D = kv.shape
+        if self.first is not None:  # a view: token-major pages, so keys have stride H x D
+            both = kv[:, self.first : self.first + self.pages]
+        else:  # two index_selects over dim 0: one over dim 1 of kv measured ~1.3x slower
+            outs = (None, None) if workspace is None else workspace.buffers(kv, len(self.table))
+            both = [torch.index_select(kv[i], 0, self.table, out=outs[i]) for i in (0, 1)]
+        k, v = (x.view(self.rows, -1, H, D)[:, : self.width].transpose(1, 2) for x in both)
+        return k, v
+
+
+@dataclass(slots=True)
 class DecodeGroup:
-    """Decode rows [lo, hi) of the flat row, attending over `width` keys each."""
+    """Decode rows [lo, hi) of the flat row, attending over keys.width keys each."""
 
     lo: int
     hi: int
-    table: torch.Tensor  # [(hi - lo) * pages] page ids, row-major, padded with the null page
-    width: int  # keys per row: the exact length for a lone row, else whole pages
+    keys: Keys  # width: the exact length for a lone row, else whole pages
     mask: torch.Tensor | None  # [hi - lo, 1, 1, width] additive; None for a lone row
 
 
@@ -94,35 +125,24 @@ def page_table(tables: list[list[int]], pages: int, device: torch.device) -> tor
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def gather(pool: torch.Tensor, table: torch.Tensor, rows: int, width: int,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """Keys (or values) [rows, H, width, D] from pool [N, P, H, D]: one index_select copy, into
-    `out` (a workspace of at least len(table) pages) when given, then views."""
-    _, P, H, D = pool.shape
-    if out is None:
-        pages = pool.index_select(0, table)
-    else:
-        pages = torch.index_select(pool, 0, table, out=out[: len(table)])
-    return pages.view(rows, -1, H, D)[:, :width].transpose(1, 2)
-
-
 class Workspace:
-    """Two page buffers [n, P, H, D] the gathers of every layer and group write into in turn,
-    grown on demand and kept. A fresh tensor per gather costs more than the copy: measured on
-    the 2-vCPU box, fp32, 16 rows x 512 keys, gather + attention took 6.1 ms per layer with a
-    new tensor each time (glibc returns big blocks to the kernel, so each one page-faults
-    anew) and 1.3 ms without (docs/BENCHMARKS.md, "The cost of paging")."""
+    """Two page buffers the gathers of every layer and group write into in turn, grown on
+    demand and kept. A fresh tensor per gather costs more than the copy: measured on the 2-vCPU box,
+    fp32, 16 rows x 512 keys, gather + attention took 6.1 ms per layer with a new tensor each
+    time (glibc returns big blocks to the kernel, so each one page-faults anew) and 1.3 ms
+    without (docs/BENCHMARKS.md, "The cost of paging")."""
 
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def buffers(self, pool: torch.Tensor, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None or self.k.shape[0] < pages or self.k.dtype != pool.dtype:
-            shape = (max(pages, 2 * (0 if self.k is None else self.k.shape[0])), *pool.shape[1:])
-            self.k = torch.empty(shape, dtype=pool.dtype, device=pool.device)
+    def buffers(self, kv: torch.Tensor, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous [pages, P, H, D] views for K and V, for a pool kv [2, N, P, H, D]."""
+        if self.k is None or self.k.shape[0] < pages or self.k.dtype != kv.dtype:
+            shape = (max(pages, 2 * (0 if self.k is None else self.k.shape[0])), *kv.shape[2:])
+            self.k = torch.empty(shape, dtype=kv.dtype, device=kv.device)
             self.v = torch.empty_like(self.k)
-        return self.k, self.v
+        return self.k[:pages], self.v[:pages]
 
 
 @dataclass(slots=True)
@@ -135,11 +155,10 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # each chunk's first flat index
     masks: list[torch.Tensor | None] = field(default_factory=list)  # per chunk; None from 0
-    tables: list[torch.Tensor | None] = field(default_factory=list)  # per chunk; None from 0
-    # The layer StepCache.update last wrote (attend checks it is this one) and its pools.
+    keys: list[Keys | None] = field(default_factory=list)  # per chunk; None from 0
+    # The layer StepCache.update last wrote (attend checks it is this one) and its pool.
     written: int = -1
-    k_pool: torch.Tensor | None = None  # [N, P, H, D]
-    v_pool: torch.Tensor | None = None
+    kv: torch.Tensor | None = None  # [2, N, P, H, D]
     workspace: Workspace | None = None  # gathers land here (None: fresh tensors)
 
     @classmethod
@@ -163,7 +182,7 @@ class StepPlan:
             first = c.start == 0
             plan.masks.append(None if first else chunk_mask(c.start, t, dtype, device))
             end_page = -(-(c.start + t) // P)
-            plan.tables.append(None if first else page_table([c.pages], end_page, device))
+            plan.keys.append(None if first else Keys.of([c.pages], end_page, c.start + t, device))
         plan.slots = torch.tensor(slots, dtype=torch.long, device=device)
         return plan
 
@@ -191,13 +210,12 @@ class StepPlan:
             return 0 if len(rows) == total else len(rows)
         return rows
 
-    def write(self, k_pool: torch.Tensor, v_pool: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor) -> None:
-        """Store the step's new K/V [1, H, T, D] into one layer's pools [N, P, H, D]."""
-        N, P, H, D = k_pool.shape
-        k_pool.view(N * P, H, D).index_copy_(0, self.slots, key[0].transpose(0, 1))
-        v_pool.view(N * P, H, D).index_copy_(0, self.slots, value[0].transpose(0, 1))
-        self.k_pool, self.v_pool = k_pool, v_pool
+    def write(self, kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the step's new K/V [1, H, T, D] into one layer's pool kv [2, N, P, H, D]."""
+        _, N, P, H, D = kv.shape
+        kv[0].view(N * P, H, D).index_copy_(0, self.slots, key[0].transpose(0, 1))
+        kv[1].view(N * P, H, D).index_copy_(0, self.slots, value[0].transpose(0, 1))
+        self.kv = kv
 
     def attend(self, base, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs) -> torch.Tensor:
@@ -205,36 +223,28 @@ class StepPlan:
         and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them)."""
         outs = []
         for g in self.groups:
-            rows = g.hi - g.lo
             q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
-            k, v = self._gather(g.table, rows, g.width)  # [g, H, width, D] each
+            k, v = g.keys.read(self.kv, self.workspace)  # [g, H, width, D] each
             outs.append(_decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1))
-        for c, off, mask, table in zip(self.chunks, self.offsets, self.masks, self.tables,
-                                       strict=True):
+        for c, off, mask, keys in zip(self.chunks, self.offsets, self.masks, self.keys,
+                                      strict=True):
             t = len(c.token_ids)
-            if table is None:
+            if keys is None:
                 k, v = key[:, :, off : off + t], value[:, :, off : off + t]
             else:
-                k, v = self._gather(table, 1, c.start + t)  # [1, H, start + t, D] each
+                k, v = keys.read(self.kv, self.workspace)  # [1, H, start + t, D] each
             out, _ = base(module, query[:, :, off : off + t], k, v, mask, **kwargs)  # [1, t, Hq, D]
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
-    def _gather(self, table: torch.Tensor, rows: int, width: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        kb, vb = (None, None) if self.workspace is None else self.workspace.buffers(
-            self.k_pool, len(table))
-        return (gather(self.k_pool, table, rows, width, kb),
-                gather(self.v_pool, table, rows, width, vb))
 
 
 def _decode_group(rows: list[tuple[list[int], int]], lengths: list[int], lo: int, P: int,
                   dtype: torch.dtype, device: torch.device) -> DecodeGroup:
     pages = -(-lengths[0] // P)
-    table = page_table([r[0] for r in rows], pages, device)
+    tables = [r[0] for r in rows]
     if len(rows) == 1:  # exact length, no mask: the same SDPA call as HF's batch-1 decode
-        return DecodeGroup(lo, lo + 1, table, lengths[0], None)
-    return DecodeGroup(lo, lo + len(rows), table, pages * P,
+        return DecodeGroup(lo, lo + 1, Keys.of(tables, pages, lengths[0], device), None)
+    return DecodeGroup(lo, lo + len(rows), Keys.of(tables, pages, pages * P, device),
                        decode_mask(lengths, pages * P, dtype, device))
 
 

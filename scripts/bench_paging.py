@@ -9,9 +9,11 @@ Times one decode step's attention over all of SmolLM2-135M's layers (30 layers, 
     dense  the slot cache's path: K/V of every row contiguous [n, H, T, D], transformers' SDPA
            function under the batch mask (batch 1: unmasked), as the engine ran before paging
     paged  the engine's path now (engine/step_plan.py): each row's 16-token pages scattered
-           over a pool, one index_select gather per layer for K and V into the engine's
-           reused workspace, then attention with the query heads packed per KV head (batch 1:
-           transformers' SDPA function)
+           over a pool, one index_select gather per layer of K and V together into the
+           engine's reused workspace, then attention with the query heads packed per KV head
+           (batch 1: transformers' SDPA function)
+    run    batch 1 only: the row's pages consecutive in the pool, read in place (a view, no
+           gather), which is what a lone sequence gets while its pages come fresh
 
 Prints ms per step for each and paged / dense. Both attend over the same keys (every row has the
 same context, so no grouping is involved) and their outputs are checked equal.
@@ -32,11 +34,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.step_plan import (  # noqa: E402
+    Keys,
     Workspace,
     _decode_attention,
     decode_mask,
-    gather,
-    page_table,
 )
 from scripts.serving_targets import cpu_flags  # noqa: E402
 
@@ -53,17 +54,16 @@ def _case(dtype: torch.dtype, n: int, T: int) -> dict:
     g = torch.Generator().manual_seed(0)
     pages = T // P
     num = n * pages + 1
-    pool_k = torch.randn(num, P, H, D, generator=g).to(dtype)
-    pool_v = torch.randn(num, P, H, D, generator=g).to(dtype)
+    kv = torch.randn(2, num, P, H, D, generator=g).to(dtype)  # one layer's pool
     order = (torch.randperm(num - 1, generator=g) + 1).tolist()  # scattered, never page 0
     tables = [order[i * pages:(i + 1) * pages] for i in range(n)]
-    table = page_table(tables, pages, torch.device("cpu"))
-    dense_k = gather(pool_k, table, n, T).contiguous()
-    dense_v = gather(pool_v, table, n, T).contiguous()
+    keys = Keys.of(tables, pages, T, torch.device("cpu"))
+    dense_k, dense_v = (x.contiguous() for x in keys.read(kv, None))
     q = torch.randn(n, HQ, 1, D, generator=g).to(dtype)
     mask = decode_mask([T] * n, T, dtype, torch.device("cpu")) if n > 1 else None
-    return dict(q=q, pool_k=pool_k, pool_v=pool_v, table=table, dense_k=dense_k,
-                dense_v=dense_v, mask=mask, n=n, T=T, ws=Workspace())
+    run = Keys.of([list(range(1, pages + 1))], pages, T, torch.device("cpu")) if n == 1 else None
+    return dict(q=q, kv=kv, keys=keys, run=run, dense_k=dense_k, dense_v=dense_v, mask=mask,
+                ws=Workspace())
 
 
 def dense(c: dict) -> torch.Tensor:
@@ -72,12 +72,18 @@ def dense(c: dict) -> torch.Tensor:
     return out
 
 
-def paged(c: dict) -> torch.Tensor:
-    kb, vb = c["ws"].buffers(c["pool_k"], len(c["table"]))
-    k = gather(c["pool_k"], c["table"], c["n"], c["T"], kb)
-    v = gather(c["pool_v"], c["table"], c["n"], c["T"], vb)
+def _paged(c: dict, keys: Keys) -> torch.Tensor:
+    k, v = keys.read(c["kv"], c["ws"])
     return _decode_attention(sdpa_attention_forward, _Attn(), c["q"], k, v, c["mask"],
                              {"scaling": D ** -0.5})
+
+
+def paged(c: dict) -> torch.Tensor:
+    return _paged(c, c["keys"])
+
+
+def run(c: dict) -> torch.Tensor:
+    return _paged(c, c["run"])
 
 
 def per_step_ms(fn, c: dict, repeat: int) -> float:
@@ -102,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     flags = cpu_flags()
     print(f"torch {torch.__version__}, {platform.machine()} ({', '.join(flags)}), "
           f"{torch.get_num_threads()} threads, nproc {len(os.sched_getaffinity(0))}")
-    print("| dtype | rows | context | dense ms/step | paged ms/step | paged / dense |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| dtype | rows | context | dense ms/step | paged ms/step | paged / dense "
+          "| run ms/step | run / dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.dtype.split(","):
         dtype = getattr(torch, name)
         for n in (int(x) for x in args.rows.split(",")):
@@ -112,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     assert torch.equal(dense(c), paged(c)), (name, n, T)
                     a, b = per_step_ms(dense, c, args.repeat), per_step_ms(paged, c, args.repeat)
-                print(f"| {name} | {n} | {T} | {a:.2f} | {b:.2f} | {b / a:.2f}x |", flush=True)
+                    r = per_step_ms(run, c, args.repeat) if c["run"] is not None else None
+                tail = "- | -" if r is None else f"{r:.2f} | {r / a:.2f}x"
+                print(f"| {name} | {n} | {T} | {a:.2f} | {b:.2f} | {b / a:.2f}x | {tail} |",
+                      flush=True)
     return 0
 
 

@@ -11,7 +11,15 @@ from engine.page_pool import NULL_PAGE, PagePool
 from engine.paged_kv import PagedKV
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.step_plan import Chunk, StepPlan, chunk_mask, decode_mask, group_rows
+from engine.step_plan import (
+    Chunk,
+    Keys,
+    StepPlan,
+    Workspace,
+    chunk_mask,
+    decode_mask,
+    group_rows,
+)
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=4, block_size=8, dtype=torch.float32)
 P = 4  # tokens per page
@@ -56,6 +64,21 @@ def test_eviction_takes_plain_then_fresh_then_the_oldest_cached_page():
     assert pool.lookup([b"A", b"B"]) == [a]  # b's digest is gone with it
     pool.share(a)  # a hit takes it out of the free pages
     assert pool.num_free == 0 and pool.ref[a] == 1
+
+
+def test_a_growing_table_takes_the_next_page_when_it_is_plain_or_fresh_never_out_of_lru():
+    pool = _pool(8)  # pages 1..7
+    a, b, c, d = (pool.allocate() for _ in range(4))  # 1, 2, 3, 4
+    pool.release([d, b])  # plain, b the older
+    assert pool.allocate(after=c) == d  # the plain page after c, not the older b
+    assert pool.allocate(after=d) == 5  # the next fresh page, though b is plain
+    assert pool.allocate(after=7) == b  # no page 8: the oldest plain
+    pool.register(a, b"A")
+    pool.release([a])  # cached
+    assert pool.allocate() == 6 and pool.allocate() == 7  # fresh ones before evicting
+    pool.release([c])  # plain again
+    assert pool.allocate(after=NULL_PAGE) == c  # page 1 is cached: not taken for adjacency
+    assert pool.lookup([b"A"]) == [a] and pool.evictions == 0
 
 
 def test_match_takes_the_longest_cached_run_and_leaves_a_token_to_feed():
@@ -129,16 +152,32 @@ def test_step_plan_addresses_pages_and_keeps_only_the_logits_rows_that_sample():
     assert plan.slots.tolist() == [5 * P + 2, 7 * P + 2, 2 * P, 2 * P + 1, 2 * P + 2]
     assert plan.kept_rows() == [0, 1, 4]
     [g] = plan.groups
-    assert g.table.tolist() == [3, 5, 7, NULL_PAGE] and g.width == 2 * P
+    assert g.keys.table.tolist() == [3, 5, 7, NULL_PAGE] and g.keys.width == 2 * P
     assert g.mask[0, 0, 0, :7].eq(0).all() and g.mask[1, 0, 0, 3:].lt(-1e30).all()
     assert plan.flat_inputs([9, 9], [6, 2]) == ([9, 9, 5, 6, 7], [6, 2, 0, 1, 2])
     # a lone decode row attends to exactly its own keys, unmasked (HF's batch-1 call)
     [lone] = StepPlan.build([([4, 1], 5)], [], P, f32, cpu).groups
-    assert lone.width == 6 and lone.mask is None
+    assert lone.keys.width == 6 and lone.mask is None and lone.keys.table.tolist() == [4, 1]
     # a chunk mid-prefill alone keeps no row: one row (never 0, which would mean all)
     assert StepPlan.build([], [Chunk([1], 0, [1, 2, 3])], P, f32, cpu).kept_rows() == 1
     # every position of a chunk (prompt logprobs) after one from position 0
     plan = StepPlan.build([], [Chunk([1], 0, [1, 2]), Chunk([2, 3], 5, [3, 4, 5], keep=3)],
                           P, f32, cpu)
     assert plan.kept_rows() == 3 and plan.masks[0] is None and plan.masks[1].shape == (1, 1, 3, 8)
-    assert plan.tables[0] is None and plan.tables[1].tolist() == [2, 3]
+    assert plan.keys[0] is None and plan.keys[1].first == 2  # pages 2, 3: read in place
+
+
+def test_consecutive_pages_are_read_in_place_equal_to_a_gather():
+    """A lone table of consecutive pages is a view of the pool; a gather of the same pages
+    (and the workspace path) gives the same keys and values."""
+    g = torch.Generator().manual_seed(0)
+    kv = torch.randn(2, 9, P, 3, 4, generator=g)  # one layer: [2, N, P, H, D]
+    view = Keys.of([[4, 5, 6]], 3, 2 * P + 1, torch.device("cpu"))
+    assert view.first == 4 and view.table is None
+    gathered = Keys(1, 3, 2 * P + 1, torch.tensor([4, 5, 6]))
+    for ws in (None, Workspace()):
+        for a, b in zip(view.read(kv, ws), gathered.read(kv, ws), strict=True):
+            assert a.shape == (1, 3, 2 * P + 1, 4) and torch.equal(a, b)
+    k, v = view.read(kv, None)
+    assert torch.equal(k[0, :, P + 1], kv[0, 5, 1]) and torch.equal(v[0, :, 0], kv[1, 4, 0])
+    assert Keys.of([[4, 6, 7]], 3, 3 * P, torch.device("cpu")).first is None  # not a run

@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-import engine.engine as engine_module
 import engine.sampler as sampler
+import engine.scheduler as scheduler_module
 from engine.engine import Engine, EngineConfig
 from engine.forward import Forward
 from engine.intake import InvalidRequest
@@ -189,7 +189,7 @@ def test_prompt_logprobs_in_chunks_equal_one_pass(tiny_fp32, monkeypatch):
         return pass_rows(logits, targets, k)
 
     monkeypatch.setattr(sampler, "_prompt_logprobs", spy)
-    monkeypatch.setattr(engine_module, "LOGITS_CHUNK", 10**9)  # one forward for the prompt
+    monkeypatch.setattr(scheduler_module, "LOGITS_CHUNK", 10**9)  # one forward for the prompt
     monkeypatch.setattr(sampler, "PROMPT_LOGPROB_CHUNK", 10**9)  # the whole prompt at once
     whole = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
     assert rows == [600]
@@ -217,7 +217,7 @@ def test_prompt_logprobs_never_hold_more_than_a_chunk_of_logits(tiny_fp32, monke
     monkeypatch.setattr(Forward, "step", spy)
     chunked = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
     assert rows == [512, 88]
-    monkeypatch.setattr(engine_module, "LOGITS_CHUNK", 10**9)
+    monkeypatch.setattr(scheduler_module, "LOGITS_CHUNK", 10**9)
     whole = run_one(Engine(tiny_fp32), ids, params).events[0].prompt_logprobs
     assert rows[2:] == [600]
     for a, b in zip(chunked[1:], whole[1:], strict=True):  # masked chunks vs one pass: ~1e-6

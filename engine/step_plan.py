@@ -71,13 +71,18 @@ class Keys:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [rows, H, width, D] from one layer's pool kv [2, N, P, H, D]."""
         _, _, P, H, D = kv.shape
-        if self.first is not None:  # a view: token-major pages, so keys have stride H x D
-            both = kv[:, self.first : self.first + self.pages]
+        if self.first is not None:  # in place: token-major pages, so keys have stride H x D
+            k, v = kv[0], kv[1]
+            offset = self.first * P * H * D
         else:  # two index_selects over dim 0: one over dim 1 of kv measured ~1.3x slower
             outs = (None, None) if workspace is None else workspace.buffers(kv, len(self.table))
-            both = [torch.index_select(kv[i], 0, self.table, out=outs[i]) for i in (0, 1)]
-        k, v = (x.view(self.rows, -1, H, D)[:, : self.width].transpose(1, 2) for x in both)
-        return k, v
+            k, v = (torch.index_select(kv[i], 0, self.table, out=outs[i]) for i in (0, 1))
+            offset = 0
+        # [rows, H, width, D] straight from the [pages, P, H, D] layout: one as_strided each
+        # (a chain of view/slice/transpose cost ~3x as much per layer, measured)
+        size, stride = (self.rows, H, self.width, D), (self.pages * P * H * D, D, H * D, 1)
+        return (k.as_strided(size, stride, k.storage_offset() + offset),
+                v.as_strided(size, stride, v.storage_offset() + offset))
 
 
 @dataclass(slots=True)
@@ -212,15 +217,18 @@ class StepPlan:
 
     def write(self, kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the step's new K/V [1, H, T, D] into one layer's pool kv [2, N, P, H, D]."""
-        _, N, P, H, D = kv.shape
-        kv[0].view(N * P, H, D).index_copy_(0, self.slots, key[0].transpose(0, 1))
-        kv[1].view(N * P, H, D).index_copy_(0, self.slots, value[0].transpose(0, 1))
+        flat = kv.view(2, -1, *kv.shape[3:])  # [2, N * P, H, D]
+        flat[0].index_copy_(0, self.slots, key[0].transpose(0, 1))
+        flat[1].index_copy_(0, self.slots, value[0].transpose(0, 1))
         self.kv = kv
 
     def attend(self, base, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs) -> torch.Tensor:
         """Attention output [1, T, Hq, D] for queries [1, Hq, T, D], one call per group; key
         and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them)."""
+        if self.n == 1 and not self.chunks:  # one decode row: [1, Hq, 1, D] is its query as is
+            k, v = self.groups[0].keys.read(self.kv, self.workspace)
+            return _decode_attention(base, module, query, k, v, None, kwargs)  # [1, 1, Hq, D]
         outs = []
         for g in self.groups:
             q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]

@@ -110,7 +110,7 @@ class Scheduler:
     def _place(self, seq: Sequence) -> bool:
         """Move a waiting sequence into the pool (PagedKV.place). False (and nothing taken)
         when the pool lacks the pages."""
-        reused = self.kv.place(seq, self.pool.num_free)
+        reused = self.kv.place(seq)
         if reused is None:
             return False
         self.waiting.remove(seq)

@@ -66,6 +66,23 @@ def test_eviction_takes_plain_then_fresh_then_the_oldest_cached_page():
     assert pool.num_free == 0 and pool.ref[a] == 1
 
 
+def test_a_long_prefix_or_a_full_pool_shares_the_cached_pages():
+    kv = _paged(20)  # 19 usable pages
+    first = _seq(list(range(6 * P + 1)))  # 6 full pages
+    kv.grow(first, 6 * P + 1)
+    first.kv_len = 6 * P + 1
+    kv.commit(first)
+    table = list(first.pages)
+    kv.free(first)
+    long = _seq(list(range(6 * P + 1)))
+    assert kv.match(long) == 6 * P and long.pages == table[:6]  # > COPY_PREFIX_PAGES: shared
+    assert all(kv.pool.ref[p] == 1 for p in table[:6])
+    hog = _seq(list(range(100, 100 + 8 * P)))  # leaves fewer than half the pool free
+    kv.grow(hog, 8 * P)
+    short = _seq(list(range(P + 1)))
+    assert kv.match(short) == P and short.pages == table[:1] and kv.pool.ref[table[0]] == 2
+
+
 def test_a_growing_table_takes_the_next_page_when_it_is_plain_or_fresh_never_out_of_lru():
     pool = _pool(8)  # pages 1..7
     a, b, c, d = (pool.allocate() for _ in range(4))  # 1, 2, 3, 4
@@ -92,7 +109,12 @@ def test_match_takes_the_longest_cached_run_and_leaves_a_token_to_feed():
     kv.free(first)
     assert kv.pool.num_cached == 2
     again = _seq(list(range(8)))  # 8 tokens = 2 pages, but one token must stay to feed
-    assert kv.match(again) == 4 and again.pages == table[:1]
+    assert kv.match(again) == 4
+    # A prefix this short is copied while the pool has room (COPY_PREFIX_PAGES); the cached
+    # page stays cached.
+    [copy] = again.pages
+    assert copy != table[0] and kv.pool.ref[table[0]] == 0 and kv.pool.num_cached == 2
+    assert torch.equal(kv.pool.kv[:, :, copy], kv.pool.kv[:, :, table[0]])
     longer = _seq(list(range(12)))
     assert kv.match(longer) == 8
     other = _seq(list(range(12)), salt="tenant-2")

@@ -132,9 +132,9 @@ def page_table(tables: list[list[int]], pages: int, device: torch.device) -> tor
 
 class Workspace:
     """Two page buffers the gathers of every layer and group write into in turn, grown on
-    demand and kept. A fresh tensor per gather costs more than the copy: measured on the 2-vCPU box,
-    fp32, 16 rows x 512 keys, gather + attention took 6.1 ms per layer with a new tensor each
-    time (glibc returns big blocks to the kernel, so each one page-faults anew) and 1.3 ms
+    demand and kept. A fresh tensor per gather costs more than the copy: measured on the 2-vCPU
+    box, fp32, 16 rows x 512 keys, gather + attention took 6.1 ms per layer with a new tensor
+    each time (glibc returns big blocks to the kernel, so each one page-faults anew) and 1.3 ms
     without (docs/BENCHMARKS.md, "The cost of paging")."""
 
     def __init__(self):

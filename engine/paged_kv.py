@@ -59,9 +59,7 @@ class PagedKV:
                 self.pool.num_pages // 2):
             seq.pages = []
             for page in pages:  # copied, not shared: see COPY_PREFIX_PAGES
-                seq.pages.append(self.pool.allocate(seq.pages[-1] if seq.pages else None))
-                self.pool.kv[:, :, seq.pages[-1]] = self.pool.kv[:, :, page]
-            self.pool.release(pages)
+                seq.pages.append(self._copy(page, seq.pages[-1] if seq.pages else None))
         return len(pages) * self.page_size
 
     def commit(self, seq: Sequence) -> None:
@@ -133,12 +131,17 @@ class PagedKV:
             return
         if self.must_copy(seq):
             i = seq.kv_len // self.page_size
-            old, new = seq.pages[i], self.pool.allocate(seq.pages[i - 1] if i else None)
-            self.pool.kv[:, :, new] = self.pool.kv[:, :, old]
-            self.pool.release([old])
-            seq.pages[i] = new
+            seq.pages[i] = self._copy(seq.pages[i], seq.pages[i - 1] if i else None)
         while len(seq.pages) * self.page_size < end:
             seq.pages.append(self.pool.allocate(seq.pages[-1] if seq.pages else None))
+
+    def _copy(self, page: int, after: int | None) -> int:
+        """A page of one's own with `page`'s content (next to `after` if it can be), in place of
+        the reference held to `page`, which is dropped."""
+        new = self.pool.allocate(after)
+        self.pool.kv[:, :, new] = self.pool.kv[:, :, page]
+        self.pool.release([page])
+        return new
 
     def free(self, seq: Sequence) -> None:
         self.pool.release(seq.pages)

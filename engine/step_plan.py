@@ -62,9 +62,10 @@ class Keys:
 
     @classmethod
     def of(cls, tables: list[list[int]], pages: int, width: int, device: torch.device) -> Keys:
-        t = tables[0][:pages]
-        if len(tables) == 1 and t == list(range(t[0], t[0] + pages)):
-            return cls(1, pages, width, None, t[0])
+        if len(tables) == 1:
+            t = tables[0][:pages]
+            if t == list(range(t[0], t[0] + pages)):
+                return cls(1, pages, width, None, t[0])
         return cls(len(tables), pages, width, page_table(tables, pages, device))
 
     def read(self, kv: torch.Tensor, workspace: Workspace | None

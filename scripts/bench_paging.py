@@ -9,7 +9,7 @@ Times one decode step's attention over all of SmolLM2-135M's layers (30 layers, 
     dense  the slot cache's path: K/V of every row contiguous [n, H, T, D], transformers' SDPA
            function under the batch mask (batch 1: unmasked), as the engine ran before paging
     paged  the engine's path now (engine/step_plan.py): each row's 16-token pages scattered
-           over a pool, one index_select gather per layer of K and V together into the
+           over a pool, an index_select gather per layer for K and one for V into the
            engine's reused workspace, then attention with the query heads packed per KV head
            (batch 1: transformers' SDPA function)
     run    batch 1 only: the row's pages consecutive in the pool, read in place (a view, no

@@ -28,6 +28,14 @@ class EngineConfig:
     # Keep finished sequences' full pages findable for later ones (vLLM's
     # enable_prefix_caching); off, every prompt is computed (benchmarks that repeat one).
     prefix_caching: bool = True
+    # With a cold tier (Engine(cold_tier=...)), the tokens of KV one sequence keeps in the pool;
+    # beyond that its older pages go cold and attention streams them (engine/cold_kv.py).
+    # None: three quarters of the pool.
+    kv_window: int | None = None
+    # Load the next cold segment on a thread while one is attended over. None: on CUDA only,
+    # where the copy is a DMA that overlaps; on CPU the load is itself CPU work competing with
+    # the forward's threads, measured slower (docs/BENCHMARKS.md, "Context beyond the budget").
+    cold_prefetch: bool | None = None
 
 
 @dataclass(slots=True)
@@ -41,6 +49,9 @@ class EngineStats:
     prefix_device_tokens: int = 0  # prompt tokens whose KV was found in the page pool
     prefix_store_tokens: int = 0  # prompt tokens whose KV was imported (from the store)
     preemptions: int = 0  # sequences evicted from the pool to make room (then recomputed)
+    kv_cold_tokens: int = 0  # tokens of KV moved from the pool to the cold tier
+    # The most KV bytes resident at once: referenced pages plus the cold segments a step held.
+    kv_peak_bytes: int = 0
 
 
 @dataclass(slots=True)

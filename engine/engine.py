@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from engine.cold_kv import ColdKV, ColdKVLost, ColdTier, segment_tokens, table_len
+from engine.cold_stream import stream_reserve
 from engine.config import EngineConfig, EngineStats, KVUsage, default_max_len, eos_ids
 from engine.device import dtype_name
 from engine.forward import Forward
@@ -53,7 +55,8 @@ class Engine:
     `kv_usage` and `cached_prefix_tokens` are safe to call from other threads.
     """
 
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
+                 cold_tier: ColdTier | None = None):
         self.config = config = config or EngineConfig()
         self.loaded = loaded
         self.max_model_len = config.max_model_len or default_max_len(loaded.config)
@@ -62,10 +65,20 @@ class Engine:
             raise ValueError(f"page_size {config.page_size} must divide the store's block_size "
                              f"{config.block_size}, so blocks move as whole pages")
         self.eos_token_ids = eos_ids(loaded.model)
-        self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device),
+        prefetch = config.cold_prefetch
+        if prefetch is None:
+            prefetch = loaded.device.type == "cuda"
+        reserve, segment = 0, 0
+        if cold_tier is not None:
+            pages = pool_pages(config, self.layout, loaded.device)
+            segment = segment_tokens(pages * config.page_size)
+            reserve = stream_reserve(self.layout, prefetch, segment)
+        self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
                              config.page_size, loaded.device)
-        self._kv = PagedKV(self.pool, self._chain_root, config.prefix_caching)
-        self._fwd = Forward(loaded.model, self.pool, self.max_model_len)
+        self.cold = None if cold_tier is None else ColdKV(
+            cold_tier, self.pool, self._window_pages(), prefetch, segment)
+        self._kv = PagedKV(self.pool, self._chain_root, config.prefix_caching, self.cold)
+        self._fwd = Forward(loaded.model, self.pool, self.max_model_len, self.cold)
         self._seqs: dict[str, Sequence] = {}
         self._done: list[Sequence] = []  # emitted their last event this step
         # Dropped by a failure of their own (see _fail), until take_failed() reports them.
@@ -83,6 +96,15 @@ class Engine:
                  "kv pool %d pages x %d tokens (%.2f GB)", loaded.name, config.max_slots,
                  self.max_model_len, config.block_size, config.prefill_chunk,
                  self.pool.num_pages, config.page_size, self.pool.kv.nbytes / 1e9)
+
+    def _window_pages(self) -> int:
+        P, pages = self.config.page_size, self.pool.num_pages
+        if self.config.kv_window is None:
+            return pages * 3 // 4
+        if not P <= self.config.kv_window <= pages * P:
+            raise ValueError(f"kv_window {self.config.kv_window} must be between a page and the "
+                             f"pool's {pages * P} tokens")
+        return self.config.kv_window // P
 
     def _chain_root(self, cache_salt: str) -> bytes:
         return chain_root(self.loaded.fingerprint, dtype_name(self.layout.dtype),
@@ -122,7 +144,7 @@ class Engine:
         check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
         need = min(len(req.token_ids) + req.params.max_tokens, self.max_model_len)
         capacity = self.pool.num_pages * self.config.page_size
-        if need > capacity:
+        if need > capacity and self.cold is None:  # with a cold tier, any length streams
             raise InvalidRequest(
                 "max_tokens", f"{len(req.token_ids)} prompt tokens + max_tokens "
                 f"{req.params.max_tokens} need {need} tokens of KV; this worker's KV pool "
@@ -151,8 +173,33 @@ class Engine:
         """One scheduler iteration. Returns the tokens sampled in it, in no promised order."""
         self._stats.steps += 1
         self._retire_done()
-        plan = self._sched.schedule()
-        return self._forward(plan) if plan else []
+        try:
+            plan = self._sched.schedule()
+            if not plan:
+                return []
+            page = PagePool.page_bytes(self.layout, self.pool.page_size)
+            self._fwd.stream_peak = 0
+            resident = self.pool.num_referenced * page
+            events = self._forward(plan)
+            self._stats.kv_peak_bytes = max(self._stats.kv_peak_bytes,
+                                            resident + self._fwd.stream_peak)
+            return events
+        except ColdKVLost as e:
+            self._lost_cold(e)
+            return []
+        finally:
+            if self.cold is not None:
+                self._stats.kv_cold_tokens = self.cold.tokens_out
+
+    def _lost_cold(self, err: ColdKVLost) -> None:
+        """A cold segment is gone from its tier (evicted, a disk fault): the sequences whose
+        span held it recompute from what the pool still caches. Every other sequence runs
+        this step again: nothing it wrote was counted."""
+        log.warning("%s; recomputing the sequences that held it", err)
+        segment = err.key.rsplit("/", 1)[0]
+        for seq in list(self._seqs.values()):
+            if seq.cold is not None and any(g.key == segment for g in seq.cold.segments):
+                self._sched.preempt(seq)
 
     def has_work(self) -> bool:
         return any(not s.done for s in self._seqs.values())
@@ -240,11 +287,13 @@ class Engine:
     def _forward(self, plan: Plan) -> list[TokenEvent]:
         """One forward over the decode rows and the planned prompt chunks; sample and emit."""
         decoders, planned = plan.decoders, plan.prefill
-        chunks = [Chunk(seq.pages, seq.kv_len, seq.token_ids[seq.kv_len : seq.kv_len + n],
-                        keep=self._keep(seq, n)) for seq, n in planned]
+        chunks = [Chunk(seq.pages, table_len(seq), seq.token_ids[seq.kv_len : seq.kv_len + n],
+                        keep=self._keep(seq, n), shift=seq.kv_len - table_len(seq),
+                        cold=_cold_keys(seq)) for seq, n in planned]
         logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
                                 [s.kv_len for s in decoders], [s.pages for s in decoders],
-                                chunks)  # [rows, V]
+                                chunks, [s.kv_len - table_len(s) for s in decoders],
+                                [_cold_keys(s) for s in decoders])  # [rows, V]
         for s in decoders:
             s.kv_len += 1
             self._kv.commit(s)
@@ -372,3 +421,7 @@ class Engine:
         for child_id, _ in seq.forks:
             self._pending.pop(child_id, None)
         seq.held_blocks = seq.held_flat = None
+
+
+def _cold_keys(seq: Sequence) -> list[str] | None:
+    return None if seq.cold is None else [s.key for s in seq.cold.segments]

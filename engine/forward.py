@@ -21,6 +21,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.attention import use_step_attention
+from engine.cold_kv import ColdKV
+from engine.cold_stream import ColdStream
 from engine.page_pool import PagePool
 from engine.step_plan import Chunk, StepPlan, Workspace
 
@@ -90,9 +92,12 @@ def cache_kwarg(model: torch.nn.Module) -> str:
 class Forward:
     """Runs the model over the page pool. Returns float32 logits."""
 
-    def __init__(self, model: torch.nn.Module, pool: PagePool, max_len: int):
+    def __init__(self, model: torch.nn.Module, pool: PagePool, max_len: int,
+                 cold: ColdKV | None = None):
         self.model = model
         self.pool = pool
+        self.cold = cold
+        self.stream_peak = 0  # bytes of cold segments the last forward held at once
         self.cache = StepCache(pool, max_len)
         self.workspace = Workspace()
         self.cache_kwarg = cache_kwarg(model)
@@ -103,17 +108,33 @@ class Forward:
         self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=pool.kv.device)
 
     def step(self, decode_ids: list[int], positions: list[int], tables: list[list[int]],
-             chunks: list[Chunk]) -> torch.Tensor:
-        """One forward: a token for each decode row (row i's at positions[i] of page table
-        tables[i]; rows longest first) and every prompt chunk. Every page written must be in
-        its table already. Returns logits [n + sum(chunk.keep), V]: the decode rows', then
-        each chunk's last `keep` positions', in order."""
+             chunks: list[Chunk], shifts: list[int] | None = None,
+             colds: list[list[str] | None] | None = None) -> torch.Tensor:
+        """One forward: a token for each decode row (row i's at positions[i], which is
+        positions[i] - shifts[i] of page table tables[i] when its cold span, segment keys
+        colds[i], holds shifts[i] tokens; rows longest first) and every prompt chunk. Every page
+        written must be in its table already. Returns logits [n + sum(chunk.keep), V]: the
+        decode rows', then each chunk's last `keep` positions', in order."""
         dev = self.pool.kv.device
-        plan = StepPlan.build(list(zip(tables, positions, strict=True)), chunks,
-                              self.pool.page_size, self.dtype, dev)
+        shifts = shifts or [0] * len(positions)
+        rows = [(t, p - s) for t, p, s in zip(tables, positions, shifts, strict=True)]
+        plan = StepPlan.build(rows, chunks, self.pool.page_size, self.dtype, dev, colds)
         plan.workspace = self.workspace
         ids, pos = plan.flat_inputs(decode_ids, positions)
         keep = plan.kept_rows()
+        items = plan.cold_items()
+        if items:
+            plan.stream = ColdStream(self.cold, items, self.pool.layout.num_layers, dev)
+        try:
+            return self._run(plan, ids, pos, keep)
+        finally:
+            if plan.stream is not None:
+                plan.stream.close()
+                self.stream_peak = plan.stream.peak
+
+    def _run(self, plan: StepPlan, ids: list[int], pos: list[int], keep: int | list[int]
+             ) -> torch.Tensor:
+        dev = self.pool.kv.device
         self.cache.plan = plan
         self.cache.updates = 0
         # use_cache=True is transformers' documented way to pass a cache in (cache_utils'

@@ -50,10 +50,12 @@ def budget_bytes(config: EngineConfig, device: torch.device) -> int:
     return min(CPU_DEFAULT_BYTES, int(CPU_MAX_FRACTION * free_memory(device)))
 
 
-def pool_pages(config: EngineConfig, layout: KVLayout, device: torch.device) -> int:
-    """Pages (the null page included) that fit the budget. Raises ValueError below 2."""
+def pool_pages(config: EngineConfig, layout: KVLayout, device: torch.device,
+               reserve: int = 0) -> int:
+    """Pages (the null page included) that fit the budget less `reserve` bytes (the buffers of
+    streamed cold KV). Raises ValueError below 2."""
     budget = budget_bytes(config, device)
-    pages = budget // PagePool.page_bytes(layout, config.page_size)
+    pages = (budget - reserve) // PagePool.page_bytes(layout, config.page_size)
     if pages < 2:
         raise ValueError(f"KV cache budget {budget} bytes holds no page of "
                          f"{config.page_size} tokens; raise kv_cache_bytes")

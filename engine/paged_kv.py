@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from engine.cold_kv import ColdKV, table_len
 from engine.page_hash import extend_chain
 from engine.page_pool import PagePool
 from engine.sequence import Sequence
@@ -31,11 +32,13 @@ class PagedKV:
     """Page tables, prefix matching and KV import/export for the engine's sequences. The pages
     themselves live in `pool`; each Sequence carries its own table (`pages`) and digests."""
 
-    def __init__(self, pool: PagePool, root_for, caching: bool = True):
+    def __init__(self, pool: PagePool, root_for, caching: bool = True,
+                 cold: ColdKV | None = None):
         self.pool = pool
         self.page_size = pool.page_size
         self._root_for = root_for  # cache_salt -> chain root (engine/page_hash.py)
         self.caching = caching  # False: no page is registered, so none is ever matched
+        self.cold = cold  # None: every sequence's KV stays in the pool
 
     # --- prefix cache -------------------------------------------------------------------------
 
@@ -63,9 +66,10 @@ class PagedKV:
         return len(pages) * self.page_size
 
     def commit(self, seq: Sequence) -> None:
-        """Make seq's newly filled pages findable by later sequences."""
+        """Make seq's newly filled pages findable by later sequences (not once part of it is
+        cold: its table index is then no longer its token page index)."""
         full = seq.kv_len // self.page_size
-        if self.caching and seq.committed < full:
+        if self.caching and seq.committed < full and seq.cold is None:
             digests = self.digests(seq, full)
             for i in range(seq.committed, full):
                 self.pool.register(seq.pages[i], digests[i])
@@ -85,14 +89,20 @@ class PagedKV:
         held = imported if hit >= seq.held_start else 0
         end = max(hit, held)
         decoder = end == len(seq.token_ids) - 1
-        if self.pages_needed(seq, end + decoder) > self.pool.num_free:
+        need = self.pages_needed(seq, end + decoder)
+        if self.cold is not None:  # a long import goes through the window, and on cold
+            need = min(need, max(0, self.cold.window - len(seq.pages)) + self.must_copy(seq))
+        if need > self.pool.num_free:
             self.free(seq)
             seq.kv_len = imported
             return None
-        if held > hit:
-            self.grow(seq, held)
-            self._write_held(seq, hit, held)
-            seq.kv_len = held
+        while seq.kv_len < held:
+            n = held - seq.kv_len
+            if self.cold is not None:
+                n = self.cold.fit(seq, n)
+            self.grow(seq, seq.kv_len + n)
+            self._write_held(seq, seq.kv_len, seq.kv_len + n)
+            seq.kv_len += n
         seq.held_blocks = seq.held_flat = None
         seq.held_start = 0
         self.commit(seq)
@@ -117,21 +127,22 @@ class PagedKV:
         """Pages the pool must hand out for seq to write tokens [kv_len, end)."""
         if end <= seq.kv_len:
             return 0
-        new = -(-end // self.page_size) - len(seq.pages)
+        new = -(-(end - seq.kv_len + table_len(seq)) // self.page_size) - len(seq.pages)
         return max(0, new) + self.must_copy(seq)
 
     def must_copy(self, seq: Sequence) -> int:
         """1 if seq's next write lands in a partial page it shares (copy-on-write)."""
-        P = self.page_size
-        return int(seq.kv_len % P != 0 and self.pool.ref[seq.pages[seq.kv_len // P]] > 1)
+        P, t = self.page_size, table_len(seq)
+        return int(t % P != 0 and self.pool.ref[seq.pages[t // P]] > 1)
 
     def grow(self, seq: Sequence, end: int) -> None:
         """Give seq pages of its own for tokens [kv_len, end): pages_needed() must be free."""
         if end <= seq.kv_len:
             return
         if self.must_copy(seq):
-            i = seq.kv_len // self.page_size
+            i = table_len(seq) // self.page_size
             seq.pages[i] = self._copy(seq.pages[i], seq.pages[i - 1] if i else None)
+        end += table_len(seq) - seq.kv_len  # a table position
         while len(seq.pages) * self.page_size < end:
             seq.pages.append(self.pool.allocate(seq.pages[-1] if seq.pages else None))
 
@@ -146,12 +157,17 @@ class PagedKV:
     def free(self, seq: Sequence) -> None:
         self.pool.release(seq.pages)
         seq.pages, seq.committed = [], 0
+        if seq.cold is not None:
+            self.cold.release(seq.cold)
+            seq.cold = None
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """child shares every page of parent's table."""
+        """child shares every page of parent's table (and its cold span)."""
         for page in parent.pages:
             self.pool.share(page)
         child.pages, child.committed = list(parent.pages), parent.committed
+        if parent.cold is not None:
+            child.cold = self.cold.share(parent.cold)
         child.root, child.digests = parent.root, list(parent.digests)
 
     # --- token addressing ---------------------------------------------------------------------
@@ -169,11 +185,30 @@ class PagedKV:
         return self.pool.kv.view(L, two, N * P, H, D)
 
     def write(self, seq: Sequence, start: int, kv: torch.Tensor) -> None:
-        """Write kv [L, 2, H, t, D] at tokens [start, start + t) of seq's pages."""
+        """Write kv [L, 2, H, t, D] at tokens [start, start + t) of seq's pages (past its cold
+        span, if it has one)."""
+        start -= seq.kv_len - table_len(seq)
         idx = self.slots(seq.pages, start, start + kv.shape[3])
         self._flat()[:, :, idx] = kv.to(self.pool.kv.device).permute(0, 1, 3, 2, 4)
 
     def read(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
-        """Tokens [start, end) of seq as a new tensor [L, 2, H, end - start, D]."""
-        idx = self.slots(seq.pages, start, end)
+        """Tokens [start, end) of seq as a new tensor [L, 2, H, end - start, D]: from its
+        pages, and from the cold tier for the part of them in its cold span."""
+        span = seq.cold
+        if span is None:
+            return self._read_pages(seq.pages, start, end)
+        lo, hi = span.sink, span.sink + span.tokens  # the span's token positions
+        parts = []
+        if start < min(end, lo):
+            parts.append(self._read_pages(seq.pages, start, min(end, lo)))
+        if max(start, lo) < min(end, hi):
+            parts.append(self.cold.read(span, max(start, lo), min(end, hi)))
+        if max(start, hi) < end:
+            shift = span.tokens
+            parts.append(self._read_pages(seq.pages, max(start, hi) - shift, end - shift))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+
+    def _read_pages(self, pages: list[int], start: int, end: int) -> torch.Tensor:
+        """Table positions [start, end) of `pages` as a new tensor [L, 2, H, end - start, D]."""
+        idx = self.slots(pages, start, end)
         return self._flat()[:, :, idx].permute(0, 1, 3, 2, 4).contiguous()

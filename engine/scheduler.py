@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.cold_kv import table_len
 from engine.config import EngineConfig, EngineStats
 from engine.page_pool import PagePool
 from engine.paged_kv import PagedKV
@@ -62,7 +63,7 @@ class Scheduler:
         planned = self._plan_prefill(budget, whole=not decoders)
         while not decoders and not planned and self._stalled():
             # Prompts part-way in hold every page and none can go on: give the oldest room.
-            self._preempt(self._newest_running())
+            self.preempt(self._newest_running())
             planned = self._plan_prefill(budget, whole=True)
         return Plan(decoders, planned)
 
@@ -128,9 +129,11 @@ class Scheduler:
         for seq in [s for s in self.placed if s.is_decoder]:
             if not seq.placed:
                 continue  # preempted for an older one in this loop
+            if self.kv.cold is not None:
+                self.kv.cold.fit(seq, 1)
             while self.kv.pages_needed(seq, seq.kv_len + 1) > self.pool.num_free:
                 victim = self._newest_running()
-                self._preempt(victim)
+                self.preempt(victim)
                 if victim is seq:
                     break
             if seq.placed:
@@ -142,7 +145,7 @@ class Scheduler:
     def _newest_running(self) -> Sequence:
         return next(s for s in reversed(self.placed) if not s.done)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
         """Take seq out of the pool to the front of the queue. Its full pages stay cached, so
         it resumes from what is still there when it is placed again, recomputing the rest."""
         log.info("preempting %s (%d tokens of KV)", seq.seq_id, seq.kv_len)
@@ -177,7 +180,10 @@ class Scheduler:
                     break
                 if seq.todo == 1:
                     continue  # fully cached or imported: it decodes next step
-            n = min(budget, seq.todo, self._chunk_cap(seq, planned), self._room(seq))
+            n = min(budget, seq.todo, self._chunk_cap(seq, planned))
+            if self.kv.cold is not None:
+                n = self.kv.cold.fit(seq, n)
+            n = min(n, self._room(seq))
             if n <= 0:
                 break
             self.kv.grow(seq, seq.kv_len + n)
@@ -192,7 +198,8 @@ class Scheduler:
         free = self.pool.num_free - self.kv.must_copy(seq)
         if free < 0:
             return 0
-        return len(seq.pages) * self.config.page_size - seq.kv_len + free * self.config.page_size
+        own = len(seq.pages) * self.config.page_size - table_len(seq)
+        return own + free * self.config.page_size
 
     @staticmethod
     def _chunk_cap(seq: Sequence, planned: list[tuple[Sequence, int]]) -> int:

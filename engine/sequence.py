@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.cold_kv import ColdSpan
 from engine.sampler import SampleRow
 from engine.sampling_params import SamplingParams
 
@@ -82,6 +83,7 @@ class Sequence:
     placed: bool = False  # its KV is in the page pool (False: waiting, or preempted)
     pages: list[int] = field(default_factory=list)  # page table: page i = tokens [i*P, (i+1)*P)
     committed: int = 0  # leading pages registered in the prefix cache
+    cold: ColdSpan | None = None  # tokens of its KV moved out of the pool (engine/cold_kv.py)
     root: bytes | None = None  # page digest chain root (tenant-scoped), set on first use
     digests: list[bytes] = field(default_factory=list)  # chained digests of its full pages
     # K/V held outside the pool: a store import of tokens [held_start, kv_len) waiting for

@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from engine.cold_stream import ColdStream, attend_with_cold
 from engine.page_pool import NULL_PAGE
+from engine.split_attention import attend_part
 
 GROUP_SPARE = 256  # keys a decode row may attend beyond its own length (see the docstring)
 
@@ -46,6 +48,10 @@ class Chunk:
     start: int
     token_ids: list[int]
     keep: int = 0  # logits kept for its last `keep` positions: 0, 1 (next token), or all
+    # A sequence with a cold span (engine/cold_kv.py): `start` is a table position, the
+    # tokens' own positions are `shift` later, and `cold` are the span's segment keys.
+    shift: int = 0
+    cold: list[str] | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +100,7 @@ class DecodeGroup:
     hi: int
     keys: Keys  # width: the exact length for a lone row, else whole pages
     mask: torch.Tensor | None  # [hi - lo, 1, 1, width] additive; None for a lone row
+    cold: list[str] | None = None  # a lone row's cold segment keys (engine/cold_kv.py)
 
 
 def chunk_mask(start: int, t: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -115,11 +122,14 @@ def decode_mask(lengths: list[int], width: int, dtype: torch.dtype, device: torc
     return mask[:, None, None, :]
 
 
-def group_rows(lengths: list[int]) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of rows (lengths descending) that share one attention call."""
+def group_rows(lengths: list[int], alone: list[bool] | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of rows (lengths descending) that share one attention call; a row
+    marked `alone` (one with a cold span) gets a call of its own."""
+    alone = alone or [False] * len(lengths)
     groups, lo = [], 0
     for i in range(1, len(lengths) + 1):
-        if i == len(lengths) or lengths[lo] - lengths[i] > max(GROUP_SPARE, lengths[lo] // 4):
+        if (i == len(lengths) or alone[i] or alone[lo]
+                or lengths[lo] - lengths[i] > max(GROUP_SPARE, lengths[lo] // 4)):
             groups.append((lo, i))
             lo = i
     return groups
@@ -166,17 +176,23 @@ class StepPlan:
     written: int = -1
     kv: torch.Tensor | None = None  # [2, N, P, H, D]
     workspace: Workspace | None = None  # gathers land here (None: fresh tensors)
+    stream: ColdStream | None = None  # the step's cold segments, when a row or chunk has any
 
     @classmethod
     def build(cls, rows: list[tuple[list[int], int]], chunks: list[Chunk], page_size: int,
-              dtype: torch.dtype, device: torch.device) -> StepPlan:
-        """rows: (page table, write position) of each decode row, longest first."""
+              dtype: torch.dtype, device: torch.device,
+              colds: list[list[str] | None] | None = None) -> StepPlan:
+        """rows: (page table, write position in it) of each decode row, longest first; colds:
+        each row's cold segment keys, or None (engine/cold_kv.py)."""
         P = page_size
+        colds = colds or [None] * len(rows)
         plan = cls(n=len(rows), chunks=chunks)
         slots = [pages[pos // P] * P + pos % P for pages, pos in rows]
         lengths = [pos + 1 for _, pos in rows]
-        for lo, hi in group_rows(lengths):
-            plan.groups.append(_decode_group(rows[lo:hi], lengths[lo:hi], lo, P, dtype, device))
+        for lo, hi in group_rows(lengths, [c is not None for c in colds]):
+            group = _decode_group(rows[lo:hi], lengths[lo:hi], lo, P, dtype, device)
+            group.cold = colds[lo]
+            plan.groups.append(group)
         off = plan.n
         for c in chunks:
             t = len(c.token_ids)
@@ -198,8 +214,13 @@ class StepPlan:
         ids, pos = list(decode_ids), list(positions)
         for c in self.chunks:
             ids += c.token_ids
-            pos += range(c.start, c.start + len(c.token_ids))
+            pos += range(c.start + c.shift, c.start + c.shift + len(c.token_ids))
         return ids, pos
+
+    def cold_items(self) -> list[list[str]]:
+        """The cold segment keys of each row and chunk that has a span, in attention's order."""
+        return ([g.cold for g in self.groups if g.cold is not None]
+                + [c.cold for c in self.chunks if c.cold is not None])
 
     def kept_rows(self) -> int | list[int]:
         """`logits_to_keep`: every decode row, then each chunk's last `keep` positions. An int
@@ -227,22 +248,34 @@ class StepPlan:
                **kwargs) -> torch.Tensor:
         """Attention output [1, T, Hq, D] for queries [1, Hq, T, D], one call per group; key
         and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them)."""
-        if self.n == 1 and not self.chunks:  # one decode row: [1, Hq, 1, D] is its query as is
+        if self.n == 1 and not self.chunks and self.stream is None:  # [1, Hq, 1, D] as is
             k, v = self.groups[0].keys.read(self.kv, self.workspace)
             return _decode_attention(base, module, query, k, v, None, kwargs)  # [1, 1, Hq, D]
+        scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         outs = []
         for g in self.groups:
             q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
             k, v = g.keys.read(self.kv, self.workspace)  # [g, H, width, D] each
+            if g.cold is not None:  # a lone row: [1, 1, Hq, D]
+                here = attend_part(q, k, v, scale)
+                outs.append(attend_with_cold(self.stream, g.cold, q, [here], scale))
+                continue
             outs.append(_decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1))
         for c, off, mask, keys in zip(self.chunks, self.offsets, self.masks, self.keys,
                                       strict=True):
             t = len(c.token_ids)
+            q = query[:, :, off : off + t]  # [1, Hq, t, D]
             if keys is None:
                 k, v = key[:, :, off : off + t], value[:, :, off : off + t]
             else:
                 k, v = keys.read(self.kv, self.workspace)  # [1, H, start + t, D] each
-            out, _ = base(module, query[:, :, off : off + t], k, v, mask, **kwargs)  # [1, t, Hq, D]
+            if c.cold is not None:  # earlier keys, then its own (causal): no mask either way
+                s = c.start
+                here = [attend_part(q, k[:, :, :s], v[:, :, :s], scale),
+                        attend_part(q, k[:, :, s:], v[:, :, s:], scale, causal=True)]
+                outs.append(attend_with_cold(self.stream, c.cold, q, here, scale))
+                continue
+            out, _ = base(module, q, k, v, mask, **kwargs)  # [1, t, Hq, D]
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 

@@ -27,7 +27,7 @@ def add_settings_args(
         ann = field.annotation
         where = f"(env TANDEM_{name.upper()}, default {field.default!r})"
         help_text = f"{field.description} {where}" if field.description else where
-        if ann is bool:
+        if ann in (bool, bool | None):  # None: the setting's own default (e.g. "auto")
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
             continue

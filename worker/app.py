@@ -63,6 +63,8 @@ def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
             worker.runner.stop()
             worker.writer.shutdown(wait=True)
             worker.store.close()
+            if worker.cold is not None:
+                worker.cold.close()
 
     app = FastAPI(title=f"tandem {settings.role} worker", lifespan=lifespan)
     app.add_middleware(HttpMetricsMiddleware, counts=http_counts)

@@ -156,6 +156,8 @@ class EngineCollector:
             ("tandem:kv_pages_used", "KV pages in some sequence's page table.", kv.used),
             ("tandem:kv_pages_cached", "Free KV pages the prefix cache can still find.",
              kv.cached),
+            ("tandem:kv_resident_peak_bytes", "The most KV bytes resident at once: pages in "
+             "use plus cold segments being streamed.", r.stats.kv_peak_bytes),
         ]
 
     @staticmethod
@@ -168,6 +170,8 @@ class EngineCollector:
              "pool.", st.prefix_device_tokens),
             ("tandem:prefix_cache_store_tokens", "Prompt tokens whose KV was imported from the "
              "store.", st.prefix_store_tokens),
+            ("tandem:kv_cold_tokens", "Tokens of KV moved out of the pool to the cold tier "
+             "(long sequences past their window).", st.kv_cold_tokens),
         ]
         worker = [(f"tandem:worker_{field.removesuffix('_total')}",
                    f"WorkerCounters.{field} (see /health).", value)

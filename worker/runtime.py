@@ -23,6 +23,7 @@ from kvstore import KeyNamespace, build_store
 from kvstore.tiered import TieredStore
 from wire.internal_api import WorkerHealth
 from worker.admission import Admission, Ticket
+from worker.cold_tier import StoreColdTier
 from worker.metrics import (
     EngineCollector,
     EngineReading,
@@ -64,6 +65,7 @@ class Worker:
     registry: CollectorRegistry
     handoff: HandoffMetrics
     admission: Admission
+    cold: StoreColdTier | None = None  # the engine's cold tier (worker/cold_tier.py)
     counters: WorkerCounters = field(default_factory=WorkerCounters)
     writer: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
@@ -155,7 +157,11 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
         page_size=settings.page_size,
         kv_cache_bytes=settings.kv_cache_bytes,
         kv_cache_fraction=settings.kv_cache_fraction,
+        kv_window=settings.kv_window,
+        cold_prefetch=settings.cold_prefetch,
     )
+    cold = None if not settings.cold_kv else StoreColdTier.under(
+        settings.disk_cache_dir, settings.cold_memory_bytes, settings.cold_disk_bytes)
     spec = resolve_model(settings.model)
     registry = CollectorRegistry()
     runner = EngineRunner(after_step=after_step,
@@ -166,12 +172,15 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     def make_engine() -> Engine:  # on the engine's thread: the process's one OpenMP pool
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        return Engine(load_model(spec, dtype=settings.dtype, device=settings.device), config)
+        return Engine(load_model(spec, dtype=settings.dtype, device=settings.device), config,
+                      cold)
 
     try:
         engine = runner.build(make_engine)
     except BaseException:
         runner.stop()
+        if cold is not None:
+            cold.close()
         raise
     lm = engine.loaded
     observer = StoreMetrics(registry, lm.name)
@@ -180,7 +189,7 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     store = build_store(settings.store_config(), observer)
     admission = Admission(settings.max_slots + settings.max_queue)
     worker = Worker(settings, lm, engine, runner, store, registry,
-                    HandoffMetrics(registry, lm.name), admission)
+                    HandoffMetrics(registry, lm.name), admission, cold=cold)
     registry.register(EngineCollector(lm.name, worker.engine_reading))
     registry.register(StoreCollector(lm.name, store.stats))
     return worker

@@ -48,6 +48,26 @@ class WorkerSettings(StoreSettings):
         None, gt=0, le=1, description="KV pool budget as a fraction of the device's free "
         "memory after the weights (ignored when kv_cache_bytes is set)"
     )
+    cold_kv: bool = Field(
+        True, description="--no-cold-kv: a sequence's KV must fit the pool. With it, a sequence "
+        "longer than its window keeps its first and latest pages resident and streams the rest "
+        "from a private memory tier that spills to disk (docs/ARCHITECTURE.md, 'Context beyond "
+        "the KV budget')"
+    )
+    kv_window: int | None = Field(
+        None, ge=1, description="tokens of KV one sequence keeps in the pool before its older "
+        "ones go cold (default: three quarters of the pool)"
+    )
+    cold_memory_bytes: int = Field(
+        1 << 30, ge=1, description="memory for cold KV, beyond which it is read back from disk"
+    )
+    cold_disk_bytes: int = Field(
+        16 << 30, ge=0, description="disk for cold KV, under disk_cache_dir (0: memory only)"
+    )
+    cold_prefetch: bool | None = Field(
+        None, description="load the next cold KV segment on a thread while one is attended "
+        "over (default: on CUDA only; on CPU the loads compete with the forward for cores)"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the forward (default: torch's, one "
         "per core; fewer leaves cores to the router and other workers on a shared host)"

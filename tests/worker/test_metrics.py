@@ -56,8 +56,9 @@ def test_engine_collector_exports_pool_and_counters():
 
 
 def test_worker_metrics_read_the_engines_pool(tiny_folder):
-    # A pool of 64 KiB: a handful of pages of the tiny model, so the budget setting is seen.
-    with client("decode", tiny_folder, kv_cache_bytes=64 << 10) as c:
+    # A pool of 64 KiB: a handful of pages of the tiny model, so the budget setting is seen
+    # (all of it: no cold tier, whose stream buffers the budget would reserve).
+    with client("decode", tiny_folder, kv_cache_bytes=64 << 10, cold_kv=False) as c:
         body = decode_body("r0", PROMPT) | {"params": params(2)}
         assert c.post("/generate", json=body).status_code == 200
         text = c.get("/metrics").text

@@ -23,6 +23,7 @@ import torch
 
 from engine.cold_kv import ColdKV, ColdKVLost
 from engine.kv_layout import KVLayout
+from engine.kv_quant import dequantize
 from engine.split_attention import Partial, attend_part, merge
 
 HELD = 3  # segments a prefetching stream holds at most: computing, queued, loaded
@@ -31,8 +32,8 @@ HELD = 3  # segments a prefetching stream holds at most: computing, queued, load
 def stream_reserve(layout: KVLayout, prefetch: bool, segment: int) -> int:
     """Bytes of the KV budget a stream's segments of `segment` tokens may take: HELD segments
     of one layer, or the one being attended over when each is loaded as it is needed."""
-    per_token = 2 * layout.num_kv_heads * layout.head_dim * layout.dtype.itemsize
-    return (HELD if prefetch else 1) * segment * per_token
+    per_layer_token = layout.token_bytes // layout.num_layers
+    return (HELD if prefetch else 1) * segment * per_layer_token
 
 
 class ColdStream:
@@ -124,9 +125,12 @@ def attend_with_cold(stream: ColdStream, keys: list[str], q: torch.Tensor,
     computed) and the item's cold segments `keys` (all before every query: no mask), merged
     exactly. Returns [1, t, Hq, D] in q's dtype."""
     parts = list(resident)
+    quant = stream.cold.pool.layout.quant
     for _ in keys:
-        [seg] = stream.take(1)  # [2, s, H, D]
-        ck, cv = (seg[i].permute(1, 0, 2).unsqueeze(0) for i in (0, 1))  # [1, H, s, D]
+        [seg] = stream.take(1)  # [2, s, H, W]
+        ck, cv = (seg[i].permute(1, 0, 2).unsqueeze(0) for i in (0, 1))  # [1, H, s, W]
+        if quant is not None:
+            ck, cv = dequantize(ck, quant, q.dtype), dequantize(cv, quant, q.dtype)
         parts.append(attend_part(q, ck, cv, scale))
         stream.done_with([seg])
     return merge(parts).out.to(q.dtype).transpose(1, 2)

@@ -28,6 +28,9 @@ class EngineConfig:
     # Keep finished sequences' full pages findable for later ones (vLLM's
     # enable_prefix_caching); off, every prompt is computed (benchmarks that repeat one).
     prefix_caching: bool = True
+    # "auto": KV in the model's dtype; "int8" | "uint4": quantized per token and head, for the
+    # pool, the store and the handoff alike (engine/kv_quant.py).
+    kv_dtype: str = "auto"
     # With a cold tier (Engine(cold_tier=...)), the tokens of KV one sequence keeps in the pool;
     # beyond that its older pages go cold and attention streams them (engine/cold_kv.py).
     # None: three quarters of the pool.
@@ -50,6 +53,7 @@ class EngineStats:
     prefix_store_tokens: int = 0  # prompt tokens whose KV was imported (from the store)
     preemptions: int = 0  # sequences evicted from the pool to make room (then recomputed)
     kv_cold_tokens: int = 0  # tokens of KV moved from the pool to the cold tier
+    kv_shrinks: int = 0  # times a full pool sent a sequence's pages cold instead of preempting
     # The most KV bytes resident at once: referenced pages plus the cold segments a step held.
     kv_peak_bytes: int = 0
 

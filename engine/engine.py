@@ -22,9 +22,8 @@ import logging
 import torch
 
 from engine.cold_kv import ColdKV, ColdKVLost, ColdTier, segment_tokens, table_len
-from engine.cold_stream import stream_reserve
+from engine.cold_stream import HELD, stream_reserve
 from engine.config import EngineConfig, EngineStats, KVUsage, default_max_len, eos_ids
-from engine.device import dtype_name
 from engine.forward import Forward
 from engine.intake import InvalidRequest, check_params, check_request, trim_prefix
 from engine.kv_budget import pool_pages
@@ -60,7 +59,8 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.loaded = loaded
         self.max_model_len = config.max_model_len or default_max_len(loaded.config)
-        self.layout = KVLayout.from_config(loaded.config, config.block_size, loaded.dtype)
+        quant = None if config.kv_dtype == "auto" else config.kv_dtype
+        self.layout = KVLayout.from_config(loaded.config, config.block_size, loaded.dtype, quant)
         if config.block_size % config.page_size:
             raise ValueError(f"page_size {config.page_size} must divide the store's block_size "
                              f"{config.block_size}, so blocks move as whole pages")
@@ -71,7 +71,8 @@ class Engine:
         reserve, segment = 0, 0
         if cold_tier is not None:
             pages = pool_pages(config, self.layout, loaded.device)
-            segment = segment_tokens(pages * config.page_size)
+            held = HELD if prefetch else 1
+            segment = segment_tokens(pages * config.page_size, self.layout.num_layers, held)
             reserve = stream_reserve(self.layout, prefetch, segment)
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
                              config.page_size, loaded.device)
@@ -107,7 +108,7 @@ class Engine:
         return self.config.kv_window // P
 
     def _chain_root(self, cache_salt: str) -> bytes:
-        return chain_root(self.loaded.fingerprint, dtype_name(self.layout.dtype),
+        return chain_root(self.loaded.fingerprint, self.layout.name,
                           self.config.page_size, cache_salt)
 
     # --- public API ---------------------------------------------------------------------------
@@ -411,7 +412,7 @@ class Engine:
             parts.append(seq.held_flat)
         if not parts:  # waiting, nothing imported
             return self.pool.kv.new_zeros(self.layout.num_layers, 2, self.layout.num_kv_heads,
-                                          0, self.layout.head_dim)
+                                          0, self.layout.row)
         return torch.cat(parts, dim=3)[:, :, :, : seq.kv_len].to(self.pool.kv.device)
 
     def _drop(self, seq: Sequence) -> None:

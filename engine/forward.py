@@ -120,6 +120,7 @@ class Forward:
         rows = [(t, p - s) for t, p, s in zip(tables, positions, shifts, strict=True)]
         plan = StepPlan.build(rows, chunks, self.pool.page_size, self.dtype, dev, colds)
         plan.workspace = self.workspace
+        plan.quant = self.pool.layout.quant
         ids, pos = plan.flat_inputs(decode_ids, positions)
         keep = plan.kept_rows()
         items = plan.cold_items()

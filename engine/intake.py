@@ -107,14 +107,19 @@ def _check_ids(ids, vocab: int, limit: int, param: str) -> None:
 
 def _flat_ok(x: torch.Tensor, lay: KVLayout) -> bool:
     return x.ndim == 5 and (x.shape[0], x.shape[1], x.shape[2], x.shape[4]) == (
-        lay.num_layers, 2, lay.num_kv_heads, lay.head_dim)
+        lay.num_layers, 2, lay.num_kv_heads, lay.row)
 
 
 def check_prefix(
     prefix: torch.Tensor | list[torch.Tensor], tail: torch.Tensor | None, prefix_len: int,
     num_tokens: int, lay: KVLayout,
 ) -> None:
-    """Raise ValueError unless prefix (+ tail) is shaped for `lay` and covers prefix_len."""
+    """Raise ValueError unless prefix (+ tail) is shaped and typed for `lay` and covers
+    prefix_len (a float block written into an int8 pool would be cast, not refused)."""
+    parts = [*(prefix if isinstance(prefix, list) else [prefix]), *([tail] if tail is not None
+                                                                    else [])]
+    if any(p.dtype != lay.store_dtype for p in parts):
+        raise ValueError(f"prefix KV must be {lay.store_dtype} (the pool's, {lay.name})")
     if isinstance(prefix, list):
         if any(tuple(b.shape) != lay.block_shape for b in prefix):
             raise ValueError(f"a prefix block does not match {lay.block_shape}")

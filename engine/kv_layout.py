@@ -2,12 +2,15 @@
 
 One block holds `block_size` consecutive tokens of one sequence, for every layer:
 
-    block: [num_layers, 2, num_kv_heads, block_size, head_dim]     (2 = key, value)
-    many:  [n_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]
+    block: [num_layers, 2, num_kv_heads, block_size, row]     (2 = key, value)
+    many:  [n_blocks, num_layers, 2, num_kv_heads, block_size, row]
+
+`row` is head_dim for exact KV in the model's dtype, or the byte width of a quantized row
+(engine/kv_quant.py: values and their scale), stored as `store_dtype`.
 
 Block i of a sequence covers tokens [i * block_size, (i + 1) * block_size). Only full blocks are
 content-addressed in the store; a sequence's partial tail travels as a "tail" tensor of shape
-[num_layers, 2, num_kv_heads, t, head_dim] with t < block_size.
+[num_layers, 2, num_kv_heads, t, row] with t < block_size.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from engine.kv_quant import row_width, storage_dtype
 
 DEFAULT_BLOCK_SIZE = 64  # tokens; ~1.4 MB per SmolLM2 block in bf16, big enough to amortise I/O
 
@@ -25,18 +30,39 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the model's: what attention computes in
+    quant: str | None = None  # "int8" | "uint4": rows stored quantized (engine/kv_quant.py)
 
     @classmethod
-    def from_config(cls, config, block_size: int, dtype: torch.dtype) -> KVLayout:
+    def from_config(cls, config, block_size: int, dtype: torch.dtype,
+                    quant: str | None = None) -> KVLayout:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
+        return cls(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype, quant)
+
+    @property
+    def row(self) -> int:
+        """Elements per stored key or value row."""
+        return row_width(self.quant, self.head_dim)
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return storage_dtype(self.quant, self.dtype)
+
+    @property
+    def name(self) -> str:
+        """The stored format, as store namespaces and page digests name it."""
+        return self.quant or str(self.dtype).removeprefix("torch.")
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of KV per token, all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.row * self.store_dtype.itemsize
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
-        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.row)
 
 
 def flat_to_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:

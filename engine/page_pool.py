@@ -42,8 +42,8 @@ class PagePool:
         self.layout = layout
         self.page_size = page_size
         shape = (layout.num_layers, 2, num_pages, page_size, layout.num_kv_heads,
-                 layout.head_dim)
-        self.kv = torch.empty(shape, dtype=layout.dtype, device=device)
+                 layout.row)
+        self.kv = torch.empty(shape, dtype=layout.store_dtype, device=device)
         self.kv[:, :, NULL_PAGE].zero_()
         self.ref = [0] * num_pages
         self.digest: list[bytes | None] = [None] * num_pages
@@ -56,8 +56,7 @@ class PagePool:
 
     @staticmethod
     def page_bytes(layout: KVLayout, page_size: int) -> int:
-        per_token = 2 * layout.num_layers * layout.num_kv_heads * layout.head_dim
-        return per_token * page_size * layout.dtype.itemsize
+        return layout.token_bytes * page_size
 
     @property
     def num_pages(self) -> int:

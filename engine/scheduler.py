@@ -123,8 +123,10 @@ class Scheduler:
         return True
 
     def _reserve_decode(self) -> list[Sequence]:
-        """Every decoder's page for its next token, oldest first, preempting the newest running
-        sequence while the pool is out of pages. Returns the decoders, longest first."""
+        """Every decoder's page for its next token, oldest first. While the pool is out of
+        pages, the running sequence with the most pages that can go cold sends some there (a
+        copy, where a preemption would recompute it all), else the newest running sequence is
+        preempted. Returns the decoders, longest first."""
         decoders = []
         for seq in [s for s in self.placed if s.is_decoder]:
             if not seq.placed:
@@ -132,6 +134,8 @@ class Scheduler:
             if self.kv.cold is not None:
                 self.kv.cold.fit(seq, 1)
             while self.kv.pages_needed(seq, seq.kv_len + 1) > self.pool.num_free:
+                if self._shrink_one():
+                    continue
                 victim = self._newest_running()
                 self.preempt(victim)
                 if victim is seq:
@@ -141,6 +145,19 @@ class Scheduler:
                 decoders.append(seq)
         decoders.sort(key=lambda s: -s.kv_len)
         return decoders
+
+    def _shrink_one(self) -> bool:
+        """Send cold some pages of the running sequence with the most that can go."""
+        cold = self.kv.cold
+        if cold is None:
+            return False
+        movable = {s: cold.movable(s) for s in self.placed if not s.done}
+        seq = max(movable, key=movable.get, default=None)
+        if seq is None or movable[seq] == 0:
+            return False
+        self.stats.kv_shrinks += 1
+        cold.shrink(seq, cold.evict_unit)
+        return True
 
     def _newest_running(self) -> Sequence:
         return next(s for s in reversed(self.placed) if not s.done)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from engine.cold_stream import ColdStream, attend_with_cold
+from engine.kv_quant import dequantize, quantize
 from engine.page_pool import NULL_PAGE
 from engine.split_attention import attend_part
 
@@ -177,6 +178,7 @@ class StepPlan:
     kv: torch.Tensor | None = None  # [2, N, P, H, D]
     workspace: Workspace | None = None  # gathers land here (None: fresh tensors)
     stream: ColdStream | None = None  # the step's cold segments, when a row or chunk has any
+    quant: str | None = None  # the pool's rows are quantized so (engine/kv_quant.py)
 
     @classmethod
     def build(cls, rows: list[tuple[list[int], int]], chunks: list[Chunk], page_size: int,
@@ -238,24 +240,34 @@ class StepPlan:
         return rows
 
     def write(self, kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store the step's new K/V [1, H, T, D] into one layer's pool kv [2, N, P, H, D]."""
-        flat = kv.view(2, -1, *kv.shape[3:])  # [2, N * P, H, D]
-        flat[0].index_copy_(0, self.slots, key[0].transpose(0, 1))
-        flat[1].index_copy_(0, self.slots, value[0].transpose(0, 1))
+        """Store the step's new K/V [1, H, T, D] into one layer's pool kv [2, N, P, H, W]
+        (W = D, or a quantized row's width)."""
+        flat = kv.view(2, -1, *kv.shape[3:])  # [2, N * P, H, W]
+        for i, x in enumerate((key, value)):
+            rows = x[0].transpose(0, 1)  # [T, H, D]
+            flat[i].index_copy_(0, self.slots, rows if self.quant is None
+                                else quantize(rows, self.quant))
         self.kv = kv
+
+    def _read(self, keys: Keys, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys.read, dequantized to `dtype` when the pool is quantized."""
+        k, v = keys.read(self.kv, self.workspace)
+        if self.quant is None:
+            return k, v
+        return dequantize(k, self.quant, dtype), dequantize(v, self.quant, dtype)
 
     def attend(self, base, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs) -> torch.Tensor:
         """Attention output [1, T, Hq, D] for queries [1, Hq, T, D], one call per group; key
         and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them)."""
         if self.n == 1 and not self.chunks and self.stream is None:  # [1, Hq, 1, D] as is
-            k, v = self.groups[0].keys.read(self.kv, self.workspace)
+            k, v = self._read(self.groups[0].keys, query.dtype)
             return _decode_attention(base, module, query, k, v, None, kwargs)  # [1, 1, Hq, D]
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         outs = []
         for g in self.groups:
             q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
-            k, v = g.keys.read(self.kv, self.workspace)  # [g, H, width, D] each
+            k, v = self._read(g.keys, query.dtype)  # [g, H, width, D] each
             if g.cold is not None:  # a lone row: [1, 1, Hq, D]
                 here = attend_part(q, k, v, scale)
                 outs.append(attend_with_cold(self.stream, g.cold, q, [here], scale))
@@ -268,7 +280,7 @@ class StepPlan:
             if keys is None:
                 k, v = key[:, :, off : off + t], value[:, :, off : off + t]
             else:
-                k, v = keys.read(self.kv, self.workspace)  # [1, H, start + t, D] each
+                k, v = self._read(keys, query.dtype)  # [1, H, start + t, D] each
             if c.cold is not None:  # earlier keys, then its own (causal): no mask either way
                 s = c.start
                 here = [attend_part(q, k[:, :, :s], v[:, :, :s], scale),

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import xxhash
 
-from kvstore.keys import parse_key
+from kvstore.keys import STORED_AS, parse_key
 
 MAGIC = b"TKVB"
 VERSION = 2  # 2: the MAC length byte and the trailing MAC
@@ -155,7 +155,7 @@ def _check_key_info(key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Non
     info = parse_key(key)
     if info is None:
         return
-    if str(dtype).removeprefix("torch.") != info.dtype:
+    if str(dtype).removeprefix("torch.") != STORED_AS.get(info.dtype, info.dtype):
         raise CorruptBlock("dtype differs from key")
     if len(shape) != 5 or shape[1] != 2:
         raise CorruptBlock("not a [L, 2, H, B, D] block")

@@ -35,7 +35,10 @@ TAIL_TAG = "tail-"
 DIGEST_BYTES = 16  # 128-bit digests: collisions are negligible even across billions of blocks
 FINGERPRINT_CHARS = 16  # only for readability; the full fingerprint is hashed into the root
 # KV dtypes the codec can carry; the names match str(torch.dtype) without "torch.".
-KV_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8")
+KV_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "int8", "uint8",
+             "uint4")
+# A format whose blocks are tensors of another dtype: uint4 KV is packed two values a byte.
+STORED_AS = {"uint4": "uint8"}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 

@@ -2,7 +2,7 @@
 (engine/cold_kv.py) against all-resident attention, at SmolLM2's full context.
 
     .venv/bin/python scripts/bench_long_context.py [--dtype float32] [--context 8192]
-        [--budgets 4,16] [--rounds 4] [--steps 16] [--disk-memory-mb 8]
+        [--budgets 4,16] [--rounds 4] [--steps 16] [--disk-memory-mb 8] [--rope-scale 1]
 
 Engines side by side in one process, each given the same prompt (the project's docs, cut so
 that prompt + generated tokens = --context), prefilled once, then decoded in alternating rounds
@@ -13,7 +13,13 @@ median decode tok/s over rounds and its ratio to the resident engine's.
     1/N memory    a KV budget N times smaller than the context needs; cold KV in the worker's
                   cold tier (worker/cold_tier.py) with memory to hold all of it
     1/N disk      the same with a --disk-memory-mb memory tier: nearly every cold segment is
-                  read back from the disk tier's files (through the OS page cache)
+                  read back from the disk tier's files (through the OS page cache); only for
+                  the smallest budget, and not at all with --disk-memory-mb 0
+
+--rope-scale F runs SmolLM2 with linear RoPE scaling by F (config.json edited in a copy of the
+model folder; max_position_embeddings 8192 * F): no longer-context model is available offline,
+and this exercises the mechanics past 8k positions. Its text quality is not the point; the
+streamed path must still equal the resident one.
 
 Every cold engine runs its rounds twice, with the next segment prefetched on a thread and with
 serial loads (ColdKV.prefetch is read per forward); its budget reserves the prefetcher's three
@@ -39,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.engine import Engine, EngineConfig  # noqa: E402
 from engine.kv_layout import KVLayout  # noqa: E402
-from engine.loader import load_model  # noqa: E402
+from engine.loader import load_model, materialize  # noqa: E402
 from engine.page_pool import PagePool  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -71,6 +77,23 @@ class Run:
         return n / (time.perf_counter() - start)
 
 
+def model_spec(rope_scale: int, folder: Path):
+    """The default model, or a copy of its folder with linear RoPE scaling by rope_scale."""
+    spec = resolve_model(DEFAULT_MODEL)
+    if rope_scale == 1:
+        return spec
+    source = Path(materialize(spec))
+    for f in source.iterdir():
+        (folder / f.name).symlink_to(f)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta", 10000.0)}
+    config["rope_parameters"] = {**rope, "rope_type": "linear", "factor": float(rope_scale)}
+    config["max_position_embeddings"] = config["max_position_embeddings"] * rope_scale
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(config))
+    return resolve_model(str(folder))
+
+
 def prompt(lm, tokens: int) -> list[int]:
     text = "\n\n".join(p.read_text() for p in sorted(DOCS.glob("*.md")))
     ids = lm.tokenizer(text).input_ids
@@ -81,14 +104,16 @@ def prompt(lm, tokens: int) -> list[int]:
 
 def build(lm, args, ids: list[int], new: int, cold_dir: Path) -> list[Run]:
     per_token = PagePool.page_bytes(KVLayout.from_config(lm.config, 64, lm.dtype), 1)
-    runs = [Run("resident", Engine(lm, EngineConfig(prefix_caching=False)), "resident")]
+    runs = [Run("resident", Engine(lm, EngineConfig(prefix_caching=False,
+                                                    max_model_len=args.context)), "resident")]
     for div in args.budgets:
         budget = args.context * per_token // div
         for stage, memory in (("memory", 4 << 30), ("disk", args.disk_memory_mb << 20)):
-            if stage == "disk" and div != max(args.budgets):
+            if stage == "disk" and (div != max(args.budgets) or not memory):
                 continue
             tier = StoreColdTier.under(cold_dir, memory, 16 << 30)
-            config = EngineConfig(prefix_caching=False, kv_cache_bytes=budget, cold_prefetch=True)
+            config = EngineConfig(prefix_caching=False, kv_cache_bytes=budget, cold_prefetch=True,
+                                  max_model_len=args.context)
             runs.append(Run(f"1/{div} {stage}", Engine(lm, config, tier), stage, budget, tier))
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     for run in runs:
@@ -128,7 +153,8 @@ def report(runs: list[Run], args, lm) -> dict:
                 "cold_tokens": st.kv_cold_tokens, "prefill_s": run.prefill_s,
                 "tok_s": tps, "slowdown": base / tps,
             })
-    print(f"\nSmolLM2-135M {args.dtype}, context {args.context}, torch {torch.__version__}, "
+    rope = f", linear RoPE scaling x{args.rope_scale}" if args.rope_scale > 1 else ""
+    print(f"\nSmolLM2-135M{rope} {args.dtype}, context {args.context}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU flags: {cpu_flags()}\n")
     print("| engine | stage | loads | KV budget | peak resident KV | window | prefill s | "
           "decode tok/s | slowdown |")
@@ -151,9 +177,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--disk-memory-mb", type=int, default=8)
+    ap.add_argument("--rope-scale", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    lm = load_model(resolve_model(DEFAULT_MODEL), dtype=args.dtype, device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        lm = load_model(model_spec(args.rope_scale, Path(folder)), dtype=args.dtype,
+                        device="cpu")
     new = 8 + args.rounds * args.steps * 2
     ids = prompt(lm, args.context - new)
     with tempfile.TemporaryDirectory() as cold_dir:

@@ -100,7 +100,7 @@ class WorkerHealth(BaseModel):
     model: str
     pid: int
     fingerprint: str
-    dtype: str
+    dtype: str  # the KV format its blocks are stored in: the model's dtype, or int8 / uint4
     block_size: int
     max_model_len: int
     running: int

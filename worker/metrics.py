@@ -172,6 +172,8 @@ class EngineCollector:
              "store.", st.prefix_store_tokens),
             ("tandem:kv_cold_tokens", "Tokens of KV moved out of the pool to the cold tier "
              "(long sequences past their window).", st.kv_cold_tokens),
+            ("tandem:kv_cold_shrinks", "Times a full KV pool sent a running sequence's pages "
+             "cold instead of preempting one.", st.kv_shrinks),
         ]
         worker = [(f"tandem:worker_{field.removesuffix('_total')}",
                    f"WorkerCounters.{field} (see /health).", value)

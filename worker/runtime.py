@@ -14,7 +14,6 @@ import torch
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from engine.device import dtype_name
 from engine.engine import Engine, EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.registry import resolve_model
@@ -79,7 +78,7 @@ class Worker:
 
     def namespace(self, cache_salt: str) -> KeyNamespace:
         return KeyNamespace(
-            self.lm.fingerprint, dtype_name(self.lm.dtype), self.block_size, cache_salt
+            self.lm.fingerprint, self.engine.layout.name, self.block_size, cache_salt
         )
 
     def write_blocks(self, items: dict[str, torch.Tensor], ttl_s: int | None = None):
@@ -139,7 +138,7 @@ class Worker:
             model=self.lm.name,
             pid=os.getpid(),
             fingerprint=self.lm.fingerprint,
-            dtype=dtype_name(self.lm.dtype),
+            dtype=self.engine.layout.name,
             block_size=self.block_size,
             max_model_len=self.engine.max_model_len,
             running=self.load()[0],
@@ -158,6 +157,7 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
         kv_cache_bytes=settings.kv_cache_bytes,
         kv_cache_fraction=settings.kv_cache_fraction,
         kv_window=settings.kv_window,
+        kv_dtype=settings.kv_dtype,
         cold_prefetch=settings.cold_prefetch,
     )
     cold = None if not settings.cold_kv else StoreColdTier.under(

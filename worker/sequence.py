@@ -194,7 +194,7 @@ def load_prefix(
 
 def _fits(worker: Worker, t: torch.Tensor | None, full: bool) -> bool:
     """A stored tensor matches this engine's layout (a tail may hold fewer tokens)."""
-    if t is None or t.dtype != worker.lm.dtype or t.dim() != 5:
+    if t is None or t.dtype != worker.engine.layout.store_dtype or t.dim() != 5:
         return False
     want = worker.engine.layout.block_shape
     tokens_ok = t.shape[3] == want[3] if full else 0 < t.shape[3] < want[3]

@@ -48,6 +48,11 @@ class WorkerSettings(StoreSettings):
         None, gt=0, le=1, description="KV pool budget as a fraction of the device's free "
         "memory after the weights (ignored when kv_cache_bytes is set)"
     )
+    kv_dtype: Literal["auto", "int8", "uint4"] = Field(
+        "auto", description="how KV is stored in the pool, the store and the handoff: the "
+        "model's dtype, or int8 / uint4 with a scale per token and head (lossy: "
+        "docs/BENCHMARKS.md measures it); every worker of a stack must use the same"
+    )
     cold_kv: bool = Field(
         True, description="--no-cold-kv: a sequence's KV must fit the pool. With it, a sequence "
         "longer than its window keeps its first and latest pages resident and streams the rest "

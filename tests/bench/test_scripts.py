@@ -76,3 +76,21 @@ def test_bench_multiround_hits_the_prefix_cache(tmp_path):
     assert all(r["error"] is None and r["ttft_s"] > 0 for r in records)
     assert all(r["prompt_tokens"] > 300 for r in records)
     assert all(r["cached_tokens"] > 0 for r in records if r["round"] == 2)
+
+
+def test_bench_long_context_streams_exactly():
+    """A 600-token context at a quarter of its KV: the table's rows for every engine and load
+    mode, and the script's own check that every engine's greedy tokens equal the resident's."""
+    out = run_script("scripts/bench_long_context.py", "--context", "600", "--budgets", "4",
+                     "--rounds", "1", "--steps", "2", "--disk-memory-mb", "1")
+    for row in ("| resident | resident | all |", "| 1/4 memory | memory | serial |",
+                "| 1/4 disk | disk | prefetch |"):
+        assert row in out
+    assert "greedy tokens of every engine equal the resident engine's" in out
+
+
+def test_bench_kv_quant_reports_every_format():
+    out = run_script("scripts/bench_kv_quant.py", "--prompts", "2", "--tokens", "4",
+                     "--ttft-prompt", "200", "--repeat", "1")
+    for row in ("| exact (float32) | 46,080 |", "| int8 | 12,240 |", "| uint4 | 6,480 |"):
+        assert row in out

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -174,3 +175,49 @@ def test_n_greedy_choices_all_match_generate(stack, reference):
                                         "temperature": 0, "cache_salt": "n4-greedy"})
     assert r.status_code == 200, r.text
     assert [c["text"] for c in r.json()["choices"]] == [want] * 4
+
+
+def worker_metric(stack: Stack, role: str, name: str) -> float:
+    [w] = [w for w in stack.workers() if w["role"] == role]
+    text = httpx.get(f"{w['url']}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + "{"))
+
+
+def test_a_prompt_four_times_the_kv_pool_streams_through_both_workers(tmp_path, reference):
+    """1P+1D with each worker's KV pool ~600 tokens: a ~2,400-token prompt is prefilled through
+    the prefill worker's window, handed off, imported through the decode worker's window, and
+    decoded over its cold span; the text equals generate()'s."""
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = "\n\n".join(p.read_text() for p in sorted(docs.glob("*.md")))  # natural text
+    ids = reference.lm.tokenizer(text).input_ids[:2400]
+    prompt = reference.lm.tokenizer.decode(ids)
+    want, _ = reference.completion(prompt, 16)
+    budget = 600 * 46080  # SmolLM2 fp32: 30 layers x 2 x 3 heads x 64 x 4 bytes per token
+    with Stack(tmp_path, "--kv-cache-bytes", str(budget)) as s:
+        r = post(s, "/v1/completions", {"prompt": prompt, "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want
+        assert r.json()["usage"]["prompt_tokens"] > 4 * 600 * 0.9
+        for role in ("prefill", "decode"):
+            assert worker_metric(s, role, "tandem:kv_cold_tokens_total") > 1000, role
+
+
+def test_int8_kv_goes_through_the_handoff_and_the_prefix_cache(tmp_path):
+    """1P+1D with --kv-dtype int8: the workers advertise the int8 format (the router keys the
+    store by it), the prompt's int8 blocks reach the decode worker, and a second request
+    reuses them; the same request twice gives the same text."""
+    doc = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(40))
+    body = {"messages": [{"role": "system", "content": doc},
+                         {"role": "user", "content": "What is 3 squared?"}],
+            "max_tokens": 12, "temperature": 0}
+    with Stack(tmp_path, "--kv-dtype", "int8") as s:
+        assert {w["dtype"] for w in s.worker_health("prefill") + s.worker_health("decode")} == {
+            "int8"}
+        r1 = post(s, "/v1/chat/completions", body)
+        assert r1.status_code == 200, r1.text
+        r2 = post(s, "/v1/chat/completions", body)
+        assert r2.status_code == 200, r2.text
+        assert r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 4 * 64
+        assert (r2.json()["choices"][0]["message"]["content"]
+                == r1.json()["choices"][0]["message"]["content"] != "")

@@ -155,6 +155,25 @@ def test_a_long_handoff_goes_through_the_window_into_cold_on_both_sides(smollm_f
     assert torch.equal(decode.export_blocks("r", 0, 21), blocks)
 
 
+def test_a_full_pool_sends_pages_cold_before_it_preempts(smollm_fp32, prompt_ids):
+    """Six sequences needing ~1,100 tokens of KV in a pool of ~600: with a cold tier the
+    pool makes room by moving pages out (a copy) rather than preempting (a recompute), and
+    the text equals a run with memory to spare."""
+    long = max(prompt_ids, key=len)
+
+    def reqs():
+        return [make_request(str(i), ids + long[: 40 * i], greedy(24, ignore_eos=True))
+                for i, ids in enumerate(prompt_ids[:6])]
+
+    roomy = run(Engine(smollm_fp32, EngineConfig(max_slots=8)), reqs())
+    budget = 38 * P * token_bytes(smollm_fp32)
+    tight = Engine(smollm_fp32, EngineConfig(max_slots=8, kv_cache_bytes=budget),
+                   cold_tier=HostColdTier())
+    out = run(tight, reqs())
+    assert tight.stats.kv_shrinks > 0 and tight.stats.preemptions == 0
+    assert {k: r.tokens for k, r in out.items()} == {k: r.tokens for k, r in roomy.items()}
+
+
 def test_a_cold_tier_lifts_the_pool_capacity_limit(smollm_fp32):
     small = 40 * P * token_bytes(smollm_fp32) + stream_reserve(
         KVLayout.from_config(smollm_fp32.config, 64, smollm_fp32.dtype), True, SEGMENT_TOKENS)

@@ -92,8 +92,14 @@ class ColdSpan:
     def tokens(self) -> int:
         return sum(s.tokens for s in self.segments)
 
-    def layer_keys(self, layer: int) -> list[str]:
-        return [f"{s.key}/{layer}" for s in self.segments]
+
+def layer_keys(key: str, layers: int) -> list[str]:
+    """The keys of a segment's per-layer tensors."""
+    return [f"{key}/{layer}" for layer in range(layers)]
+
+
+def segment_of(layer_key: str) -> str:
+    return layer_key.rsplit("/", 1)[0]
 
 
 def table_len(seq) -> int:
@@ -168,15 +174,15 @@ class ColdKV:
         self.tokens_out += t
         last = span.segments[-1] if span.segments else None
         if last is not None and self._refs[last.key] == 1 and last.tokens + t <= self.segment:
-            old = self._get([f"{last.key}/{layer}" for layer in range(kv.shape[0])])
+            old = self._get(layer_keys(last.key, kv.shape[0]))
             kv = torch.cat([torch.stack(old), kv.to(old[0].device)], dim=2)
             span.segments.pop()
             self._drop(last.key, kv.shape[0])
         for at in range(0, kv.shape[2], self.segment):
             part = kv[:, :, at : at + self.segment]
             key = f"cold/{self._prefix}/{next(self._ids)}"
-            self.tier.put({f"{key}/{layer}": part[layer].contiguous()
-                           for layer in range(part.shape[0])})
+            names = layer_keys(key, part.shape[0])
+            self.tier.put({name: part[i].contiguous() for i, name in enumerate(names)})
             self._refs[key] = 1
             span.segments.append(Segment(key, part.shape[2]))
 
@@ -196,7 +202,7 @@ class ColdKV:
         for seg in span.segments:
             lo, hi = max(start, at), min(end, at + seg.tokens)
             if lo < hi:
-                layers = self._get([f"{seg.key}/{layer}" for layer in range(L)])
+                layers = self._get(layer_keys(seg.key, L))
                 parts.append(torch.stack([x[:, lo - at : hi - at] for x in layers]))
             at += seg.tokens
         return torch.cat(parts, dim=2).permute(0, 1, 3, 2, 4).to(self.pool.kv.device)
@@ -220,7 +226,7 @@ class ColdKV:
         self._refs[key] -= 1
         if self._refs[key] == 0:
             del self._refs[key]
-            self.tier.delete([f"{key}/{layer}" for layer in range(layers)])
+            self.tier.delete(layer_keys(key, layers))
 
 
 def segment_tokens(pool_tokens: int, layers: int, held: int) -> int:

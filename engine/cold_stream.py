@@ -43,7 +43,7 @@ class ColdStream:
                  device: torch.device):
         self.cold = cold
         self.order = [f"{key}/{layer}" for layer in range(layers) for keys in items
-                      for key in keys]
+                      for key in keys]  # engine.cold_kv.layer_keys, layer-major
         self.device = device
         self.next = 0  # index into order of the next segment attention takes
         self.held = 0  # bytes of segments loaded and not yet consumed

@@ -21,7 +21,14 @@ import logging
 
 import torch
 
-from engine.cold_kv import ColdKV, ColdKVLost, ColdTier, segment_tokens, table_len
+from engine.cold_kv import (
+    ColdKV,
+    ColdKVLost,
+    ColdTier,
+    segment_of,
+    segment_tokens,
+    table_len,
+)
 from engine.cold_stream import HELD, stream_reserve
 from engine.config import EngineConfig, EngineStats, KVUsage, default_max_len, eos_ids
 from engine.forward import Forward
@@ -197,7 +204,7 @@ class Engine:
         span held it recompute from what the pool still caches. Every other sequence runs
         this step again: nothing it wrote was counted."""
         log.warning("%s; recomputing the sequences that held it", err)
-        segment = err.key.rsplit("/", 1)[0]
+        segment = segment_of(err.key)
         for seq in list(self._seqs.values()):
             if seq.cold is not None and any(g.key == segment for g in seq.cold.segments):
                 self._sched.preempt(seq)

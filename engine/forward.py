@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from engine.attention import use_step_attention
 from engine.cold_kv import ColdKV
 from engine.cold_stream import ColdStream
+from engine.kv_quant import rotation
 from engine.page_pool import PagePool
 from engine.step_plan import Chunk, StepPlan, Workspace
 
@@ -98,6 +99,9 @@ class Forward:
         self.pool = pool
         self.cold = cold
         self.stream_peak = 0  # bytes of cold segments the last forward held at once
+        lay = pool.layout
+        self.rotation = None if lay.quant is None else rotation(lay.head_dim, lay.dtype,
+                                                                pool.kv.device)
         self.cache = StepCache(pool, max_len)
         self.workspace = Workspace()
         self.cache_kwarg = cache_kwarg(model)
@@ -120,7 +124,7 @@ class Forward:
         rows = [(t, p - s) for t, p, s in zip(tables, positions, shifts, strict=True)]
         plan = StepPlan.build(rows, chunks, self.pool.page_size, self.dtype, dev, colds)
         plan.workspace = self.workspace
-        plan.quant = self.pool.layout.quant
+        plan.quant, plan.rotation = self.pool.layout.quant, self.rotation
         ids, pos = plan.flat_inputs(decode_ids, positions)
         keep = plan.kept_rows()
         items = plan.cold_items()

@@ -179,6 +179,7 @@ class StepPlan:
     workspace: Workspace | None = None  # gathers land here (None: fresh tensors)
     stream: ColdStream | None = None  # the step's cold segments, when a row or chunk has any
     quant: str | None = None  # the pool's rows are quantized so (engine/kv_quant.py)
+    rotation: torch.Tensor | None = None  # [D, D]: quantized rows are stored rotated by it
 
     @classmethod
     def build(cls, rows: list[tuple[list[int], int]], chunks: list[Chunk], page_size: int,
@@ -241,16 +242,21 @@ class StepPlan:
 
     def write(self, kv: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the step's new K/V [1, H, T, D] into one layer's pool kv [2, N, P, H, W]
-        (W = D, or a quantized row's width)."""
+        (W = D, or a quantized row's width: rotated, then quantized, engine/kv_quant.py)."""
         flat = kv.view(2, -1, *kv.shape[3:])  # [2, N * P, H, W]
         for i, x in enumerate((key, value)):
             rows = x[0].transpose(0, 1)  # [T, H, D]
-            flat[i].index_copy_(0, self.slots, rows if self.quant is None
-                                else quantize(rows, self.quant))
+            if self.quant is not None:
+                rows = quantize(self._rotate(rows), self.quant)
+            flat[i].index_copy_(0, self.slots, rows)
         self.kv = kv
 
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] by the quantized pool's rotation R (symmetric: R is its own inverse)."""
+        return x if self.rotation is None else x @ self.rotation
+
     def _read(self, keys: Keys, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys.read, dequantized to `dtype` when the pool is quantized."""
+        """keys.read, dequantized to `dtype` when the pool is quantized (still rotated)."""
         k, v = keys.read(self.kv, self.workspace)
         if self.quant is None:
             return k, v
@@ -259,36 +265,42 @@ class StepPlan:
     def attend(self, base, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs) -> torch.Tensor:
         """Attention output [1, T, Hq, D] for queries [1, Hq, T, D], one call per group; key
-        and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them)."""
+        and value [1, H, T, D] are the step's own (a chunk from position 0 attends to them).
+        Over a rotated pool the queries are rotated and each output rotated back."""
+        pooled = self._rotate(query)  # what attends over keys read from the pool
         if self.n == 1 and not self.chunks and self.stream is None:  # [1, Hq, 1, D] as is
             k, v = self._read(self.groups[0].keys, query.dtype)
-            return _decode_attention(base, module, query, k, v, None, kwargs)  # [1, 1, Hq, D]
+            out = _decode_attention(base, module, pooled, k, v, None, kwargs)  # [1, 1, Hq, D]
+            return self._rotate(out)
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         outs = []
         for g in self.groups:
-            q = query[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
+            q = pooled[0, :, g.lo : g.hi].transpose(0, 1).unsqueeze(2)  # [g, Hq, 1, D]
             k, v = self._read(g.keys, query.dtype)  # [g, H, width, D] each
             if g.cold is not None:  # a lone row: [1, 1, Hq, D]
-                here = attend_part(q, k, v, scale)
-                outs.append(attend_with_cold(self.stream, g.cold, q, [here], scale))
-                continue
-            outs.append(_decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1))
+                out = attend_with_cold(self.stream, g.cold, q, [attend_part(q, k, v, scale)],
+                                       scale)
+            else:
+                out = _decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1)
+            outs.append(self._rotate(out))
         for c, off, mask, keys in zip(self.chunks, self.offsets, self.masks, self.keys,
                                       strict=True):
             t = len(c.token_ids)
-            q = query[:, :, off : off + t]  # [1, Hq, t, D]
-            if keys is None:
-                k, v = key[:, :, off : off + t], value[:, :, off : off + t]
-            else:
-                k, v = self._read(keys, query.dtype)  # [1, H, start + t, D] each
+            if keys is None:  # its own fresh keys, exact and unrotated
+                out, _ = base(module, query[:, :, off : off + t], key[:, :, off : off + t],
+                              value[:, :, off : off + t], mask, **kwargs)  # [1, t, Hq, D]
+                outs.append(out)
+                continue
+            q = pooled[:, :, off : off + t]  # [1, Hq, t, D]
+            k, v = self._read(keys, query.dtype)  # [1, H, start + t, D] each
             if c.cold is not None:  # earlier keys, then its own (causal): no mask either way
                 s = c.start
                 here = [attend_part(q, k[:, :, :s], v[:, :, :s], scale),
                         attend_part(q, k[:, :, s:], v[:, :, s:], scale, causal=True)]
-                outs.append(attend_with_cold(self.stream, c.cold, q, here, scale))
-                continue
-            out, _ = base(module, q, k, v, mask, **kwargs)  # [1, t, Hq, D]
-            outs.append(out)
+                out = attend_with_cold(self.stream, c.cold, q, here, scale)
+            else:
+                out, _ = base(module, q, k, v, mask, **kwargs)  # [1, t, Hq, D]
+            outs.append(self._rotate(out))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

@@ -58,7 +58,7 @@ def prompts(lm) -> list[list[int]]:
 
 
 def greedy_texts(lm, kv: str, ids: list[list[int]], n: int) -> list[list[int]]:
-    engine = Engine(lm, EngineConfig(kv_dtype=kv, max_slots=len(ids)))
+    engine = Engine(lm, EngineConfig(kv_dtype=kv, max_slots=len(ids), prefix_caching=False))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(ids):
         engine.add(SeqRequest(str(i), p, len(p), params))
@@ -70,21 +70,30 @@ def greedy_texts(lm, kv: str, ids: list[list[int]], n: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def nll(engine: Engine, prompt: list[int], text: list[int]) -> float:
-    """Summed negative log-likelihood of `text` after `prompt`, teacher-forced one decode step
-    per token over the engine's (possibly quantized) pool. Drives the engine's forward
-    directly: the public API samples, and cannot be made to feed given tokens."""
+def nll(engine: Engine, prompts: list[list[int]], texts: list[list[int]]) -> float:
+    """Summed negative log-likelihood of each text after its prompt, teacher-forced: the
+    prompts in one forward, then one decode step per token for all of them, over the engine's
+    (possibly quantized) pool. Drives the engine's forward directly: the public API samples,
+    and cannot be made to feed given tokens."""
     pool, P = engine.pool, engine.pool.page_size
-    pages = [pool.allocate() for _ in range(-(-(len(prompt) + len(text)) // P))]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # rows longest first
+    ps, ts = [prompts[i] for i in order], [texts[i] for i in order]
+    tables = [[pool.allocate() for _ in range(-(-(len(p) + len(t)) // P))]
+              for p, t in zip(ps, ts, strict=True)]
     try:
-        logits = engine._fwd.step([], [], [], [Chunk(pages, 0, prompt, keep=1)])
-        total = -logits[0].log_softmax(-1)[text[0]].item()
-        for i, tok in enumerate(text[:-1]):
-            logits = engine._fwd.step([tok], [len(prompt) + i], [pages], [])
-            total -= logits[0].log_softmax(-1)[text[i + 1]].item()
+        logits = engine._fwd.step([], [], [], [Chunk(tab, 0, p, keep=1)
+                                               for tab, p in zip(tables, ps, strict=True)])
+        total = 0.0
+        for step in range(len(ts[0])):
+            targets = torch.tensor([t[step] for t in ts])
+            total -= logits.log_softmax(-1).gather(1, targets[:, None]).sum().item()
+            if step + 1 < len(ts[0]):
+                logits = engine._fwd.step([t[step] for t in ts],
+                                          [len(p) + step for p in ps], tables, [])
         return total
     finally:
-        pool.release(pages)
+        for tab in tables:
+            pool.release(tab)
 
 
 def agreement(runs: list[list[int]], ref: list[list[int]]) -> tuple[float, float]:
@@ -141,7 +150,7 @@ def main() -> None:
     ppl = {}
     for kv in FORMATS:
         engine = Engine(lm, EngineConfig(kv_dtype=kv, prefix_caching=False))
-        total = sum(nll(engine, p, t) for p, t in zip(ids, ref, strict=True))
+        total = nll(engine, ids, ref)
         ppl[kv] = float(torch.tensor(total / (len(ref) * args.tokens)).exp())
         print(f"{kv}: ppl {ppl[kv]:.4f}", file=sys.stderr)
     doc = "\n\n".join(p.read_text() for p in sorted(DOCS.glob("*.md")))

@@ -8,7 +8,7 @@ import torch
 
 from engine.cold_kv import HostColdTier
 from engine.engine import Engine, EngineConfig
-from engine.kv_quant import dequantize, quantize
+from engine.kv_quant import dequantize, quantize, rotation
 from engine.sequence import SeqRequest
 from kvstore.codec import CorruptBlock, decode, encode
 from kvstore.keys import KeyNamespace, block_keys
@@ -110,3 +110,14 @@ def test_quantized_formats_have_their_own_store_namespace():
     assert torch.equal(decode(encode(key, packed), key), packed)
     with pytest.raises(CorruptBlock, match="dtype"):
         decode(encode(key, packed.view(torch.int8)), key)
+
+
+def test_the_rotation_is_orthonormal_and_leaves_attention_unchanged():
+    r = rotation(64, torch.float64, torch.device("cpu"))
+    assert torch.allclose(r @ r, torch.eye(64, dtype=torch.float64)) and torch.equal(r, r.T)
+    assert rotation(80, torch.float32, torch.device("cpu")) is None  # not a power of two
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 3, n, 64, generator=g, dtype=torch.float64) for n in (2, 9, 9))
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    rotated = torch.nn.functional.scaled_dot_product_attention(q @ r, k @ r, v @ r) @ r
+    assert torch.allclose(plain, rotated)

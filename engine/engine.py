@@ -72,15 +72,7 @@ class Engine:
             raise ValueError(f"page_size {config.page_size} must divide the store's block_size "
                              f"{config.block_size}, so blocks move as whole pages")
         self.eos_token_ids = eos_ids(loaded.model)
-        prefetch = config.cold_prefetch
-        if prefetch is None:
-            prefetch = loaded.device.type == "cuda"
-        reserve, segment = 0, 0
-        if cold_tier is not None:
-            pages = pool_pages(config, self.layout, loaded.device)
-            held = HELD if prefetch else 1
-            segment = segment_tokens(pages * config.page_size, self.layout.num_layers, held)
-            reserve = stream_reserve(self.layout, prefetch, segment)
+        prefetch, segment, reserve = self._stream_plan(cold_tier is not None)
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
                              config.page_size, loaded.device)
         self.cold = None if cold_tier is None else ColdKV(
@@ -104,6 +96,17 @@ class Engine:
                  "kv pool %d pages x %d tokens (%.2f GB)", loaded.name, config.max_slots,
                  self.max_model_len, config.block_size, config.prefill_chunk,
                  self.pool.num_pages, config.page_size, self.pool.kv.nbytes / 1e9)
+
+    def _stream_plan(self, cold: bool) -> tuple[bool, int, int]:
+        """(prefetch, tokens per cold segment, bytes of the budget the stream reserves)."""
+        config, device = self.config, self.loaded.device
+        prefetch = device.type == "cuda" if config.cold_prefetch is None else config.cold_prefetch
+        if not cold:
+            return prefetch, 0, 0
+        pages = pool_pages(config, self.layout, device)
+        segment = segment_tokens(pages * config.page_size, self.layout.num_layers,
+                                 HELD if prefetch else 1)
+        return prefetch, segment, stream_reserve(self.layout, prefetch, segment)
 
     def _window_pages(self) -> int:
         P, pages = self.config.page_size, self.pool.num_pages

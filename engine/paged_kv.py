@@ -100,6 +100,8 @@ class PagedKV:
             n = held - seq.kv_len
             if self.cold is not None:
                 n = self.cold.fit(seq, n)
+            if self.pages_needed(seq, seq.kv_len + n) > self.pool.num_free:
+                break  # pages that went cold were shared, so none came free: recompute the rest
             self.grow(seq, seq.kv_len + n)
             self._write_held(seq, seq.kv_len, seq.kv_len + n)
             seq.kv_len += n

@@ -205,8 +205,9 @@ def test_a_prompt_four_times_the_kv_pool_streams_through_both_workers(tmp_path, 
 
 def test_int8_kv_goes_through_the_handoff_and_the_prefix_cache(tmp_path):
     """1P+1D with --kv-dtype int8: the workers advertise the int8 format (the router keys the
-    store by it), the prompt's int8 blocks reach the decode worker, and a second request
-    reuses them; the same request twice gives the same text."""
+    store by it), the prompt's int8 blocks reach the decode worker, and later requests reuse
+    them. The first answer may differ from the later ones: its prompt attended over its own
+    keys at full precision, theirs over the stored int8 prefix; the later ones agree."""
     doc = " ".join(f"Fact {i}: the number {i} squared is {i * i}." for i in range(40))
     body = {"messages": [{"role": "system", "content": doc},
                          {"role": "user", "content": "What is 3 squared?"}],
@@ -216,8 +217,10 @@ def test_int8_kv_goes_through_the_handoff_and_the_prefix_cache(tmp_path):
             "int8"}
         r1 = post(s, "/v1/chat/completions", body)
         assert r1.status_code == 200, r1.text
-        r2 = post(s, "/v1/chat/completions", body)
-        assert r2.status_code == 200, r2.text
-        assert r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 4 * 64
-        assert (r2.json()["choices"][0]["message"]["content"]
-                == r1.json()["choices"][0]["message"]["content"] != "")
+        texts = set()
+        for _ in range(2):
+            r = post(s, "/v1/chat/completions", body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 4 * 64
+            texts.add(r.json()["choices"][0]["message"]["content"])
+        assert len(texts) == 1 and "" not in texts

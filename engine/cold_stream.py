@@ -5,12 +5,14 @@ Attention asks for segments in a fixed order: layer by layer, and inside a layer
 thread walks the same order and hands each segment over through a queue of one, so while the
 attention of segment i runs, segment i + 1 is loaded (double buffering); at most three segments
 are held at once (one computing, one queued, one loaded and waiting to be queued), which the
-KV budget reserves (engine/kv_budget.py). With prefetch off the attention loads each segment
-itself when it needs it (serial loads: the baseline the overlap is measured against).
+KV budget reserves (stream_reserve). With prefetch off the attention loads each segment itself
+when it needs it (serial loads: the baseline the overlap is measured against).
 
-On CPU a memory-tier hit is a view of the tier's buffer: loading costs a lookup, and the
-overlap matters for segments read from disk. On CUDA a segment is copied to the device on a
-side stream with pinned host memory (non_blocking), and the attention waits on its event.
+On CPU a memory-tier hit is a view of the tier's buffer, a disk hit a read and a checksum:
+both CPU work, which a loader thread takes from the forward's own threads, so prefetch
+measured slower there in every stage and is off by default (docs/BENCHMARKS.md). On CUDA a
+segment is copied to the device on a side stream from pinned host memory (non_blocking), and
+the attention waits on its event (written for, not yet run on, a GPU).
 """
 
 from __future__ import annotations
@@ -58,28 +60,24 @@ class ColdStream:
                                             daemon=True)
             self._thread.start()
 
-    def take(self, count: int) -> list[torch.Tensor]:
-        """The next `count` segments of the order, each [2, t, H, D] on the device."""
-        out = []
-        for _ in range(count):
-            key = self.order[self.next]
-            self.next += 1
-            if self._thread is None:
-                out.append(self._load(key))
-                continue
-            got = self._queue.get()
-            if isinstance(got, BaseException):
-                raise got
-            loaded_key, tensor, event = got
-            assert loaded_key == key, (loaded_key, key)
-            if event is not None:
-                torch.cuda.current_stream(self.device).wait_event(event)
-            out.append(tensor)
-        return out
+    def take(self) -> torch.Tensor:
+        """The next segment of the order, [2, t, H, W] on the device."""
+        key = self.order[self.next]
+        self.next += 1
+        if self._thread is None:
+            return self._load(key)
+        got = self._queue.get()
+        if isinstance(got, BaseException):
+            raise got
+        loaded_key, tensor, event = got
+        assert loaded_key == key, (loaded_key, key)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        return tensor
 
-    def done_with(self, tensors: list[torch.Tensor]) -> None:
+    def done_with(self, segment: torch.Tensor) -> None:
         with self._lock:
-            self.held -= sum(t.nbytes for t in tensors)
+            self.held -= segment.nbytes
 
     def close(self) -> None:
         """Stop the loader (a forward that raised may leave it blocked on the queue)."""
@@ -127,10 +125,10 @@ def attend_with_cold(stream: ColdStream, keys: list[str], q: torch.Tensor,
     parts = list(resident)
     quant = stream.cold.pool.layout.quant
     for _ in keys:
-        [seg] = stream.take(1)  # [2, s, H, W]
+        seg = stream.take()  # [2, s, H, W]
         ck, cv = (seg[i].permute(1, 0, 2).unsqueeze(0) for i in (0, 1))  # [1, H, s, W]
         if quant is not None:
             ck, cv = dequantize(ck, quant, q.dtype), dequantize(cv, quant, q.dtype)
         parts.append(attend_part(q, ck, cv, scale))
-        stream.done_with([seg])
+        stream.done_with(seg)
     return merge(parts).out.to(q.dtype).transpose(1, 2)

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-from engine.cold_kv import ColdKV, ColdKVLost
+from engine.cold_kv import ColdKV, ColdKVLost, layer_keys
 from engine.kv_layout import KVLayout
 from engine.kv_quant import dequantize
 from engine.split_attention import Partial, attend_part, merge
@@ -44,8 +44,9 @@ class ColdStream:
     def __init__(self, cold: ColdKV, items: list[list[str]], layers: int,
                  device: torch.device):
         self.cold = cold
-        self.order = [f"{key}/{layer}" for layer in range(layers) for keys in items
-                      for key in keys]  # engine.cold_kv.layer_keys, layer-major
+        # layer-major: attention runs layer by layer
+        by_segment = [layer_keys(key, layers) for keys in items for key in keys]
+        self.order = [names[layer] for layer in range(layers) for names in by_segment]
         self.device = device
         self.next = 0  # index into order of the next segment attention takes
         self.held = 0  # bytes of segments loaded and not yet consumed

@@ -75,6 +75,7 @@ class Engine:
         prefetch, segment, reserve = self._stream_plan(cold_tier is not None)
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
                              config.page_size, loaded.device)
+        self._page_bytes = PagePool.page_bytes(self.layout, config.page_size)
         self.cold = None if cold_tier is None else ColdKV(
             cold_tier, self.pool, self._window_pages(), prefetch, segment)
         self._kv = PagedKV(self.pool, self._chain_root, config.prefix_caching, self.cold)
@@ -188,9 +189,8 @@ class Engine:
             plan = self._sched.schedule()
             if not plan:
                 return []
-            page = PagePool.page_bytes(self.layout, self.pool.page_size)
             self._fwd.stream_peak = 0
-            resident = self.pool.num_referenced * page
+            resident = self.pool.num_referenced * self._page_bytes
             events = self._forward(plan)
             self._stats.kv_peak_bytes = max(self._stats.kv_peak_bytes,
                                             resident + self._fwd.stream_peak)

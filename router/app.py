@@ -53,9 +53,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served = models if models is not None else [
-            await asyncio.to_thread(load_from_settings, settings)
-        ]
+        served = models if models is not None else await asyncio.to_thread(
+            load_from_settings, settings)
         app.state.tandem = RouterState(settings, backend, _by_name(served),
                                        InflightGate(settings.max_inflight_choices))
         app.state.backend = backend

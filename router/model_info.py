@@ -74,5 +74,7 @@ def load_served_model(
     return served
 
 
-def load_from_settings(settings: RouterSettings) -> ServedModel:
-    return load_served_model(settings.model, settings.served_model_name, settings.max_model_len)
+def load_from_settings(settings: RouterSettings) -> list[ServedModel]:
+    """Every served model, the default first."""
+    return [load_served_model(model, name, settings.max_model_len)
+            for model, name in settings.served_models().items()]

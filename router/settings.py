@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from engine.registry import DEFAULT_MODEL
 from router.protocol.common import (
     MAX_LOGIT_BIAS,
     MAX_MESSAGES,
@@ -23,7 +24,7 @@ from wire.settings import StoreSettings
 MAX_INFERRED_MODEL_LEN = 8192
 
 
-def _split_list(value: Any) -> Any:
+def split_list(value: Any) -> Any:
     """"a,b", '["a","b"]' or a repeated flag's list (each item may hold commas) -> list."""
     if isinstance(value, str) and value.strip().startswith("["):
         return json.loads(value)
@@ -40,8 +41,15 @@ class RouterSettings(StoreSettings):
 
     host: str = Field("127.0.0.1", description="bind address (loopback unless asked otherwise)")
     port: int = Field(8000, description="HTTP port")
+    # NoDecode: "a,b" in the env as well as a repeated --model flag.
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_MODEL],
+        description="the models served (repeat the flag, or comma-separate): each is its own "
+        "`model` name, served by the workers that report it; the first is the default",
+    )
     served_model_name: str | None = Field(
-        None, description="the name clients use in `model` (default: the model id)"
+        None, description="the name clients use in `model` (default: the model id); only "
+        "with one model"
     )
     # NoDecode: we parse the env var ourselves so both "k1,k2" and '["k1","k2"]' work.
     api_keys: Annotated[list[str], NoDecode] = Field(
@@ -151,10 +159,25 @@ class RouterSettings(StoreSettings):
         "cut off and its backend calls closed (a reader that stopped reading)"
     )
 
-    @field_validator("api_keys", "prefill_urls", "decode_urls", mode="before")
+    @field_validator("model", "api_keys", "prefill_urls", "decode_urls", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        return _split_list(value)
+        return split_list(value)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> RouterSettings:
+        if not self.model or len(set(self.model)) != len(self.model):
+            raise ValueError(f"--model needs distinct models, at least one; got {self.model}")
+        if self.served_model_name and len(self.model) > 1:
+            raise ValueError("--served-model-name names one model; with several, each is "
+                             "served under its own name")
+        return self
+
+    def served_models(self) -> dict[str, str]:
+        """What each worker's `--model` is called in requests (the first is the default)."""
+        if self.served_model_name:
+            return {self.model[0]: self.served_model_name}
+        return {m: m for m in self.model}
 
     # --- tenants (docs/OPERATIONS.md#tenants) ---------------------------------------------------
     report_cached_tokens: bool = Field(

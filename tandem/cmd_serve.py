@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+from typing import Annotated, Any
 
 import uvicorn
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
 
-from router.settings import RouterSettings
+from engine.registry import DEFAULT_MODEL
+from router.settings import RouterSettings, split_list
 from tandem.flags import add_settings_args, settings_from_args
 from tandem.logs import setup_logging
 from tandem.supervisor import Child, Supervisor, child_argv
@@ -22,11 +25,21 @@ log = logging.getLogger(__name__)
 class ServeSettings(TandemSettings):
     """Fields of `tandem serve` itself; the router's and workers' fields pass through."""
 
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [DEFAULT_MODEL],
+        description="a model to serve; repeat the flag (or comma-separate) to serve several, "
+        "each with its own workers",
+    )
     port: int = Field(8000, description="router port")
     host: str = Field("127.0.0.1", description="router bind address")
     prefill_workers: int = 1
     decode_workers: int = 1
     colocated: bool = Field(False, description="one worker does prefill and decode (no handoff)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return split_list(value)
 
 
 def register(sub) -> None:
@@ -85,21 +98,25 @@ def _given(args: argparse.Namespace, cls, skip: set[str]) -> dict:
 def run_serve(args: argparse.Namespace) -> int:
     serve = settings_from_args(ServeSettings, args)
     setup_logging(serve.log_level, "serve", serve.log_format)
-    worker_flags = _given(args, WorkerSettings, {"host", "port", "role"})
-    router_flags = _given(args, RouterSettings, {"host", "port", "prefill_urls", "decode_urls"})
+    worker_flags = _given(args, WorkerSettings, {"host", "port", "role", "model"})
+    router_flags = _given(args, RouterSettings, {"host", "port", "prefill_urls", "decode_urls",
+                                                 "model"})
     n_prefill = 0 if serve.colocated else serve.prefill_workers
     children, urls = [], {"prefill": [], "decode": []}
-    for role, count in (("prefill", n_prefill), ("decode", serve.decode_workers)):
-        for i in range(count):
-            port = free_port()
-            urls[role].append(f"http://127.0.0.1:{port}")
-            argv = child_argv(role, {**worker_flags, "port": port})
-            children.append(Child(f"{role}-{i}", argv, {}))
+    for k, model in enumerate(serve.model):
+        for role, count in (("prefill", n_prefill), ("decode", serve.decode_workers)):
+            for i in range(count):
+                port = free_port()
+                urls[role].append(f"http://127.0.0.1:{port}")
+                argv = child_argv(role, {**worker_flags, "model": model, "port": port})
+                name = f"{role}-{i}" if len(serve.model) == 1 else f"{role}-{k}.{i}"
+                children.append(Child(name, argv, {}))
     router_argv = child_argv("router", {
-        **router_flags, "host": serve.host, "port": serve.port,
+        **router_flags, "model": serve.model, "host": serve.host, "port": serve.port,
         "prefill_urls": ",".join(urls["prefill"]), "decode_urls": ",".join(urls["decode"]),
     })
     children.append(Child("router", router_argv, {}))
-    log.info("serving on http://%s:%d (%d prefill, %d decode%s)", serve.host, serve.port,
-             n_prefill, serve.decode_workers, ", colocated" if serve.colocated else "")
+    log.info("serving %s on http://%s:%d (%d prefill, %d decode%s per model)",
+             ", ".join(serve.model), serve.host, serve.port, n_prefill, serve.decode_workers,
+             ", colocated" if serve.colocated else "")
     return Supervisor(children).run()

@@ -25,7 +25,8 @@ def add_settings_args(
         if name in skip:
             continue
         ann = field.annotation
-        where = f"(env TANDEM_{name.upper()}, default {field.default!r})"
+        default = field.get_default(call_default_factory=True)
+        where = f"(env TANDEM_{name.upper()}, default {default!r})"
         help_text = f"{field.description} {where}" if field.description else where
         if ann in (bool, bool | None):  # None: the setting's own default (e.g. "auto")
             parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,

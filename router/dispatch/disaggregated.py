@@ -105,7 +105,7 @@ class DisaggregatedBackend:
         # Probes get their own client: a request pool full of streams must not fail them.
         self.pool = WorkerPool(probe_client(self._headers, self._transport), s.prefill_urls,
                                s.decode_urls, s.health_interval_s, headers=self._headers,
-                               membership=membership)
+                               membership=membership, models=s.served_models())
         await self.pool.start()
         config = s.store_config(lookup=True) if s.prefix_cache else None
         if config is not None:
@@ -128,7 +128,7 @@ class DisaggregatedBackend:
     # --- generation ---------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        state = self.retry_state()
+        state = self.retry_state(req.model)
         req = self.scoped(req)
         body = decode_body(req)
         handoff = await self.prefill_if_worth_it(req, state)
@@ -151,8 +151,8 @@ class DisaggregatedBackend:
             return [self.generate(reqs[0])]
         return ChoiceGroup(self, [self.scoped(r, group=reqs[0].request_id) for r in reqs]).members()
 
-    def retry_state(self, streaming: bool = False) -> RetryState:
-        return RetryState(self.settings.max_failovers, streaming=streaming)
+    def retry_state(self, model: str | None, streaming: bool = False) -> RetryState:
+        return RetryState(self.settings.max_failovers, streaming=streaming, model=model)
 
     def scoped(self, req: GenerateRequest, group: str | None = None) -> GenerateRequest:
         """With the prefix cache off, a request (or a group of choices) still shares its own
@@ -169,7 +169,7 @@ class DisaggregatedBackend:
 
     async def _cached_tokens(self, req: GenerateRequest) -> int:
         """Leading prompt tokens already in the shared tiers; any failure counts as a miss."""
-        health = self.pool.any_health() if self.pool else None
+        health = self.pool.any_health(req.model) if self.pool else None
         if self.lookup_store is None or health is None:
             return 0
         ns = KeyNamespace(health.fingerprint, health.dtype, health.block_size, req.cache_salt)
@@ -186,7 +186,7 @@ class DisaggregatedBackend:
         """A prefill hop pays for itself only on a long uncached part: a short one is computed
         by the decode worker (Dynamo's conditional disaggregation), which spares the store
         round trip of the whole prefix; all but the last token cached never needs one."""
-        if not self.pool.has_role("prefill"):
+        if not self.pool.has_role("prefill", req.model):
             return False
         if req.params.prompt_logprobs is not None:
             return True
@@ -202,7 +202,7 @@ class DisaggregatedBackend:
             request_id=req.request_id, token_ids=list(req.token_ids), params=req.params,
             cache_salt=req.cache_salt, forks=[as_fork(f) for f in forks],
         )
-        while (w := self.pool.pick_or_none("prefill", state.excluded)) is not None:
+        while (w := self.pool.pick_or_none("prefill", state.excluded, state.model)) is not None:
             lines = self._call_prefill(w, body)
             try:
                 return await anext(lines), lines
@@ -307,8 +307,8 @@ class DisaggregatedBackend:
         the request waits for a worker up to FAILOVER_WAIT_S, retrying refusals as room frees
         up, since an error now would cut a stream the client is reading."""
         while True:
-            w = (self.pool.pick_or_none("decode", state.excluded)
-                 or self.pool.pick_or_none("decode", state.refused))
+            w = (self.pool.pick_or_none("decode", state.excluded, state.model)
+                 or self.pool.pick_or_none("decode", state.refused, state.model))
             if w is not None:
                 return w
             if not state.streaming:

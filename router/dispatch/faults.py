@@ -93,6 +93,7 @@ class RetryState:
     busy: int | None = None  # the largest Retry-After among 429s, if any
     streaming: bool = False  # the client holds tokens: waits for recovery instead of 4xx/5xx
     deadline: float | None = None  # monotonic; set when the request first waits for a worker
+    model: str | None = None  # the served model whose workers it may use (None: any)
 
     @property
     def excluded(self) -> set[str]:

@@ -92,7 +92,7 @@ class ChoiceGroup:
 
     async def _drive(self) -> None:
         try:
-            state = self.b.retry_state()
+            state = self.b.retry_state(self.reqs[0].model)
             handoff = await self.b.prefill_if_worth_it(self.reqs[0], state, self.reqs[1:])
             if handoff is not None:
                 await self._after_prefill(*handoff, state)
@@ -118,8 +118,8 @@ class ChoiceGroup:
             if ev.finish_reason is None and j in self.open:
                 body = decode_body(self.reqs[j], [ev.token_id], head if committed else None,
                                    owner)
-                self._alone(j, self.b.decode(body, self.b.retry_state(streaming=True),
-                                             report_cached=False))
+                state = self.b.retry_state(self.reqs[j].model, streaming=True)
+                self._alone(j, self.b.decode(body, state, report_cached=False))
 
     def _alone(self, j: int, events: AsyncIterator[TokenEvent]) -> None:
         """Choice j goes on in a call of its own."""
@@ -185,6 +185,6 @@ class ChoiceGroup:
         for j in sorted(self.open - self.finished):
             req = self.reqs[j]
             body = decode_body(req, tokens[j][len(req.token_ids):])
-            state = self.b.retry_state(streaming=True)
+            state = self.b.retry_state(req.model, streaming=True)
             state.failed.add(failed.url)
             self._alone(j, self.b.decode(body, state, report_cached=False))

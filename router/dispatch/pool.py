@@ -59,6 +59,7 @@ def worker_breaker(url: str, clock: Callable[[], float] = time.monotonic) -> Bre
 class WorkerInfo:
     url: str
     role: str  # "prefill" | "decode"
+    model: str | None = None  # the served model it runs, once a probe told (None: not yet)
     healthy: bool = False
     failures: int = 0  # consecutive failed probes
     inflight: int = 0  # requests this router has open on it
@@ -74,7 +75,8 @@ class WorkerInfo:
     def summary(self) -> dict:
         h = self.health
         return {
-            "url": self.url, "role": self.role, "healthy": self.healthy, "inflight": self.inflight,
+            "url": self.url, "role": self.role, "model": self.model, "healthy": self.healthy,
+            "inflight": self.inflight,
             "running": h.running if h else None, "pid": h.pid if h else None,
             "failures": self.failures, "counters": h.counters if h else {},
             "circuit": self.breaker.state(), "discovered": self.discovered,
@@ -110,12 +112,17 @@ def _is_ip(host: str) -> bool:
 class WorkerPool:
     """Owns every WorkerInfo. Health comes from probes; membership (optional) adds the workers
     that heartbeat in Redis and removes them when their ad lapses; request outcomes drive each
-    worker's breaker. `client` carries the probes only (see probe_client); close() closes it."""
+    worker's breaker. `client` carries the probes only (see probe_client); close() closes it.
+
+    `models` maps the model a worker reports (its `--model`) to the served name requests use.
+    With one served model every worker serves it, whatever it reports; with several, a worker
+    serves the one it reports, and one reporting a model this router does not serve gets no
+    traffic."""
 
     def __init__(
         self, client: httpx.AsyncClient, prefill_urls: list[str], decode_urls: list[str],
         probe_interval_s: float = 1.0, unhealthy_after: int = 2, headers: dict | None = None,
-        membership: Membership | None = None,
+        membership: Membership | None = None, models: dict[str, str] | None = None,
     ):
         self._client = client
         self._configured = {"prefill": prefill_urls, "decode": decode_urls}
@@ -124,6 +131,7 @@ class WorkerPool:
         self._unhealthy_after = unhealthy_after
         self._headers = headers or {}
         self._membership = membership
+        self._models = models or {}
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -142,29 +150,44 @@ class WorkerPool:
     def workers(self, role: str | None = None) -> list[WorkerInfo]:
         return [w for w in self._workers.values() if role is None or w.role == role]
 
-    def has_role(self, role: str) -> bool:
-        return bool(self._configured[role]) or bool(self.workers(role))
+    def serves(self, model: str | None) -> list[WorkerInfo]:
+        """Workers of `model` (None, or a router of one model: all), counting those no probe
+        has reached yet."""
+        if model is None or len(set(self._models.values())) <= 1:
+            return list(self._workers.values())
+        return [w for w in self._workers.values() if w.model is None or w.model == model]
+
+    def has_role(self, role: str, model: str | None = None) -> bool:
+        if not self._workers:
+            return bool(self._configured[role])
+        return any(w.role == role for w in self.serves(model))
 
     def ready(self) -> bool:
-        need = ["decode"] + (["prefill"] if self.has_role("prefill") else [])
-        return all(any(w.healthy for w in self.workers(r)) for r in need)
+        """Every served model has a healthy decode worker (and a prefill one, if it has any)."""
+        return all(self._model_ready(m) for m in set(self._models.values()) or {None})
 
-    def pick(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo:
+    def _model_ready(self, model: str | None) -> bool:
+        need = ["decode"] + (["prefill"] if self.has_role("prefill", model) else [])
+        return all(any(w.healthy and w.role == r for w in self.serves(model)) for r in need)
+
+    def pick(self, role: str, exclude: set[str] = frozenset(),
+             model: str | None = None) -> WorkerInfo:
         """The available worker of `role` with the fewest requests in flight."""
-        w = self.pick_or_none(role, exclude)
+        w = self.pick_or_none(role, exclude, model)
         if w is None:
             raise BackendUnavailable(f"no healthy {role} worker is available")
         return w
 
-    def pick_or_none(self, role: str, exclude: set[str] = frozenset()) -> WorkerInfo | None:
-        candidates = [w for w in self.workers(role)
-                      if w.healthy and w.url not in exclude and w.breaker.available()]
+    def pick_or_none(self, role: str, exclude: set[str] = frozenset(),
+                     model: str | None = None) -> WorkerInfo | None:
+        candidates = [w for w in self.serves(model) if w.role == role and w.healthy
+                      and w.url not in exclude and w.breaker.available()]
         if not candidates:
             return None
         return min(candidates, key=lambda w: (w.inflight, w.health.running if w.health else 0))
 
-    def any_health(self) -> WorkerHealth | None:
-        for w in self._workers.values():
+    def any_health(self, model: str | None = None) -> WorkerHealth | None:
+        for w in self.serves(model):
             if w.healthy and w.health is not None:
                 return w.health
         return None
@@ -244,6 +267,14 @@ class WorkerPool:
             if w.failures >= self._unhealthy_after or not w.healthy:
                 w.healthy = False
             return
+        served = self._served(health.model)
+        if served is None:
+            if w.health is None:  # log once, not every probe round
+                log.warning("ignoring %s: it serves %r, which this router does not", w.url,
+                            health.model)
+            w.health, w.healthy = health, False
+            return
+        w.model = served
         if w.discovered and not self._compatible(w, health):
             if w.health is None:  # log once, not every probe round
                 log.warning("ignoring %s: its model/KV layout differs from the pool's", w.url)
@@ -256,11 +287,17 @@ class WorkerPool:
         w.health = health
         w.healthy, w.failures, w.last_ok = True, 0, time.monotonic()
 
+    def _served(self, reported: str) -> str | None:
+        names = set(self._models.values())
+        if len(names) <= 1:
+            return next(iter(names), reported)
+        return self._models.get(reported)
+
     def _compatible(self, w: WorkerInfo, health: WorkerHealth) -> bool:
-        """A discovered worker must share the model and KV layout of the others: it reads and
-        writes the same blocks, and resumes their streams."""
-        ref = next((x.health for x in self._workers.values()
-                    if x is not w and x.healthy and x.health is not None), None)
+        """A discovered worker must share the weights and KV layout of the others serving its
+        model: it reads and writes the same blocks, and resumes their streams."""
+        ref = next((x.health for x in self._workers.values() if x is not w and x.healthy
+                    and x.health is not None and x.model == w.model), None)
         layout = (health.fingerprint, health.dtype, health.block_size)
         return ref is None or layout == (ref.fingerprint, ref.dtype, ref.block_size)
 

@@ -32,9 +32,11 @@ P, D1, D2 = "http://p:1", "http://d1:1", "http://d2:1"
 PROMPT = list(range(10, 20))  # under a block: no prefill hop unless a test says so
 
 
-def health(role: str, pid: int = 1) -> dict:
-    return {"role": role, "model": "m", "pid": pid, "fingerprint": "fp", "dtype": "float32",
-            "block_size": 4, "max_model_len": 512, "running": 0, "waiting": 0, "counters": {}}
+def health(role: str, pid: int = 1, model: str = "m") -> dict:
+    fingerprint = "fp" if model == "m" else f"fp-{model}"
+    return {"role": role, "model": model, "pid": pid, "fingerprint": fingerprint,
+            "dtype": "float32", "block_size": 4, "max_model_len": 512, "running": 0,
+            "waiting": 0, "counters": {}}
 
 
 def ndjson(tokens: list[int], finish_at: int | None, cut: bool = False):
@@ -59,6 +61,7 @@ class Workers:
         self.generate = generate
         self.prefill = prefill or {}
         self.health_status: dict[str, int] = {}  # url -> /health status (default 200)
+        self.models: dict[str, str] = {}  # url -> the model its /health reports (default "m")
         self.calls: list[tuple[str, str, dict]] = []
 
     def handler(self, request: httpx.Request) -> httpx.Response:
@@ -66,7 +69,8 @@ class Workers:
         path = request.url.path
         if path == "/health":
             return httpx.Response(self.health_status.get(url, 200),
-                                  json=health("prefill" if url == P else "decode"))
+                                  json=health("prefill" if url == P else "decode",
+                                              model=self.models.get(url, "m")))
         body = json.loads(request.content)
         self.calls.append((url, path, body))
         if path == "/abort":
@@ -79,8 +83,8 @@ class Workers:
 
 def dispatch_settings(prefill: bool = False, **settings) -> RouterSettings:
     return RouterSettings(_env_file=None, prefill_urls=[P] if prefill else [],
-                          decode_urls=[D1, D2], prefix_cache=False,
-                          **{"health_interval_s": 0.05, "local_prefill_tokens": 4,
+                          prefix_cache=False,
+                          **{"decode_urls": [D1, D2], "health_interval_s": 0.05, "local_prefill_tokens": 4,
                              "max_failovers": 2, **settings})
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.derived import derive
 from engine.device import dtype_name, pick_device, resolve_dtype
 from engine.packed_linear import can_pack, pack_linears
-from engine.registry import ModelSpec
+from engine.registry import ModelSpec, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ def materialize(spec: ModelSpec, cache_dir: Path | None = None) -> Path | str:
     """A local HF folder for the spec (hub specs return the id; transformers caches those)."""
     if spec.kind == "hub":
         return spec.location
+    if spec.kind == "derived":
+        base = materialize(resolve_model(spec.location), cache_dir)
+        if not isinstance(base, Path):
+            raise ValueError(f"model {spec.name!r}: a derived model needs a local base")
+        return derive(spec.name, spec.transform or "", base, cache_dir or DEFAULT_CACHE_DIR)
     if spec.kind == "path" and not spec.gguf_file:
         return Path(spec.location)
     gguf = _gguf_source(spec)

@@ -10,14 +10,15 @@ from typing import Literal
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "configs" / "models.toml"
 
-SourceKind = Literal["gguf-package", "path", "hub"]
+SourceKind = Literal["gguf-package", "path", "hub", "derived"]
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
     """Where one served model comes from.
 
-    `location` is a package name (gguf-package), a filesystem path (path) or a hub id (hub).
+    `location` is a package name (gguf-package), a filesystem path (path), a hub id (hub), or
+    the registry name of the base model (derived, with `transform`: engine/derived.py).
     """
 
     name: str
@@ -25,6 +26,7 @@ class ModelSpec:
     location: str
     gguf_file: str | None = None
     revision: str | None = None
+    transform: str | None = None
 
 
 def load_registry(path: Path | None = None) -> dict[str, ModelSpec]:

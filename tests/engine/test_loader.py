@@ -46,3 +46,29 @@ def test_fingerprint_tracks_weights(tiny_folder, tiny_fp32):
 
 def test_auto_dtype_on_cpu_is_a_real_dtype():
     assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+
+
+def test_derived_model_rounds_projections_only(default_folder: Path, smollm_fp32, tmp_path):
+    """The registry's second model: the default one with int8-rounded projections, built
+    offline. A different fingerprint (its own KV), the same tokenizer and embeddings."""
+    from safetensors.torch import load_file
+
+    from engine.derived import derive
+
+    spec = load_registry()["SmolLM2-135M-Instruct-int8r"]
+    assert (spec.kind, spec.location, spec.transform) == ("derived", DEFAULT_MODEL,
+                                                          "int8-rounded")
+    folder = derive(spec.name, spec.transform, default_folder, tmp_path)
+    assert derive(spec.name, spec.transform, default_folder, tmp_path) == folder  # built once
+    base = {k: v for f in default_folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    new = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert base.keys() == new.keys()
+    for name, w in base.items():
+        if "_proj." in name:
+            step = w.abs().amax(dim=1, keepdim=True) / 127  # [out, 1]: one int8 step per row
+            assert not torch.equal(new[name], w), name
+            assert ((new[name] - w).abs() <= step / 2 + 1e-6).all(), name
+        else:
+            assert torch.equal(new[name], w), name
+    derived = load_model(ModelSpec(spec.name, "path", str(folder)), dtype="float32", device="cpu")
+    assert derived.fingerprint != smollm_fp32.fingerprint

@@ -84,8 +84,8 @@ class Workers:
 def dispatch_settings(prefill: bool = False, **settings) -> RouterSettings:
     return RouterSettings(_env_file=None, prefill_urls=[P] if prefill else [],
                           prefix_cache=False,
-                          **{"decode_urls": [D1, D2], "health_interval_s": 0.05, "local_prefill_tokens": 4,
-                             "max_failovers": 2, **settings})
+                          **{"decode_urls": [D1, D2], "health_interval_s": 0.05,
+                             "local_prefill_tokens": 4, "max_failovers": 2, **settings})
 
 
 def run(workers: Workers, fn, prefill: bool = False, **settings):

@@ -23,6 +23,7 @@ from fastapi import APIRouter, FastAPI
 
 from router.api import chat as routes_chat
 from router.api import completions as routes_completions
+from router.api import dag as routes_dag
 from router.api import docs as routes_docs
 from router.api import models as routes_models
 from router.api import tokenizer as routes_tokenizer
@@ -80,6 +81,7 @@ def create_app(
     app.include_router(routes_models.router)
     app.include_router(routes_completions.router)
     app.include_router(routes_chat.router)
+    app.include_router(routes_dag.router)
     app.include_router(routes_tokenizer.router)
     app.include_router(routes_docs.router)
     for extra in extra_routers:

@@ -70,7 +70,12 @@ def chat_request_id(request: Request) -> str:
     return _request_id(request, "chatcmpl")
 
 
+def dag_request_id(request: Request) -> str:
+    return _request_id(request, "dag")
+
+
 CompletionId = Annotated[str, Depends(completion_request_id)]
+DagId = Annotated[str, Depends(dag_request_id)]
 ChatId = Annotated[str, Depends(chat_request_id)]
 
 

@@ -17,7 +17,9 @@ from router.protocol.common import (
     MAX_STOP_STRINGS,
     MAX_TOP_LOGPROBS,
 )
+from router.protocol.dag import MAX_DAG_NODES
 from wire.settings import StoreSettings
+from workflow.dag import DEFAULT_MAX_NODES
 
 # Never infer a context longer than this from the model config: SmolLM2 says 8192 and bigger
 # models say 128k+, which no worker here is sized for. An explicit --max-model-len overrides it.
@@ -157,6 +159,16 @@ class RouterSettings(StoreSettings):
     stream_send_timeout_s: float = Field(
         30.0, gt=0, description="a streaming client that accepts no chunk for this long is "
         "cut off and its backend calls closed (a reader that stopped reading)"
+    )
+
+    # --- DAGs (POST /v1/dag) ----------------------------------------------------------------
+    dag_max_nodes: int = Field(
+        DEFAULT_MAX_NODES, ge=1, le=MAX_DAG_NODES, description="nodes in one /v1/dag request"
+    )
+    # Each running node holds one unit of max_inflight_choices; 8 lets a wide DAG fill a
+    # worker's batch without one DAG taking the router's whole bound.
+    dag_max_concurrency: int = Field(
+        8, ge=1, description="nodes of one DAG running at once (a request may ask for fewer)"
     )
 
     @field_validator("model", "api_keys", "prefill_urls", "decode_urls", mode="before")

@@ -60,6 +60,11 @@ class Schedule:
             self.skipped.add(node.id)
         return [n.id for n in dropped]
 
+    def cancel(self, node_id: str) -> None:
+        """A running node the executor stopped (fail_fast): it counts as skipped."""
+        self.running.discard(node_id)
+        self.skipped.add(node_id)
+
     @property
     def stopped(self) -> bool:
         """fail_fast and something failed: the executor cancels what still runs."""

@@ -42,13 +42,8 @@ async def respond(
     request.state.usage, request.state.plans = usage, plans
     settings = state.settings
     admission = admit(state, len(plans))
-    timeout = settings.request_timeout_s
-    events = choice_events(state.backend, plans, settings.choices_per_call)
-    updates = merge(
-        [admission.hold(run_choice(ev, plan, tokenizer))
-         for ev, plan in zip(events, plans, strict=True)],
-        idle_timeout_s=timeout, on_idle=lambda: RequestTimedOut(timeout),
-    )
+    updates = merged_updates(state, [admission.hold(u) for u in choice_updates(
+        state, tokenizer, plans)])
     if stream:
         try:
             # The first update can take a whole prefill: a client that leaves meanwhile
@@ -71,6 +66,20 @@ async def respond(
     if results is None:
         return Response(status_code=499)  # nobody is listening; nginx's "client closed"
     return JSONResponse(body(results, usage), headers=headers)
+
+
+def choice_updates(state: RouterState, tokenizer: PreTrainedTokenizerBase,
+                   plans: Sequence[ChoicePlan]) -> list[AsyncIterator[ChoiceUpdate]]:
+    """Each choice's text updates, its backend calls not started until iterated."""
+    events = choice_events(state.backend, plans, state.settings.choices_per_call)
+    return [run_choice(ev, plan, tokenizer) for ev, plan in zip(events, plans, strict=True)]
+
+
+def merged_updates(state: RouterState, sources: Sequence[AsyncIterator[ChoiceUpdate]]
+                   ) -> AsyncIterator[ChoiceUpdate]:
+    """All choices at once, as they come; 504 when every one is silent too long."""
+    timeout = state.settings.request_timeout_s
+    return merge(sources, idle_timeout_s=timeout, on_idle=lambda: RequestTimedOut(timeout))
 
 
 def admit(state: RouterState, choices: int) -> Admission:

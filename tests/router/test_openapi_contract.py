@@ -154,10 +154,20 @@ def test_get_operations_answer_as_documented(api):
         assert client.get(path).status_code == 200 and path in spec["paths"]
 
 
+def test_a_dag_answers_as_documented(api):
+    client, spec, _ = api
+    body = {"nodes": [{"id": "a", "prompt": "Once"}, {"id": "b", "prompt": "{{a}} more"},
+                      {"id": "c", "prompt": "boom", "max_tokens": 9999}], "on_error": "continue"}
+    r = client.post("/v1/dag", json=body)
+    assert r.status_code == 200, r.text
+    _response_schema(spec, "/v1/dag", "post").validate(r.json())
+    assert [n["status"] for n in r.json()["nodes"]] == ["done", "done", "failed"]
+
+
 def test_the_document_covers_every_operation_and_never_422(api):
     _, spec, _ = api
     ops = [(p, m) for p, item in spec["paths"].items() for m in item]
-    assert len(ops) == 10, ops
+    assert len(ops) == 11, ops
     for path, method in ops:
         assert "422" not in spec["paths"][path][method]["responses"], path
 

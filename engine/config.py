@@ -52,6 +52,7 @@ class EngineStats:
     prefix_device_tokens: int = 0  # prompt tokens whose KV was found in the page pool
     prefix_store_tokens: int = 0  # prompt tokens whose KV was imported (from the store)
     preemptions: int = 0  # sequences evicted from the pool to make room (then recomputed)
+    shared_prefix_waits: int = 0  # steps a prompt waited for its prefix to be computed once
     kv_cold_tokens: int = 0  # tokens of KV moved from the pool to the cold tier
     kv_shrinks: int = 0  # times a full pool sent a sequence's pages cold instead of preempting
     # The most KV bytes resident at once: referenced pages plus the cold segments a step held.

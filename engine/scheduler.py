@@ -7,7 +7,9 @@
          recompute it later from what the cache still holds
       3. plan prefill chunks FIFO with the pages left: with decodes running, a budget of
          `prefill_chunk` tokens (a longer prompt continues next step, so it never stalls them
-         for long); with none, whole prompts
+         for long); with none, whole prompts. A waiting prompt whose first pages another
+         prompt is computing waits for them (they are then in the cache), rather than
+         computing them a second time in the same forward
 
 The scheduler owns the queue and the order sequences entered the pool; the engine owns the
 sequences themselves, the forward and sampling. Single-threaded, like the engine.
@@ -29,6 +31,11 @@ from engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 LOGITS_CHUNK = 512  # prompt positions per forward when every position's logits are kept
+# A waiting prompt that shares at least this many leading pages (64 tokens, one store block)
+# with a prompt being computed waits for it, then takes those pages from the cache (SGLang's
+# in-batch prefix caching). Shorter shares are not worth a wait: every chat shares its
+# template's ~30-token system header.
+SHARED_PREFIX_PAGES = 4
 
 
 @dataclass
@@ -186,6 +193,9 @@ class Scheduler:
             if budget <= 0:
                 break
             if not seq.placed:
+                if self._shares_prefix(seq, [*started, *(s for s, _ in planned)]):
+                    self.stats.shared_prefix_waits += 1
+                    continue
                 if whole and planned and seq.todo > budget:
                     break
                 if self._running() >= self.config.max_slots:
@@ -209,6 +219,17 @@ class Scheduler:
             if n < seq.todo:
                 break  # cut short: it goes first next step
         return planned
+
+    def _shares_prefix(self, seq: Sequence, computing: list[Sequence]) -> bool:
+        """seq's first SHARED_PREFIX_PAGES pages are among those a prompt is computing now.
+        Digests are chained, so one equal digest means every page before it is equal too (and
+        the cache salt is in the chain: tenants never wait on each other)."""
+        k, P = SHARED_PREFIX_PAGES, self.config.page_size
+        if not self.kv.caching or seq.kv_len >= k * P or (len(seq.token_ids) - 1) // P < k:
+            return False  # nothing to gain: an import holds those pages, or it is too short
+        mine = self.kv.digests(seq, k)[-1]
+        return any(len(s.token_ids) >= k * P and self.kv.digests(s, k)[-1] == mine
+                   for s in computing if s is not seq)
 
     def _room(self, seq: Sequence) -> int:
         """Tokens seq can feed now: the rest of its own pages, then the pool's free ones."""

@@ -38,7 +38,9 @@ class Schedule:
         for node in ready:
             self._pending.remove(node)
             self.running.add(node.id)
-        return [n.rendered(self.outputs) for n in ready]
+        # A node without parents has no references to fill (and a plain prompt run through
+        # the schedule is never treated as a template).
+        return [n.rendered(self.outputs) if n.parents else n for n in ready]
 
     def succeed(self, node_id: str, text: str) -> None:
         self.running.discard(node_id)

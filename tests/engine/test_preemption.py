@@ -44,7 +44,8 @@ def test_preempted_sequences_resume_to_the_same_text(smollm_fp32, prompt_ids, pa
 
 def test_a_burst_of_four_budgets_all_succeeds_under_the_budget(tiny_fp32):
     budget = 160 * page_bytes(tiny_fp32)
-    reqs = [make_request(str(i), list(range(7, 7 + 20 + (37 * i) % 200)),
+    # Each starts at its own token: no two share a prefix, so none waits to reuse another's.
+    reqs = [make_request(str(i), list(range(7 + i, 7 + i + 20 + (37 * i) % 200)),
                          greedy(16 + i % 48, ignore_eos=True)) for i in range(64)]
     need = sum(-(-(len(r.token_ids) + r.params.max_tokens) // P) for r in reqs)
     assert need * page_bytes(tiny_fp32) >= 4 * budget

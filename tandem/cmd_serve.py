@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 from typing import Annotated, Any
 
@@ -95,10 +96,21 @@ def _given(args: argparse.Namespace, cls, skip: set[str]) -> dict:
             if k in cls.model_fields and k not in skip and v is not None}
 
 
+def _threads_per_model(models: int) -> int:
+    """Each model's workers get an equal share of the cores. Every torch process otherwise
+    starts one OpenMP thread per core, and two models busy at once then fight over every core:
+    measured on 2 vCPUs (scripts/bench_dag.py, docs/BENCHMARKS.md), a DAG over two models ran
+    1.56x slower than the same nodes sent one by one; with one thread per model, 0.49x."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // models)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     serve = settings_from_args(ServeSettings, args)
     setup_logging(serve.log_level, "serve", serve.log_format)
     worker_flags = _given(args, WorkerSettings, {"host", "port", "role", "model"})
+    if len(serve.model) > 1 and "torch_threads" not in worker_flags:
+        worker_flags["torch_threads"] = _threads_per_model(len(serve.model))
     router_flags = _given(args, RouterSettings, {"host", "port", "prefill_urls", "decode_urls",
                                                  "model"})
     n_prefill = 0 if serve.colocated else serve.prefill_workers

@@ -122,6 +122,10 @@ class _DagRun:
         while not self.schedule.finished:
             for node in self.schedule.start(len(self.schedule.order)):
                 self._add(node)
+            if self.schedule.running and not any(e.has_work()
+                                                 for e in self.llm.engines.values()):
+                raise RuntimeError(f"nodes {sorted(self.schedule.running)} are running, yet "
+                                   "no engine has work")  # a bug, never a hang
             for engine in self.llm.engines.values():
                 if engine.has_work():
                     for ev in engine.step():
@@ -134,10 +138,10 @@ class _DagRun:
         model = node.model or self.llm.default
         out = self.outputs[node.id] = RequestOutput(node.id, model=model)
         try:
-            ids = self.llm.prompt_ids(node)
+            ids = self.llm.prompt_ids(node.rendered(self.schedule.outputs))
             self.llm.engines[model].add(SeqRequest(
                 f"{self.prefix}-{node.id}", ids, len(ids), node.params or self.params))
-        except ValueError as exc:  # the engine's own checks (engine/intake.py): this node's
+        except ValueError as exc:  # the engine's own checks (engine/intake.py), or a template
             out.error = str(exc)
             self._fail(node.id, str(exc))
 

@@ -51,13 +51,21 @@ class Node:
             return [m.get("content") or "" for m in self.messages]
         return [self.prompt or ""]
 
-    def rendered(self, outputs: dict[str, str]) -> Node:
-        """A copy with every `{{id}}` replaced by that parent's output."""
+    def rendered(self, outputs: dict[str, str], max_chars: int | None = None) -> Node:
+        """A copy with every `{{id}}` replaced by that parent's output; the node itself when
+        it has no parents (so a plain prompt is never read as a template). Raises
+        TemplateError past `max_chars` characters of text in all."""
+        if not self.parents:
+            return self
         if self.messages is not None:
-            msgs = [{**m, "content": render(m.get("content") or "", outputs)}
-                    for m in self.messages]
+            budget = max_chars
+            msgs = []
+            for m in self.messages:
+                content = render(m.get("content") or "", outputs, budget)
+                budget = None if budget is None else budget - len(content)
+                msgs.append({**m, "content": content})
             return replace(self, messages=msgs)
-        return replace(self, prompt=render(self.prompt or "", outputs))
+        return replace(self, prompt=render(self.prompt or "", outputs, max_chars))
 
 
 class DAG:

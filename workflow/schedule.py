@@ -31,16 +31,15 @@ class Schedule:
         self._pending = list(self.order)
 
     def start(self, limit: int) -> list[Node]:
-        """Up to `limit` nodes whose parents have all succeeded, rendered with their outputs
-        (topological order); they count as running until succeed() or fail()."""
+        """Up to `limit` nodes whose parents have all succeeded (topological order); they count
+        as running until succeed() or fail(). The executor fills in each one's references
+        (`node.rendered(schedule.outputs, ...)`), where a failure is that node's."""
         ready = [n for n in self._pending if all(p in self.outputs for p in n.parents)]
         ready = ready[:max(0, limit)]
         for node in ready:
             self._pending.remove(node)
             self.running.add(node.id)
-        # A node without parents has no references to fill (and a plain prompt run through
-        # the schedule is never treated as a template).
-        return [n.rendered(self.outputs) if n.parents else n for n in ready]
+        return ready
 
     def succeed(self, node_id: str, text: str) -> None:
         self.running.discard(node_id)

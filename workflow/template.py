@@ -43,6 +43,15 @@ def references(text: str) -> list[str]:
     return found
 
 
-def render(text: str, outputs: Mapping[str, str]) -> str:
-    """`text` with every reference replaced by its node's output (all must be in `outputs`)."""
+def render(text: str, outputs: Mapping[str, str], max_chars: int | None = None) -> str:
+    """`text` with every reference replaced by its node's output (all must be in `outputs`).
+    The size is checked before anything is built: a prompt holding 100k references to one
+    long output would otherwise build gigabytes of text first. Raises TemplateError when it
+    would pass `max_chars`."""
+    if max_chars is not None:
+        size = len(text) + sum(len(outputs[m.group(1)]) - len(m.group(0))
+                               for m in _REFERENCE.finditer(text))
+        if size > max_chars:
+            raise TemplateError(f"filled in, the prompt would hold {size} characters; at most "
+                                f"{max_chars} are allowed")
     return _REFERENCE.sub(lambda m: outputs[m.group(1)], text)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -81,18 +82,21 @@ async def create_dag(body: DagRequest, request: Request, state: State, dag_id: D
 
 async def _collect(run: DagRun) -> dict[str, DagNodeResult]:
     ended: dict[str, DagNodeResult] = {}
-    async for ev in run.events():
-        if ev.node is not None:
-            ended[ev.id] = ev.node
+    async with aclosing(run.events()) as events:
+        async for ev in events:
+            if ev.node is not None:
+                ended[ev.id] = ev.node
     return ended
 
 
 async def _stream(run: DagRun, body: DagRequest, created: int) -> AsyncIterator[list[dict]]:
     ended: dict[str, DagNodeResult] = {}
-    async for ev in run.events():
-        if ev.node is not None:
-            ended[ev.id] = ev.node
-        yield [ev.model_dump(exclude_none=True)]
+    # aclosing: a client that leaves closes this stream, which cancels every running node now.
+    async with aclosing(run.events()) as events:
+        async for ev in events:
+            if ev.node is not None:
+                ended[ev.id] = ev.node
+            yield [ev.model_dump(exclude_none=True)]
     done = DagEvent(type="dag.done", dag=_response(run.dag_id, created, body, ended))
     yield [done.model_dump(exclude_none=True)]
 

@@ -23,13 +23,14 @@ from router.api.chat import build_chat_job
 from router.api.completions import build_job
 from router.api.respond import choice_updates, merged_updates
 from router.deps import RouterState
-from router.errors import api_error_from
+from router.errors import api_error_from, bad_request
 from router.output.collect import UsageCounter
 from router.protocol.chat import ChatCompletionRequest
 from router.protocol.common import ErrorDetail
 from router.protocol.dag import DagEvent, DagNode, DagNodeResult, DagTimings
 from workflow.dag import Node, OnError
 from workflow.schedule import Schedule
+from workflow.template import TemplateError
 
 
 @dataclass(slots=True)
@@ -53,7 +54,8 @@ class DagRun:
             while not schedule.finished:
                 for node in schedule.start(self.concurrency - len(schedule.running)):
                     yield DagEvent(type="node.started", id=node.id)
-                    tasks[node.id] = asyncio.create_task(self._run(node, start, queue))
+                    tasks[node.id] = asyncio.create_task(
+                        self._run(node, schedule.outputs, start, queue))
                 ev = await queue.get()
                 yield ev
                 if ev.type == "node.done":
@@ -82,11 +84,12 @@ class DagRun:
     def _model(self, node_id: str) -> str:
         return self.state.model(self.specs[node_id].model).name
 
-    async def _run(self, node: Node, dag_start: float, queue: asyncio.Queue) -> None:
+    async def _run(self, node: Node, outputs: dict[str, str], dag_start: float,
+                   queue: asyncio.Queue) -> None:
         """One node, start to end; every outcome but cancellation is an event on `queue`."""
         started = time.perf_counter()
         try:
-            result = await self._generate(node, started, queue)
+            result = await self._generate(self._render(node, outputs), started, queue)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the node's failure, reported as its event
@@ -98,6 +101,15 @@ class DagRun:
             ttft_s=result.timings.ttft_s if result.timings else None)
         kind = "node.done" if result.status == "done" else "node.error"
         await queue.put(DagEvent(type=kind, id=node.id, node=result))
+
+    def _render(self, node: Node, outputs: dict[str, str]) -> Node:
+        """Its parents' text filled in, within the router's text limit (checked before the
+        text is built: see workflow/template.py)."""
+        try:
+            return node.rendered(outputs, self.state.settings.max_text_chars)
+        except TemplateError as e:
+            param = "messages" if node.messages is not None else "prompt"
+            raise bad_request(str(e), param, "string_above_max_length") from None
 
     async def _generate(self, node: Node, started: float, queue: asyncio.Queue
                         ) -> DagNodeResult:

@@ -94,3 +94,10 @@ def test_bench_kv_quant_reports_every_format():
                      "--ttft-prompt", "200", "--repeat", "1")
     for row in ("| exact (float32) | 46,080 |", "| int8 | 12,240 |", "| uint4 | 6,480 |"):
         assert row in out
+
+
+def test_bench_dag_runs_both_modes(tmp_path):
+    out = run_script("scripts/bench_dag.py", "--rounds", "1", "--max-tokens", "2",
+                     "--dtype", "float32", "--colocated")
+    assert "| serial |" in out and "| dag |" in out and "DAG / serial:" in out
+    assert "same text: True" in out

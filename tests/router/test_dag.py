@@ -161,6 +161,17 @@ def test_a_node_whose_prompt_outgrows_the_context_fails_alone(client, echo):
     assert got["a"]["status"] == got["c"]["status"] == "done"
 
 
+def test_a_prompt_that_would_outgrow_the_text_limit_fails_before_it_is_built(make_app, echo):
+    with TestClient(make_app(echo, max_text_chars=2000)) as c:
+        r = c.post("/v1/dag", json=dag(node("a", "word " * 50, max_tokens=100),
+                                       node("b", "{{a}}" * 300), on_error="continue"))
+    got = by_id(r.json())
+    assert got["a"]["status"] == "done"
+    assert got["b"]["status"] == "failed"
+    assert got["b"]["error"]["code"] == "string_above_max_length"
+    assert got["b"]["error"]["param"] == "prompt"
+
+
 def test_continue_skips_only_descendants(client, echo):
     r = client.post("/v1/dag", json=dag(
         node("bad", "boom"), node("child", "{{bad}}"), node("grandchild", "{{child}}"),

@@ -78,6 +78,20 @@ def test_an_output_is_inserted_as_text_never_expanded():
     assert out == "child: {{b}} {{ 7*7 }} {% x %} / secret"
 
 
+def test_render_checks_the_size_before_building_it():
+    text = "{{a}}" * 100_000  # 500 KB of template, 100,000 copies of a 1 MB output: 100 GB
+    with pytest.raises(TemplateError, match="at most 1000"):
+        render(text, {"a": "x" * 2**20}, max_chars=1000)
+    assert render("{{a}}!", {"a": "xy"}, max_chars=3) == "xy!"
+    with pytest.raises(TemplateError):
+        render("{{a}}!", {"a": "xy"}, max_chars=2)
+
+
+def test_a_node_without_parents_is_never_rendered():
+    node = DAG().add_node("a", "literal {{ braces }}").nodes[0]
+    assert node.rendered({}) is node
+
+
 def test_messages_are_rendered_per_content():
     dag = DAG().add_node("a", "x").add_node("b", messages=[
         {"role": "user", "content": "q"}, {"role": "assistant", "content": "{{a}}"},
@@ -99,12 +113,13 @@ def test_schedule_runs_ready_nodes_up_to_the_limit():
     assert [n.id for n in s.start(5)] == ["e"]
     assert s.start(5) == []  # b and c wait for a
     s.succeed("a", "A")
-    assert [(n.id, n.prompt) for n in s.start(5)] == [("b", "A"), ("c", "A")]
+    assert [(n.id, n.rendered(s.outputs).prompt) for n in s.start(5)] == [("b", "A"),
+                                                                           ("c", "A")]
     s.succeed("b", "B")
     assert s.start(5) == []
     s.succeed("c", "C")
     s.succeed("e", "E")
-    assert [(n.id, n.prompt) for n in s.start(5)] == [("d", "BC")]
+    assert [(n.id, n.rendered(s.outputs).prompt) for n in s.start(5)] == [("d", "BC")]
     s.succeed("d", "D")
     assert s.finished and not s.failed
 

@@ -42,14 +42,20 @@ def derive(name: str, transform: str, base: Path, cache_dir: Path) -> Path:
     if transform not in TRANSFORMS:
         raise ValueError(f"model {name!r}: unknown transform {transform!r} "
                          f"(known: {', '.join(TRANSFORMS)})")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dest = cache_dir / f"{base.name}--{transform}"
+    fn = TRANSFORMS[transform]
+    return build_once(cache_dir / f"{base.name}--{transform}", lambda d: _build(fn, base, d))
+
+
+def build_once(dest: Path, build: Callable[[Path], None]) -> Path:
+    """`dest`, a model folder, built by `build(dest)` unless it holds a config.json already.
+    Several workers may start at once: one builds, the others wait on the lock."""
     if (dest / "config.json").exists():
         return dest
-    with (cache_dir / f".{dest.name}.lock").open("w") as lock:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with (dest.parent / f".{dest.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (dest / "config.json").exists():
-            _build(TRANSFORMS[transform], base, dest)
+            build(dest)
     return dest
 
 

@@ -8,7 +8,6 @@ takes well under a second.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from engine.derived import derive
+from engine.derived import build_once, derive
 from engine.device import dtype_name, pick_device, resolve_dtype
 from engine.packed_linear import can_pack, pack_linears
 from engine.registry import ModelSpec, resolve_model
@@ -107,17 +106,8 @@ def materialize(spec: ModelSpec, cache_dir: Path | None = None) -> Path | str:
     if spec.kind == "path" and not spec.gguf_file:
         return Path(spec.location)
     gguf = _gguf_source(spec)
-    cache_dir = cache_dir or DEFAULT_CACHE_DIR
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dest = cache_dir / f"{_slug(spec.name)}-{gguf.stat().st_size:x}"
-    if (dest / "config.json").exists():
-        return dest
-    # Several workers may start at once: one converts, the others wait on the lock.
-    with (cache_dir / f".{dest.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (dest / "config.json").exists():
-            _convert_gguf(gguf, dest)
-    return dest
+    dest = (cache_dir or DEFAULT_CACHE_DIR) / f"{_slug(spec.name)}-{gguf.stat().st_size:x}"
+    return build_once(dest, lambda d: _convert_gguf(gguf, d))
 
 
 def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:

@@ -1,4 +1,4 @@
-"""A two-model cascade: one model drafts, a second refines the draft, a third step checks it.
+"""A two-model cascade: one model drafts, a second refines the draft, the first sums it up.
 
     .venv/bin/python examples/cascade.py                 # in process (tandem.LLM)
     .venv/bin/python examples/cascade.py --url http://127.0.0.1:8000   # against tandem serve
@@ -19,8 +19,7 @@ from tandem import DAG, LLM, Client, SamplingParams
 
 DRAFTER = "SmolLM2-135M-Instruct-int8r"
 REFINER = "HuggingFaceTB/SmolLM2-135M-Instruct"
-BRIEF = ("You write product copy for a small bakery that sells sourdough bread, rolls and "
-         "seasonal cakes. Keep every answer under forty words.")
+BRIEF = "You are a copywriter for a small bakery."
 
 
 def cascade(topic: str) -> DAG:
@@ -28,12 +27,13 @@ def cascade(topic: str) -> DAG:
         return [{"role": "system", "content": BRIEF}, {"role": "user", "content": text}]
 
     return (DAG()
-            .add_node("draft", messages=chat(f"Draft a short announcement: {topic}"),
+            .add_node("draft", messages=chat(f"Write a two-sentence announcement: {topic}."),
                       model=DRAFTER)
-            .add_node("refine", messages=chat("Improve this draft, keeping its facts:\n"
-                                              "{{draft}}"), model=REFINER)
-            .add_node("check", messages=chat("Does this announcement mention a price? Answer "
-                                             "yes or no.\n{{refine}}"), model=DRAFTER))
+            .add_node("refine", messages=chat("Here is a draft announcement: {{draft}}\nWrite "
+                                              "a longer, more exciting version that invites "
+                                              "customers to visit."), model=REFINER)
+            .add_node("summary", messages=chat("Summarize this in one short sentence: "
+                                               "{{refine}}"), model=DRAFTER))
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--url", help="run against this tandem serve instead of in process")
     ap.add_argument("--topic", default="our new rye loaf is out on Friday")
     args = ap.parse_args()
-    params = SamplingParams(temperature=0, max_tokens=64)
+    params = SamplingParams(temperature=0, max_tokens=80)
     dag = cascade(args.topic)
     if args.url:
         with Client(args.url) as client:

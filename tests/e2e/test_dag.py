@@ -9,34 +9,12 @@ import json
 import httpx
 import pytest
 
+from scripts.bench_dag import SYSTEM, A, B, workload
 from tandem import DAG, LLM, Client, SamplingParams
 from tests.e2e.stack import Stack
 from workflow.dag import Node
 
-A = "HuggingFaceTB/SmolLM2-135M-Instruct"
-B = "SmolLM2-135M-Instruct-int8r"  # configs/models.toml: A with int8-rounded projections
-# ~1,000 tokens of facts, shared by seven nodes of two models.
-SYSTEM = "Reference sheet for the quiz below.\n" + "".join(
-    f"Fact {i}: station {i} of the northern line opened in {1850 + 3 * i} and serves "
-    f"{1000 + 37 * i} passengers a day.\n" for i in range(40))
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
-
-
-def quiz(q: str) -> str:
-    return f"{SYSTEM}\nQuestion: {q}\nAnswer:"
-
-
-def ten_node_dag() -> DAG:
-    dag = DAG()
-    for i, q in enumerate(["When did station 3 open?", "How busy is station 7?",
-                           "Which station opened in 1880?"]):
-        dag.add_node(f"a{i}", quiz(q))
-        dag.add_node(f"b{i}", quiz(q), model=B)
-    dag.add_node("c1", quiz("Name the busiest station."))  # a chain across both models
-    dag.add_node("c2", "Improve this answer: {{c1}}\nBetter answer:", model=B)
-    dag.add_node("c3", "Say it in three words: {{c2}}\nThree words:")
-    dag.add_node("join", "One says {{a0}} and the other says {{b0}}. Together:", model=B)
-    return dag
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +44,7 @@ def test_models_are_listed_and_an_unknown_one_is_404(two_models):
 
 
 def test_ten_nodes_two_models_shared_prefix_computed_once(two_models, smollm_fp32):
-    dag = ten_node_dag()
+    dag = workload()  # scripts/bench_dag.py: 10 nodes, a shared sheet, a chain, a join
     system_len = len(smollm_fp32.tokenizer.encode(SYSTEM))
     assert system_len >= 1000
     before = computed(two_models)

@@ -64,6 +64,14 @@ def test_two_models_overlay_serves_both_with_their_own_workers(tmp_path):
         assert services[name]["environment"]["TANDEM_INTERNAL_TOKEN"] == SECRETS[
             "TANDEM_INTERNAL_TOKEN"]
         assert router["depends_on"][name] == {"condition": "service_healthy"}
+    # Prometheus scrapes the second model's workers too.
+    assert any(v.endswith("prometheus.two-models.yml:/etc/prometheus/prometheus.yml:ro")
+               for v in services["prometheus"]["volumes"])
+    jobs = yaml.safe_load((ROOT / "configs" / "prometheus.two-models.yml").read_text())
+    names = {job["job_name"]: job.get("dns_sd_configs", [{}])[0].get("names")
+             for job in jobs["scrape_configs"]}
+    assert names["tandem-prefill"] == ["prefill", "prefill-b"]
+    assert names["tandem-decode"] == ["decode", "decode-b"]
 
 
 @pytest.mark.parametrize("missing", sorted(SECRETS))

@@ -108,3 +108,21 @@ def test_node_order_is_kept_by_the_client(two_models):
     dag = DAG([Node("z", "Hello"), Node("y", "{{z}} again")])
     with Client(two_models.url) as client:
         assert [o.seq_id for o in client.generate(dag, GREEDY)] == ["z", "y"]
+
+
+def test_a_follow_up_chat_node_reuses_its_parents_prompt_and_answer(two_models):
+    first = [{"role": "system", "content": SYSTEM},
+             {"role": "user", "content": "Describe station 3 in a long paragraph."}]
+    follow = [*first, {"role": "assistant", "content": "{{a}}"},
+              {"role": "user", "content": "And station 4?"}]
+    r = httpx.post(f"{two_models.url}/v1/dag", timeout=300, json={"nodes": [
+        {"id": "a", "messages": first, "max_tokens": 120, "temperature": 0},
+        {"id": "b", "messages": follow, "max_tokens": 4, "temperature": 0}]})
+    a, b = r.json()["nodes"]
+    assert a["status"] == b["status"] == "done", r.text
+    prompt, answer = a["usage"]["prompt_tokens"], a["usage"]["completion_tokens"]
+    # The answer fills a store block past the prompt (the decode worker stores each block of
+    # generated tokens as it fills); b, prefilled on either worker, loads it with the prompt.
+    full_blocks = (prompt + answer - 1) // 64 * 64
+    assert full_blocks > prompt, (prompt, answer)
+    assert b["cached_tokens"] >= full_blocks, (prompt, answer, b["cached_tokens"])

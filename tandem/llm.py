@@ -136,13 +136,12 @@ class _DagRun:
 
     def _add(self, node: Node) -> None:
         model = node.model or self.llm.default
-        out = self.outputs[node.id] = RequestOutput(node.id, model=model)
+        self.outputs[node.id] = RequestOutput(node.id, model=model)
         try:
             ids = self.llm.prompt_ids(node.rendered(self.schedule.outputs))
             self.llm.engines[model].add(SeqRequest(
                 f"{self.prefix}-{node.id}", ids, len(ids), node.params or self.params))
         except ValueError as exc:  # the engine's own checks (engine/intake.py), or a template
-            out.error = str(exc)
             self._fail(node.id, str(exc))
 
     def _node_id(self, seq_id: str) -> str:

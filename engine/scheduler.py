@@ -21,6 +21,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 
 from engine.cold_kv import table_len
 from engine.config import EngineConfig, EngineStats
@@ -193,7 +194,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if not seq.placed:
-                if self._shares_prefix(seq, [*started, *(s for s, _ in planned)]):
+                if self._shares_prefix(seq, started, planned):
                     self.stats.shared_prefix_waits += 1
                     continue
                 if whole and planned and seq.todo > budget:
@@ -220,7 +221,8 @@ class Scheduler:
                 break  # cut short: it goes first next step
         return planned
 
-    def _shares_prefix(self, seq: Sequence, computing: list[Sequence]) -> bool:
+    def _shares_prefix(self, seq: Sequence, started: list[Sequence],
+                       planned: list[tuple[Sequence, int]]) -> bool:
         """seq's first SHARED_PREFIX_PAGES pages are among those a prompt is computing now.
         Digests are chained, so one equal digest means every page before it is equal too (and
         the cache salt is in the chain: tenants never wait on each other)."""
@@ -228,6 +230,7 @@ class Scheduler:
         if not self.kv.caching or seq.kv_len >= k * P or (len(seq.token_ids) - 1) // P < k:
             return False  # nothing to gain: an import holds those pages, or it is too short
         mine = self.kv.digests(seq, k)[-1]
+        computing = chain(started, (s for s, _ in planned))  # built only past the checks above
         return any(len(s.token_ids) >= k * P and self.kv.digests(s, k)[-1] == mine
                    for s in computing if s is not seq)
 

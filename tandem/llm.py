@@ -22,14 +22,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pydantic import TypeAdapter
+
 from engine.cold_kv import HostColdTier
 from engine.engine import Engine, EngineConfig
 from engine.loader import load_model
 from engine.registry import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest, TokenEvent
+from router.api.chat import chat_prompt_ids
+from router.errors import APIError
+from router.protocol.chat import Messages
 from workflow.dag import DAG, DEFAULT_MAX_NODES, Node, OnError
 from workflow.schedule import Schedule
+
+_MESSAGES = TypeAdapter(Messages)  # the chat endpoint's own message schema
 
 
 @dataclass(slots=True)
@@ -88,14 +95,13 @@ class LLM:
         return self._run(nodes, nodes, params, "fail_fast")
 
     def prompt_ids(self, node: Node) -> list[int]:
-        """The node's prompt as the server tokenizes it (router/api/planning.py, chat.py)."""
+        """The node's prompt through the server's own code (router/api/planning.py, chat.py),
+        so a greedy node reads the same tokens here and served. Raises ValueError or APIError
+        on a prompt the server would refuse."""
         tok = self._engine(node.model).loaded.tokenizer
         if node.messages is None:
-            return tok.encode(node.prompt, add_special_tokens=True)
-        turns = [{**m, "role": "system" if m["role"] == "developer" else m["role"]}
-                 for m in node.messages]
-        text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return tok.encode(text, add_special_tokens=False)
+            return tok.encode(node.prompt, add_special_tokens=True)  # as completion_prompts
+        return chat_prompt_ids(tok, _MESSAGES.validate_python(node.messages))
 
     def _engine(self, model: str | None) -> Engine:
         return self.engines[model or self.default]
@@ -141,7 +147,7 @@ class _DagRun:
             ids = self.llm.prompt_ids(node.rendered(self.schedule.outputs))
             self.llm.engines[model].add(SeqRequest(
                 f"{self.prefix}-{node.id}", ids, len(ids), node.params or self.params))
-        except ValueError as exc:  # the engine's own checks (engine/intake.py), or a template
+        except (ValueError, APIError) as exc:  # the engine's or the server's own checks
             self._fail(node.id, str(exc))
 
     def _node_id(self, seq_id: str) -> str:

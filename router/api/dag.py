@@ -81,23 +81,18 @@ async def create_dag(body: DagRequest, request: Request, state: State, dag_id: D
 
 
 async def _collect(run: DagRun) -> dict[str, DagNodeResult]:
-    ended: dict[str, DagNodeResult] = {}
     async with aclosing(run.events()) as events:
-        async for ev in events:
-            if ev.node is not None:
-                ended[ev.id] = ev.node
-    return ended
+        async for _ in events:
+            pass
+    return run.ended
 
 
 async def _stream(run: DagRun, body: DagRequest, created: int) -> AsyncIterator[list[dict]]:
-    ended: dict[str, DagNodeResult] = {}
     # aclosing: a client that leaves closes this stream, which cancels every running node now.
     async with aclosing(run.events()) as events:
         async for ev in events:
-            if ev.node is not None:
-                ended[ev.id] = ev.node
             yield [ev.model_dump(exclude_none=True)]
-    done = DagEvent(type="dag.done", dag=_response(run.dag_id, created, body, ended))
+    done = DagEvent(type="dag.done", dag=_response(run.dag_id, created, body, run.ended))
     yield [done.model_dump(exclude_none=True)]
 
 

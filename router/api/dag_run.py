@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from router.api.chat import build_chat_job
 from router.api.completions import build_job
@@ -43,8 +43,17 @@ class DagRun:
     concurrency: int
     tenant: str | None
     cache_salt: str | None
+    ended: dict[str, DagNodeResult] = field(default_factory=dict)  # node id -> how it ended
 
     async def events(self) -> AsyncIterator[DagEvent]:
+        """Every event, in order; each node's last one is also kept in `ended`."""
+        async with aclosing(self._events()) as events:
+            async for ev in events:
+                if ev.node is not None:
+                    self.ended[ev.id] = ev.node
+                yield ev
+
+    async def _events(self) -> AsyncIterator[DagEvent]:
         schedule = Schedule(self.order, self.on_error)
         # Bounded: a client that reads slowly slows the nodes down rather than growing this.
         queue: asyncio.Queue[DagEvent] = asyncio.Queue(maxsize=64)
@@ -87,9 +96,9 @@ class DagRun:
     async def _run(self, node: Node, outputs: dict[str, str], dag_start: float,
                    queue: asyncio.Queue) -> None:
         """One node, start to end; every outcome but cancellation is an event on `queue`."""
-        started = time.perf_counter()
+        started, first = time.perf_counter(), None
         try:
-            result = await self._generate(self._render(node, outputs), started, queue)
+            result, first = await self._generate(self._render(node, outputs), queue)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the node's failure, reported as its event
@@ -98,7 +107,7 @@ class DagRun:
                                    error=ErrorDetail(**err.body()["error"]))
         result.timings = DagTimings(
             started_s=started - dag_start, total_s=time.perf_counter() - started,
-            ttft_s=result.timings.ttft_s if result.timings else None)
+            ttft_s=None if first is None else first - started)
         kind = "node.done" if result.status == "done" else "node.error"
         await queue.put(DagEvent(type=kind, id=node.id, node=result))
 
@@ -111,8 +120,9 @@ class DagRun:
             param = "messages" if node.messages is not None else "prompt"
             raise bad_request(str(e), param, "string_above_max_length") from None
 
-    async def _generate(self, node: Node, started: float, queue: asyncio.Queue
-                        ) -> DagNodeResult:
+    async def _generate(self, node: Node, queue: asyncio.Queue
+                        ) -> tuple[DagNodeResult, float | None]:
+        """The node's result and when its first update came (perf_counter; None: none)."""
         spec, state = self.specs[node.id], self.state
         model = self._model(node.id)
         body = spec.request(node, model, self.cache_salt)
@@ -126,11 +136,10 @@ class DagRun:
         usage = UsageCounter(prompt_lens, state.settings.report_cached_tokens)
         updates = merged_updates(state, choice_updates(state, job.model.tokenizer, job.plans))
         parts: list[str] = []
-        first, finish = None, None
+        finish = None
         async with aclosing(updates):
             async for u in updates:
                 usage.add(u)
-                first = first or time.perf_counter()
                 finish = u.finish_reason or finish
                 if u.text:
                     parts.append(u.text)
@@ -139,5 +148,4 @@ class DagRun:
         return DagNodeResult(
             id=node.id, model=model, status="done", text="".join(parts), finish_reason=finish,
             usage=told, cached_tokens=told.prompt_tokens_details.cached_tokens,
-            timings=DagTimings(started_s=0.0, total_s=0.0,
-                               ttft_s=None if first is None else first - started))
+        ), usage.first_update_at

@@ -132,6 +132,7 @@ class WorkerPool:
         self._headers = headers or {}
         self._membership = membership
         self._models = models or {}
+        self._names = set(self._models.values())  # the served names
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -153,7 +154,7 @@ class WorkerPool:
     def serves(self, model: str | None) -> list[WorkerInfo]:
         """Workers of `model` (None, or a router of one model: all), counting those no probe
         has reached yet."""
-        if model is None or len(set(self._models.values())) <= 1:
+        if model is None or len(self._names) <= 1:
             return list(self._workers.values())
         return [w for w in self._workers.values() if w.model is None or w.model == model]
 
@@ -164,7 +165,7 @@ class WorkerPool:
 
     def ready(self) -> bool:
         """Every served model has a healthy decode worker (and a prefill one, if it has any)."""
-        return all(self._model_ready(m) for m in set(self._models.values()) or {None})
+        return all(self._model_ready(m) for m in self._names or {None})
 
     def _model_ready(self, model: str | None) -> bool:
         need = ["decode"] + (["prefill"] if self.has_role("prefill", model) else [])
@@ -288,9 +289,8 @@ class WorkerPool:
         w.healthy, w.failures, w.last_ok = True, 0, time.monotonic()
 
     def _served(self, reported: str) -> str | None:
-        names = set(self._models.values())
-        if len(names) <= 1:
-            return next(iter(names), reported)
+        if len(self._names) <= 1:
+            return next(iter(self._names), reported)
         return self._models.get(reported)
 
     def _compatible(self, w: WorkerInfo, health: WorkerHealth) -> bool:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from scripts.bench_dag import SYSTEM, A, B, workload
+from scripts.bench_dag import computed as computed_by_model
 from tandem import DAG, LLM, Client, SamplingParams
 from tests.e2e.stack import Stack
 from workflow.dag import Node
@@ -26,12 +27,8 @@ def two_models(tmp_path_factory):
 
 def computed(stack: Stack) -> dict[str, int]:
     """Prompt tokens each model's workers computed (not loaded), read from the workers."""
-    out: dict[str, int] = {}
-    for w in stack.workers():
-        health = httpx.get(f"{w['url']}/health", timeout=5).json()
-        out[w["model"]] = out.get(w["model"], 0) + health["counters"][
-            "prompt_tokens_computed_total"]
-    return out
+    with httpx.Client(timeout=5) as http:
+        return computed_by_model(http, stack.url)
 
 
 def test_models_are_listed_and_an_unknown_one_is_404(two_models):

@@ -32,6 +32,7 @@ from engine.cold_kv import (
 from engine.cold_stream import HELD, stream_reserve
 from engine.config import EngineConfig, EngineStats, KVUsage, default_max_len, eos_ids
 from engine.forward import Forward
+from engine.grammar import Grammars, GuideError, allowed_tokens
 from engine.intake import InvalidRequest, check_params, check_request, trim_prefix
 from engine.kv_budget import pool_pages
 from engine.kv_layout import KVLayout, blocks_to_flat, flat_to_blocks
@@ -39,7 +40,7 @@ from engine.loader import LoadedModel
 from engine.page_hash import chain_root
 from engine.page_pool import PagePool
 from engine.paged_kv import PagedKV
-from engine.sampler import Sampled, prompt_logprobs, sample
+from engine.sampler import Sampled, SampleRow, prompt_logprobs, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Plan, Scheduler
 from engine.sequence import SeqRequest, Sequence, TokenEvent, stop_ids_for
@@ -72,6 +73,7 @@ class Engine:
             raise ValueError(f"page_size {config.page_size} must divide the store's block_size "
                              f"{config.block_size}, so blocks move as whole pages")
         self.eos_token_ids = eos_ids(loaded.model)
+        self.grammars = Grammars(loaded.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
         prefetch, segment, reserve = self._stream_plan(cold_tier is not None)
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
                              config.page_size, loaded.device)
@@ -138,6 +140,7 @@ class Engine:
         seq = Sequence(req.seq_id, list(req.token_ids), req.num_prompt_tokens, p,
                        stop_ids_for(p, self.eos_token_ids), prefill_only=req.prefill_only,
                        cache_salt=req.cache_salt)
+        seq.matcher = self._matcher(p, seq.token_ids[seq.num_prompt_tokens :])
         if p.prompt_logprobs is not None:
             seq.prompt_lps = [None]  # needs every prompt position's logits: full prefill
         elif req.prefix_kv is not None and req.prefix_len > 0:
@@ -154,6 +157,7 @@ class Engine:
         Reads only fixed configuration, so any thread may call it: a worker does, to answer
         400 before it starts streaming."""
         check_request(req, self.layout, self.loaded.config.vocab_size, self.max_model_len)
+        self._matcher(req.params, req.token_ids[req.num_prompt_tokens :])
         need = min(len(req.token_ids) + req.params.max_tokens, self.max_model_len)
         capacity = self.pool.num_pages * self.config.page_size
         if need > capacity and self.cold is None:  # with a cold tier, any length streams
@@ -165,6 +169,17 @@ class Engine:
     def check_params(self, params: SamplingParams) -> None:
         """check() for a fork's parameters (its tokens are its parent's): any thread."""
         check_params(params, self.loaded.config.vocab_size)
+        self._matcher(params, [])
+
+    def _matcher(self, params: SamplingParams, generated: list[int]):
+        """The llguidance matcher of params.guide advanced over `generated`, or None. Raises
+        InvalidRequest for a guide that does not compile or does not accept the tokens."""
+        if params.guide is None:
+            return None
+        try:
+            return self.grammars.matcher(params.guide, generated)
+        except GuideError as exc:
+            raise InvalidRequest("guide", f"invalid guide: {exc}") from None
 
     def cached_prefix_tokens(self, token_ids: list[int], cache_salt: str = "") -> int:
         """Leading tokens whose KV the pool holds now (full pages): advisory, any thread."""
@@ -351,21 +366,43 @@ class Engine:
                 rows.append(self._spawn(seq, child_id, params))
                 src.append(i)
             seq.forks = []
-        if len(rows) != len(seqs):
+        rows, src = self._guided(rows, src)
+        if src != list(range(len(seqs))):
             logits = logits[src]
+        samples = [s.sample_row(self._allowed(s, logits.device)) for s in rows]
         try:
-            outs = sample(logits, [s.sample_row() for s in rows], self._gen)
+            outs = sample(logits, samples, self._gen)
         except Exception:
             log.exception("batched sampling failed; sampling %d rows one by one", len(rows))
-            return self._emit_each(rows, logits)
+            return self._emit_each(rows, samples, logits)
         return [self._append(s, o) for s, o in zip(rows, outs, strict=False)]
 
-    def _emit_each(self, rows: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+    def _guided(self, rows: list[Sequence], src: list[int]) -> tuple[list[Sequence], list[int]]:
+        """Drop (fail) the rows whose guide is in an error state; the others go on."""
+        bad = set()
+        for i, seq in enumerate(rows):
+            if seq.matcher is not None and seq.matcher.is_error():
+                self._fail(seq, GuideError(seq.matcher.get_error()))
+                bad.add(i)
+        if not bad:
+            return rows, src
+        keep = [i for i in range(len(rows)) if i not in bad]
+        return [rows[i] for i in keep], [src[i] for i in keep]
+
+    def _allowed(self, seq: Sequence, device: torch.device) -> torch.Tensor | None:
+        """The guide's mask bool [V] for the row's next token, or None without a guide."""
+        if seq.matcher is None:
+            return None
+        mask = allowed_tokens(seq.matcher, self.grammars.vocab_size)
+        return torch.from_numpy(mask).to(device, non_blocking=True)
+
+    def _emit_each(self, rows: list[Sequence], samples: list[SampleRow],
+                   logits: torch.Tensor) -> list[TokenEvent]:
         """Sample row by row (logits [len(rows), V]): a row that raises again fails alone."""
         events = []
         for i, seq in enumerate(rows):
             try:
-                [out] = sample(logits[i : i + 1], [seq.sample_row()], self._gen)
+                [out] = sample(logits[i : i + 1], [samples[i]], self._gen)
             except Exception as e:
                 self._fail(seq, e)
                 continue
@@ -379,9 +416,7 @@ class Engine:
         self._failed.append((seq.seq_id, err))
 
     def _append(self, seq: Sequence, out: Sampled) -> TokenEvent:
-        seq.token_ids.append(out.token_id)
-        seq.sampled = True
-        reason = seq.finish_check(out.token_id, self.max_model_len)
+        reason = seq.append(out.token_id, self.max_model_len)
         ev = TokenEvent(out.token_id, out.logprob, out.top_logprobs, reason, seq_id=seq.seq_id)
         ev.num_cached_tokens, seq.reused = seq.reused, None
         if seq.prompt_lps is not None:
@@ -396,6 +431,7 @@ class Engine:
         child = Sequence(child_id, list(parent.token_ids), parent.num_prompt_tokens, params,
                          stop_ids_for(params, self.eos_token_ids), parent.prefill_only,
                          parent.cache_salt, kv_len=parent.kv_len, sampled=True)
+        child.matcher = self._matcher(params, child.token_ids[child.num_prompt_tokens :])
         self._seqs[child_id] = child
         if not parent.sampled:  # an n > 1 sibling: the prompt's reuse and logprobs are its too
             child.reused, child.prompt_lps = parent.reused, parent.prompt_lps

@@ -1,8 +1,9 @@
 """Sampling: pure functions from a batch of logits and per-row controls to chosen tokens.
 
-Order, as in vLLM: logit_bias and min_tokens bans -> penalties -> (greedy: argmax) ->
-temperature -> min_p -> top_k / top_p -> draw. Logprobs are reported from the raw model
-distribution, log_softmax(logits), before any of that (vLLM's default).
+Order, as in vLLM: logit_bias and min_tokens bans -> penalties -> the guide's mask (structured
+output) -> (greedy: argmax) -> temperature -> min_p -> top_k / top_p -> draw. Logprobs are
+reported from the raw model distribution, log_softmax(logits), before any of that (vLLM's
+default).
 
 The draw is position-deterministic for seeded rows: argmax(probs / E) with E ~ Exp(1) noise from
 a generator seeded by hash(seed, position), which is an exact sample from probs (the exponential
@@ -36,6 +37,7 @@ class SampleRow:
     token_ids: list[int]  # prompt + generated so far (penalties read it; never written)
     num_prompt_tokens: int
     banned: tuple[int, ...] = ()  # stop ids suppressed until min_tokens is reached
+    allowed: torch.Tensor | None = None  # bool [V]: the tokens its guide permits next
 
 
 @dataclass(slots=True)
@@ -62,10 +64,12 @@ def sample(
 
 
 def apply_controls(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """logit_bias, min_tokens bans and penalties. Returns `logits` untouched when none apply."""
+    """logit_bias, min_tokens bans, penalties and guide masks. Returns `logits` untouched when
+    none apply."""
     biased = [i for i, r in enumerate(rows) if r.params.logit_bias or r.banned]
     penal = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
-    if not biased and not penal:
+    guided = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if not biased and not penal and not guided:
         return logits
     logits = logits.clone()
     for i in biased:  # a handful of ids per row: per-row indexing is cheapest
@@ -73,12 +77,24 @@ def apply_controls(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         if bias:
             ids = torch.tensor(list(bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device)
-        if rows[i].banned:
+        if rows[i].banned and rows[i].allowed is None:  # a guided row bans through its mask
             logits[i, list(rows[i].banned)] = float("-inf")
     if penal:
         idx = torch.tensor(penal, device=logits.device)
         logits[idx] = apply_penalties(logits[idx], [rows[i] for i in penal])
+    for i in guided:
+        logits[i].masked_fill_(~_guided_mask(rows[i]), float("-inf"))
     return logits
+
+
+def _guided_mask(row: SampleRow) -> torch.Tensor:
+    """The row's guide mask [V], less its min_tokens bans unless the guide allows nothing else:
+    a guide that must end here (only EOS fits) wins over min_tokens."""
+    if not row.banned:
+        return row.allowed
+    narrowed = row.allowed.clone()
+    narrowed[list(row.banned)] = False
+    return narrowed if narrowed.any() else row.allowed
 
 
 def _has_penalty(p: SamplingParams) -> bool:

@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(slots=True, frozen=True)
+class Guide:
+    """A constraint on the generated text, enforced token by token (engine/grammar.py).
+
+    kind "json": `spec` is a JSON Schema (JSON text); "regex": a regular expression the whole
+    output must match (Rust regex syntax); "lark": a Lark grammar as llguidance reads it.
+    Choices, tool calls and JSON mode are built from these at the HTTP edge.
+    """
+
+    kind: Literal["json", "regex", "lark"]
+    spec: str
 
 
 @dataclass(slots=True)
@@ -29,6 +43,7 @@ class SamplingParams:
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    guide: Guide | None = None  # structured output: the text must match it
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ are all the same case.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -96,6 +97,8 @@ class Sequence:
     sampled: bool = False  # has sampled in this engine (fork semantics)
     forks: list[tuple[str, SamplingParams]] = field(default_factory=list)  # pending children
     prompt_lps: list[PromptLogprob | None] | None = None  # being collected during prefill
+    # Its guide's llguidance.LLMatcher (structured output), advanced over its generated tokens.
+    matcher: Any = None
 
     @property
     def todo(self) -> int:
@@ -110,15 +113,26 @@ class Sequence:
     def is_decoder(self) -> bool:
         return self.placed and not self.done and self.todo == 1
 
-    def sample_row(self) -> SampleRow:
+    def sample_row(self, allowed: torch.Tensor | None = None) -> SampleRow:
+        """`allowed` bool [V]: its guide's mask for this token, when it has a guide."""
         p = self.params
         banned = tuple(self.stop_ids) if self.num_generated < p.min_tokens else ()
-        return SampleRow(p, len(self.token_ids), self.token_ids, self.num_prompt_tokens, banned)
+        return SampleRow(p, len(self.token_ids), self.token_ids, self.num_prompt_tokens, banned,
+                         allowed)
 
-    def finish_check(self, token_id: int, max_model_len: int) -> str | None:
-        """After appending token_id: "stop", "length" or None (keep going)."""
+    def append(self, token_id: int, max_model_len: int) -> str | None:
+        """Take a sampled token: "stop", "length" or None (keep going). A guide that can take
+        no further token ends the sequence as a stop, without waiting for an EOS."""
+        self.token_ids.append(token_id)
+        self.sampled = True
         if token_id in self.stop_ids:
             return "stop"
+        if self.matcher is not None:
+            # The mask let through only tokens the matcher accepts; one it refused anyway
+            # leaves it in an error state, which the next mask reports (the sequence fails).
+            self.matcher.consume_token(token_id)
+            if self.matcher.is_stopped():
+                return "stop"
         if self.num_generated >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
             return "length"
         return None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from engine.grammar import Grammars
 from engine.loader import materialize
 from engine.registry import resolve_model
 from router.output.token_text import TokenText
@@ -28,10 +29,12 @@ class ServedModel:
     vocab_size: int = 0  # valid token ids are [0, vocab_size); 0: len(tokenizer)
     root: str = ""  # the model id or folder it came from
     token_text: TokenText = field(init=False)
+    grammars: Grammars = field(init=False)  # structured output: guides checked at the door
 
     def __post_init__(self) -> None:
         self.vocab_size = self.vocab_size or len(self.tokenizer)
         self.token_text = TokenText(self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
 
 
 def _as_ids(value: int | list[int] | None) -> set[int]:

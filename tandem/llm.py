@@ -30,7 +30,7 @@ from engine.loader import load_model
 from engine.registry import resolve_model
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest, TokenEvent
-from router.api.chat import chat_prompt_ids
+from router.api.chat_prompt import chat_prompt_ids
 from router.errors import APIError
 from router.protocol.chat import Messages
 from workflow.dag import DAG, DEFAULT_MAX_NODES, Node, OnError

@@ -10,16 +10,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from transformers import PreTrainedTokenizerBase
 
 from router.api.body import ThreadParsedRoute
+from router.api.chat_prompt import chat_prompt_ids
 from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
     base_seed,
+    check_guide,
     check_min_tokens,
     check_sampling_tokens,
     output_options,
@@ -35,6 +35,7 @@ from router.model_info import ServedModel
 from router.output.collect import ChoiceResult, UsageCounter
 from router.output.generation import ChoicePlan, ChoiceUpdate
 from router.output.logprobs import chat_logprobs
+from router.output.tool_calls import ToolCallStream, parse_answer
 from router.protocol.chat import (
     AssistantMessage,
     ChatChoice,
@@ -63,8 +64,10 @@ def build_chat_job(
     check_messages(body.messages, settings)
     top = (body.top_logprobs or 0) if body.logprobs else None
     check_shape(body, settings, 1, top, "top_logprobs")
+    mode = body.tool_mode()
     ids = chat_prompt_ids(
-        model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message
+        model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message,
+        tools=None if mode == "none" else body.tools,
     )
     if not ids:
         raise bad_request("The messages render to an empty prompt.", "messages")
@@ -76,13 +79,14 @@ def build_chat_job(
     n = body.n or 1
     check_request_tokens(settings, [len(ids)], [budget], n, "max_completion_tokens")
     params = body.to_sampling_params(budget, base_seed(body.seed), model.vocab_size)
+    check_guide(model, body.output_guide())
     options = output_options(body, model, params.logprobs, drop_output=False)
     plans = plan_choices(
         request_id, model, [PromptInput(ids)], [params], n, options,
         tenant_salt(tenant, body.cache_salt),
     )
     log.debug("%s: chat prompt of %d tokens", request_id, len(ids))
-    return ChatJob(request_id, int(time.time()), model, body, len(ids), plans)
+    return ChatJob(request_id, int(time.time()), model, body, len(ids), plans, mode)
 
 
 def check_messages(messages: Sequence[ChatMessage], settings: RouterSettings) -> None:
@@ -113,54 +117,6 @@ async def create_chat_completion(
     )
 
 
-def _conversation(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    # "developer" is OpenAI's newer name for "system"; templates only know the latter.
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in messages
-    ]
-
-
-def render_chat(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[ChatMessage],
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-) -> str:
-    """The templated prompt text. Template failures are the client's conversation's fault."""
-    if not tokenizer.chat_template:
-        raise bad_request("This model has no chat template; use /v1/completions.", "messages")
-    if continue_final_message and messages[-1].role != "assistant":
-        raise bad_request(
-            "`continue_final_message` needs the last message to be from the assistant.",
-            "messages",
-        )
-    try:
-        text = tokenizer.apply_chat_template(
-            _conversation(messages),
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-        )
-    except (jinja2.TemplateError, ValueError, TypeError) as exc:
-        raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from exc
-    assert isinstance(text, str)
-    return text
-
-
-def chat_prompt_ids(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[ChatMessage],
-    add_generation_prompt: bool = True,
-    continue_final_message: bool = False,
-    add_special_tokens: bool = False,
-) -> list[int]:
-    """Template, then tokenize. The template writes BOS/role tokens itself, so by default no
-    special tokens are added on top (vLLM does the same)."""
-    text = render_chat(tokenizer, messages, add_generation_prompt, continue_final_message)
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-
 @dataclass(slots=True)
 class ChatJob:
     request_id: str
@@ -169,6 +125,7 @@ class ChatJob:
     body: ChatCompletionRequest
     prompt_len: int
     plans: list[ChoicePlan]
+    tool_mode: str = "none"  # "none", "auto", "required" or the forced function's name
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -178,15 +135,7 @@ class ChatJob:
 
 
 def chat_body(job: ChatJob, results: Sequence[ChoiceResult], usage: UsageCounter) -> dict:
-    choices = [
-        ChatChoice(
-            index=r.index,
-            message=AssistantMessage(content=r.text),
-            logprobs=chat_logprobs(job.model, r.logprobs) if job.body.logprobs else None,
-            finish_reason=r.finish_reason,  # type: ignore[arg-type]
-        )
-        for r in results
-    ]
+    choices = [_choice(job, r) for r in results]
     response = ChatCompletionResponse(
         id=job.request_id, created=job.created, model=job.model.name, choices=choices,
         usage=usage.usage(),
@@ -194,16 +143,46 @@ def chat_body(job: ChatJob, results: Sequence[ChoiceResult], usage: UsageCounter
     return response.model_dump(mode="json")
 
 
-def _chunk_choice(job: ChatJob, u: ChoiceUpdate) -> ChatChunkChoice | None:
+def _choice(job: ChatJob, r: ChoiceResult) -> ChatChoice:
+    message, calls = AssistantMessage(content=r.text), 0
+    if job.tool_mode != "none":
+        parsed = parse_answer(job.tool_mode, r.text)
+        message = AssistantMessage(content=parsed.content, tool_calls=parsed.calls or None)
+        calls = len(parsed.calls)
+    return ChatChoice(
+        index=r.index,
+        message=message,
+        logprobs=chat_logprobs(job.model, r.logprobs) if job.body.logprobs else None,
+        finish_reason=_finish_reason(job, r.finish_reason, calls),  # type: ignore[arg-type]
+    )
+
+
+def _finish_reason(job: ChatJob, reason: str | None, calls: int) -> str | None:
+    """"tool_calls" when the model chose to call ("auto", "required"); a forced function's
+    call ends with "stop", as OpenAI's does."""
+    if reason == "stop" and calls and job.tool_mode in ("auto", "required"):
+        return "tool_calls"
+    return reason
+
+
+def _chunk_choice(job: ChatJob, u: ChoiceUpdate, tools: ToolCallStream | None
+                  ) -> ChatChunkChoice | None:
     """None when the update carries nothing a client could see."""
     logprobs = chat_logprobs(job.model, u.logprobs) if u.logprobs else None
-    if not u.text and logprobs is None and u.finish_reason is None:
+    text, calls = u.text, []
+    if tools is not None:
+        text, calls = tools.feed(u.text)
+        if u.finish_reason is not None:
+            more_text, more_calls = tools.finish()
+            text, calls = text + more_text, calls + more_calls
+    if not text and not calls and logprobs is None and u.finish_reason is None:
         return None
+    reason = _finish_reason(job, u.finish_reason, tools.num_calls if tools else 0)
     return ChatChunkChoice(
         index=u.index,
-        delta=ChatDelta(content=u.text or None),
+        delta=ChatDelta(content=text or None, tool_calls=calls or None),
         logprobs=logprobs,
-        finish_reason=u.finish_reason,  # type: ignore[arg-type]
+        finish_reason=reason,  # type: ignore[arg-type]
     )
 
 
@@ -220,13 +199,15 @@ async def chat_chunks(
         chunk = job.chunk([choice], usage.usage() if continuous else None)
         return chunk.model_dump(mode="json", exclude=exclude)
 
+    tools = {p.index: ToolCallStream(job.tool_mode) for p in job.plans
+             if job.tool_mode != "none"}
     try:
         # Every choice opens with the assistant role (and empty content), as OpenAI's do.
         yield [dump(ChatChunkChoice(index=p.index, delta=ChatDelta(role="assistant", content="")))
                for p in job.plans]
         async for u in updates:
             usage.add(u)
-            choice = _chunk_choice(job, u)
+            choice = _chunk_choice(job, u, tools.get(u.index))
             if choice is not None:
                 yield [dump(choice)]
         if include_usage:

@@ -18,6 +18,7 @@ from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
     base_seed,
+    check_guide,
     check_min_tokens,
     check_prompt_ids,
     check_sampling_tokens,
@@ -76,6 +77,7 @@ def build_job(
                          "max_tokens")
     seed = base_seed(body.seed)
     params = [body.to_sampling_params(b, seed, model.vocab_size) for b in budgets]
+    check_guide(model, body.guide())
     options = output_options(body, model, body.logprobs, drop_output=body.max_tokens == 0)
     plans = plan_choices(request_id, model, prompts, params, n, options,
                          tenant_salt(tenant, body.cache_salt))

@@ -7,7 +7,8 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from engine.sampling_params import SamplingParams
+from engine.grammar import GuideError
+from engine.sampling_params import Guide, SamplingParams
 from router.dispatch.backend import GenerateRequest
 from router.errors import APIError, bad_request
 from router.model_info import ServedModel
@@ -38,6 +39,19 @@ def check_sampling_tokens(req, model: ServedModel) -> None:
                 f"Token id {key} in `logit_bias` is out of range: the vocabulary has "
                 f"{model.vocab_size} tokens.", f"logit_bias.{key}",
             )
+
+
+def check_guide(model: ServedModel, guide: tuple[str, Guide] | None) -> None:
+    """Compile a structured-output guide now (once per distinct guide: cached), so one the
+    engine cannot run is the client's 400, naming what the grammar engine does not support."""
+    if guide is None:
+        return
+    param, g = guide
+    try:
+        model.grammars.compile(g)
+    except GuideError as exc:
+        raise bad_request(f"The `{param}` constraint cannot be used: {exc}", param,
+                          "invalid_guide") from None
 
 
 def completion_prompts(model: ServedModel, prompt: str | list) -> list[PromptInput]:

@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from router.api.body import ThreadParsedRoute
-from router.api.chat import chat_prompt_ids, check_messages
+from router.api.chat import check_messages
+from router.api.chat_prompt import chat_prompt_ids
 from router.api.openapi_docs import error_responses
 from router.api.planning import check_token_ids
 from router.api.request_limits import check_text

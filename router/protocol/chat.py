@@ -15,12 +15,10 @@ from pydantic import (
     StrictBool,
     StrictStr,
     Tag,
-    field_validator,
     model_serializer,
 )
-from pydantic_core import PydanticCustomError
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import Guide, SamplingParams
 from router.errors import bad_request
 from router.protocol.common import (
     MAX_MESSAGES,
@@ -46,6 +44,24 @@ from router.protocol.common import (
     Usage,
     WireModel,
     _Sampling,
+)
+from router.protocol.structured import (
+    GuidedChoice,
+    GuidedGrammar,
+    GuidedJson,
+    GuidedRegex,
+    ResponseFormat,
+    StructuredOutputs,
+    _Guided,
+)
+from router.protocol.tools import (
+    MAX_TOOLS,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    Tools,
+    tool_guide,
+    tool_mode,
 )
 
 
@@ -83,28 +99,32 @@ class AssistantTurn(_Turn):
     role: Literal["assistant"]
     content: Content | None = None
     name: StrictStr | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+
+
+class ToolMessage(_Turn):
+    """A tool's answer to an earlier call."""
+
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: StrictStr
 
 
 def _message_kind(message: Any) -> str:
     role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
-    # Anything but an assistant turn is checked as a prompt message, so a missing or unknown
-    # role is reported at `messages.<i>.role`.
-    return "message-assistant" if role == "assistant" else "message-prompt"
+    # Anything else is checked as a prompt message, so a missing or unknown role is reported
+    # at `messages.<i>.role`.
+    return {"assistant": "message-assistant", "tool": "message-tool"}.get(role, "message-prompt")
 
 
 # A union on `role`, so /openapi.json says which roles require `content` (oneOf). Tags contain
 # '-' so the error formatter drops them from `param` paths.
 ChatMessage = Annotated[
     Annotated[PromptMessage, Tag("message-prompt")]
-    | Annotated[AssistantTurn, Tag("message-assistant")],
+    | Annotated[AssistantTurn, Tag("message-assistant")]
+    | Annotated[ToolMessage, Tag("message-tool")],
     Discriminator(_message_kind),
 ]
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(strict=True, extra="allow")
-
-    type: Literal["text"] = Field(description="only plain text output is supported")
 
 
 Messages = Annotated[
@@ -112,7 +132,7 @@ Messages = Annotated[
 ]
 
 
-class ChatCompletionRequest(_Sampling, WireModel):
+class ChatCompletionRequest(_Sampling, _Guided, WireModel):
     messages: Messages
     model: ModelName
     frequency_penalty: Penalty = 0.0
@@ -128,10 +148,8 @@ class ChatCompletionRequest(_Sampling, WireModel):
     stream: Flag = False
     stream_options: StreamOptions | None = None
     temperature: Temperature = 1.0
-    tool_choice: Literal["none"] | None = Field(None, description="tools are not supported")
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
-        None, description="tools are not supported: absent, null or empty"
-    )
+    tool_choice: ToolChoice | None = None
+    tools: Tools | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: TopP = 1.0
     user: StrictStr | None = None
@@ -147,13 +165,11 @@ class ChatCompletionRequest(_Sampling, WireModel):
     cache_salt: CacheSalt = None
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
-
-    @field_validator("tools", "tool_choice", mode="before")
-    @classmethod
-    def _no_tools(cls, value: Any) -> Any:
-        if value in (None, [], "none"):
-            return value
-        raise PydanticCustomError("unsupported", "tool calling is not supported by this server")
+    guided_json: GuidedJson = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
+    structured_outputs: StructuredOutputs | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -167,12 +183,28 @@ class ChatCompletionRequest(_Sampling, WireModel):
                 "continue_final_message",
             )
         self.check_common(self.requested_max_tokens())
+        if self.tool_mode() not in ("none", "auto") and self.guide() is not None:
+            raise bad_request("A forced tool call already constrains the output; drop the "
+                              "structured-output field.", "tool_choice")
+
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or the forced function's name."""
+        return tool_mode(self.tools, self.tool_choice)
+
+    def output_guide(self) -> tuple[str, Guide] | None:
+        """What constrains the output, and the field that asked: a forced tool call, or a
+        structured-output field."""
+        forced = tool_guide(self.tools or [], self.tool_mode())
+        return ("tool_choice", forced) if forced is not None else self.guide()
 
     def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(
+        params = self.sampling_params(
             max_tokens=max_tokens, seed=seed, logprobs=logprobs, vocab_size=vocab_size
         )
+        guide = self.output_guide()
+        params.guide = guide[1] if guide else None
+        return params
 
 
 class TopLogprob(BaseModel):
@@ -195,13 +227,24 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -217,6 +260,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -228,7 +272,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

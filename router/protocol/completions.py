@@ -42,6 +42,15 @@ from router.protocol.common import (
     WireModel,
     _Sampling,
 )
+from router.protocol.structured import (
+    GuidedChoice,
+    GuidedGrammar,
+    GuidedJson,
+    GuidedRegex,
+    ResponseFormat,
+    StructuredOutputs,
+    _Guided,
+)
 
 Prompt = Annotated[
     StrictStr
@@ -52,7 +61,7 @@ Prompt = Annotated[
 ]
 
 
-class CompletionRequest(_Sampling, WireModel):
+class CompletionRequest(_Sampling, _Guided, WireModel):
     model: ModelName
     prompt: Prompt = Field(
         description="a string, strings, token ids, or lists of token ids (one choice set each)"
@@ -84,6 +93,12 @@ class CompletionRequest(_Sampling, WireModel):
     include_stop_str_in_output: Flag = False
     skip_special_tokens: Flag = True
     cache_salt: CacheSalt = None
+    response_format: ResponseFormat | None = None
+    guided_json: GuidedJson = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("suffix", mode="before")
     @classmethod
@@ -94,6 +109,7 @@ class CompletionRequest(_Sampling, WireModel):
 
     def check(self) -> None:
         self.check_common(self.max_tokens)
+        self.guide()  # a malformed constraint is a 400 before anything is tokenized
 
     def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int) -> SamplingParams:
         """max_tokens 0 (echo scoring) asks the backend for one token, which is dropped: the
@@ -104,6 +120,8 @@ class CompletionRequest(_Sampling, WireModel):
         )
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs
+        guide = self.guide()
+        params.guide = guide[1] if guide else None
         return params
 
 

@@ -15,10 +15,12 @@ prefill, a failover) continues from the grammar state its tokens reached.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import llguidance.hf
 import numpy as np
@@ -48,12 +50,46 @@ def grammar_text(guide: Guide) -> str:
     """The llguidance grammar of a guide (not yet checked)."""
     try:
         if guide.kind == "json":
-            return LLMatcher.grammar_from_json_schema(guide.spec, defaults=JSON_OPTIONS)
+            schema = json.loads(guide.spec)
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON Schema must be a JSON object")
+            return LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_OPTIONS)
         if guide.kind == "regex":
             return LLMatcher.grammar_from_regex(guide.spec)
         return LLMatcher.grammar_from_lark(guide.spec)
     except ValueError as exc:  # a schema that is not a JSON object
         raise GuideError(str(exc)) from None
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains",
+            "unevaluatedProperties", "propertyNames")
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that lists `properties` closed to others unless it says
+    otherwise: what vLLM's default backend does (xgrammar's strict mode). JSON Schema allows
+    unlisted properties by default, and a small model given them goes on inventing keys until
+    max_tokens (measured: LangChain's function-calling schema for a two-field model, SmolLM2,
+    greedy). Walks schema positions only, so a property named "properties" is not mistaken for
+    the keyword."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    for key in _SCHEMAS:
+        if key in out:
+            out[key] = closed(out[key])
+    if "properties" in out and not {"additionalProperties", "patternProperties",
+                                    "unevaluatedProperties"} & out.keys():
+        out["additionalProperties"] = False
+    return out
 
 
 class Grammars:

@@ -44,9 +44,11 @@ def _value(rng: random.Random, depth: int) -> dict[str, Any]:
     if kind == "integer":
         lo = rng.randint(-100, 100)
         return {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(0, 1000)}
-    if kind == "number":  # multipleOf bounds the fraction's digits; see the module docstring
+    if kind == "number":
+        # multipleOf bounds the fraction's digits (module docstring). Binary-exact steps:
+        # jsonschema checks multipleOf in floats, and calls 19.99 no multiple of 0.01.
         return {"type": "number", "minimum": 0, "maximum": rng.choice([1, 10, 1000]),
-                "multipleOf": rng.choice([0.01, 0.5])}
+                "multipleOf": rng.choice([0.25, 0.5])}
     if kind == "boolean":
         return {"type": "boolean"}
     if kind == "enum":

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import pytest
 
 from engine.sampling_params import SamplingParams
@@ -111,6 +112,22 @@ def test_decode_killed_mid_stream_greedy_resumes_exactly(stack):
         "prompt": COUNT, "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True,
         "cache_salt": salt()})
     assert text == COUNT_GREEDY
+    check_resume_counters(survivor)
+
+
+# ~100 tokens of guided JSON after the COUNT prompt: the kill lands mid-array.
+NUMBERS = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999},
+           "minItems": 50, "maxItems": 50}
+
+
+def test_decode_killed_mid_stream_guided_json_resumes_exactly(stack):
+    """The survivor rebuilds the grammar state from the tokens so far: the same valid JSON as
+    a quiet run of the same request."""
+    body = {"prompt": COUNT, "max_tokens": 200, "temperature": 0, "guided_json": NUMBERS}
+    want = stream_completion(stack, {**body, "cache_salt": salt()})
+    text, survivor = kill_mid_stream(stack, {**body, "cache_salt": salt()})
+    assert text == want
+    jsonschema.validate(json.loads(text), NUMBERS)
     check_resume_counters(survivor)
 
 

@@ -130,3 +130,20 @@ def test_corpus_outputs_parse_and_validate(engine, smollm_fp32):
             text = text_of(smollm_fp32, r.tokens)
             assert r.finish_reason == "stop", (i, kind, text)
             jsonschema.validate(json.loads(text), schema)
+
+
+def test_objects_with_properties_are_closed_unless_they_say_otherwise():
+    from engine.grammar import closed
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},
+        "open": {"type": "object", "properties": {}, "additionalProperties": True}},
+        "$defs": {"d": {"properties": {"x": {}}}}, "anyOf": [{"properties": {}}]}
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    assert "additionalProperties" not in out["properties"]  # a property map, not a schema
+    assert out["properties"]["properties"]["additionalProperties"] is False
+    assert out["properties"]["open"]["additionalProperties"] is True
+    assert out["$defs"]["d"]["additionalProperties"] is False
+    assert out["anyOf"][0]["additionalProperties"] is False
+    assert closed({"type": "object"}) == {"type": "object"}  # JSON mode: any object

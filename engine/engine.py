@@ -32,7 +32,8 @@ from engine.cold_kv import (
 from engine.cold_stream import HELD, stream_reserve
 from engine.config import EngineConfig, EngineStats, KVUsage, default_max_len, eos_ids
 from engine.forward import Forward
-from engine.grammar import Grammars, GuideError, allowed_tokens
+from engine.grammar import Grammars, GuideError
+from engine.guide_masks import GuideMasks, Masks
 from engine.intake import InvalidRequest, check_params, check_request, trim_prefix
 from engine.kv_budget import pool_pages
 from engine.kv_layout import KVLayout, blocks_to_flat, flat_to_blocks
@@ -74,6 +75,7 @@ class Engine:
                              f"{config.block_size}, so blocks move as whole pages")
         self.eos_token_ids = eos_ids(loaded.model)
         self.grammars = Grammars(loaded.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
+        self._masks = GuideMasks(self.grammars.vocab_size, overlap=loaded.device.type == "cuda")
         prefetch, segment, reserve = self._stream_plan(cold_tier is not None)
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
                              config.page_size, loaded.device)
@@ -316,10 +318,17 @@ class Engine:
         chunks = [Chunk(seq.pages, table_len(seq), seq.token_ids[seq.kv_len : seq.kv_len + n],
                         keep=self._keep(seq, n), shift=seq.kv_len - table_len(seq),
                         cold=_cold_keys(seq)) for seq, n in planned]
-        logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
-                                [s.kv_len for s in decoders], [s.pages for s in decoders],
-                                chunks, [s.kv_len - table_len(s) for s in decoders],
-                                [_cold_keys(s) for s in decoders])  # [rows, V]
+        pending = self._masks.start(
+            [*decoders, *(seq for seq, n in planned if seq.todo == n)])  # the rows sampling
+        try:
+            logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
+                                    [s.kv_len for s in decoders], [s.pages for s in decoders],
+                                    chunks, [s.kv_len - table_len(s) for s in decoders],
+                                    [_cold_keys(s) for s in decoders])  # [rows, V]
+        except BaseException:
+            self._masks.settle(pending)
+            raise
+        ready = self._masks.take(pending)
         for s in decoders:
             s.kv_len += 1
             self._kv.commit(s)
@@ -334,7 +343,7 @@ class Engine:
         if not samplers:
             return []
         # rows ascend, so as many rows as logits means all of them, in order: no copy
-        return self._emit(samplers, logits if len(rows) == len(logits) else logits[rows])
+        return self._emit(samplers, logits if len(rows) == len(logits) else logits[rows], ready)
 
     def _keep(self, seq: Sequence, n: int) -> int:
         """Logits a chunk needs: all positions for prompt logprobs, else the next token's."""
@@ -355,8 +364,10 @@ class Engine:
 
     # --- sampling and bookkeeping -------------------------------------------------------------
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        """Sample a token per sequence (and per child forked off it); logits [len(seqs), V]."""
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor, ready: Masks
+              ) -> list[TokenEvent]:
+        """Sample a token per sequence (and per child forked off it); logits [len(seqs), V].
+        `ready`: the guided rows' masks, computed during the forward."""
         rows, src = [], []
         for i, seq in enumerate(seqs):
             rows.append(seq)
@@ -369,7 +380,7 @@ class Engine:
         rows, src = self._guided(rows, src)
         if src != list(range(len(seqs))):
             logits = logits[src]
-        samples = [s.sample_row(self._allowed(s, logits.device)) for s in rows]
+        samples = [s.sample_row(self._masks.mask_of(s, ready, logits.device)) for s in rows]
         try:
             outs = sample(logits, samples, self._gen)
         except Exception:
@@ -388,13 +399,6 @@ class Engine:
             return rows, src
         keep = [i for i in range(len(rows)) if i not in bad]
         return [rows[i] for i in keep], [src[i] for i in keep]
-
-    def _allowed(self, seq: Sequence, device: torch.device) -> torch.Tensor | None:
-        """The guide's mask bool [V] for the row's next token, or None without a guide."""
-        if seq.matcher is None:
-            return None
-        mask = allowed_tokens(seq.matcher, self.grammars.vocab_size)
-        return torch.from_numpy(mask).to(device, non_blocking=True)
 
     def _emit_each(self, rows: list[Sequence], samples: list[SampleRow],
                    logits: torch.Tensor) -> list[TokenEvent]:

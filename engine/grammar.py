@@ -57,8 +57,8 @@ def grammar_text(guide: Guide) -> str:
         if guide.kind == "regex":
             return LLMatcher.grammar_from_regex(guide.spec)
         return LLMatcher.grammar_from_lark(guide.spec)
-    except ValueError as exc:  # a schema that is not a JSON object
-        raise GuideError(str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # not a JSON object, or nested too deep
+        raise GuideError(str(exc) or "the schema is nested too deeply") from None
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
@@ -106,6 +106,10 @@ class Grammars:
         self._lock = threading.Lock()
         self.stats = GrammarStats()
 
+    def warm(self) -> None:
+        """Build the token trie now rather than on the first guide."""
+        self._tokenizer()
+
     def _tokenizer(self) -> LLTokenizer:
         with self._lock:  # built on first use: 0.34 s that a server without guides never pays
             if self._llt is None:
@@ -143,12 +147,15 @@ class Grammars:
         return m
 
 
-def allowed_tokens(m: LLMatcher, vocab_size: int) -> np.ndarray:
-    """The matcher's next-token mask: bool [vocab_size]. Raises GuideError when it allows
-    nothing (it is in an error state)."""
+def token_mask(m: LLMatcher, vocab_size: int) -> np.ndarray:
+    """The matcher's next-token mask as logit offsets: float32 [vocab_size], 0 where a token is
+    allowed and -inf where not (an add is ~5x cheaper than a masked fill per row on CPU).
+    Raises GuideError when it allows nothing (it is in an error state)."""
     words = (vocab_size + 31) // 32
     bits = np.zeros(words, dtype=np.int32)  # bit t (little-endian): token t allowed
     m.unsafe_compute_mask_ptr(bits.ctypes.data, words * 4)
     if m.is_error():
         raise GuideError(m.get_error())
-    return np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab_size] != 0
+    allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab_size]
+    with np.errstate(divide="ignore"):  # log(1) = 0, log(0) = -inf: 40 us, a lookup 130 us
+        return np.log(allowed, dtype=np.float32)

@@ -37,7 +37,8 @@ class SampleRow:
     token_ids: list[int]  # prompt + generated so far (penalties read it; never written)
     num_prompt_tokens: int
     banned: tuple[int, ...] = ()  # stop ids suppressed until min_tokens is reached
-    allowed: torch.Tensor | None = None  # bool [V]: the tokens its guide permits next
+    # float [V]: its guide's next-token mask as offsets, 0 where allowed and -inf elsewhere
+    guide_mask: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -68,7 +69,7 @@ def apply_controls(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     none apply."""
     biased = [i for i, r in enumerate(rows) if r.params.logit_bias or r.banned]
     penal = [i for i, r in enumerate(rows) if _has_penalty(r.params)]
-    guided = [i for i, r in enumerate(rows) if r.allowed is not None]
+    guided = [i for i, r in enumerate(rows) if r.guide_mask is not None]
     if not biased and not penal and not guided:
         return logits
     logits = logits.clone()
@@ -77,13 +78,13 @@ def apply_controls(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         if bias:
             ids = torch.tensor(list(bias), device=logits.device)
             logits[i, ids] += torch.tensor(list(bias.values()), device=logits.device)
-        if rows[i].banned and rows[i].allowed is None:  # a guided row bans through its mask
+        if rows[i].banned and rows[i].guide_mask is None:  # a guided row bans via its mask
             logits[i, list(rows[i].banned)] = float("-inf")
     if penal:
         idx = torch.tensor(penal, device=logits.device)
         logits[idx] = apply_penalties(logits[idx], [rows[i] for i in penal])
     for i in guided:
-        logits[i].masked_fill_(~_guided_mask(rows[i]), float("-inf"))
+        logits[i] += _guided_mask(rows[i])
     return logits
 
 
@@ -91,10 +92,10 @@ def _guided_mask(row: SampleRow) -> torch.Tensor:
     """The row's guide mask [V], less its min_tokens bans unless the guide allows nothing else:
     a guide that must end here (only EOS fits) wins over min_tokens."""
     if not row.banned:
-        return row.allowed
-    narrowed = row.allowed.clone()
-    narrowed[list(row.banned)] = False
-    return narrowed if narrowed.any() else row.allowed
+        return row.guide_mask
+    narrowed = row.guide_mask.clone()
+    narrowed[list(row.banned)] = float("-inf")
+    return narrowed if (narrowed == 0).any() else row.guide_mask
 
 
 def _has_penalty(p: SamplingParams) -> bool:

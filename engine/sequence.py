@@ -113,12 +113,12 @@ class Sequence:
     def is_decoder(self) -> bool:
         return self.placed and not self.done and self.todo == 1
 
-    def sample_row(self, allowed: torch.Tensor | None = None) -> SampleRow:
-        """`allowed` bool [V]: its guide's mask for this token, when it has a guide."""
+    def sample_row(self, guide_mask: torch.Tensor | None = None) -> SampleRow:
+        """`guide_mask` [V]: its guide's mask for this token (0 / -inf), when it has one."""
         p = self.params
         banned = tuple(self.stop_ids) if self.num_generated < p.min_tokens else ()
         return SampleRow(p, len(self.token_ids), self.token_ids, self.num_prompt_tokens, banned,
-                         allowed)
+                         guide_mask)
 
     def append(self, token_id: int, max_model_len: int) -> str | None:
         """Take a sampled token: "stop", "length" or None (keep going). A guide that can take

@@ -18,6 +18,7 @@ _EXPORTS = {
     "NodeFailed": "tandem.llm",
     "Client": "tandem.client",
     "SamplingParams": "engine.sampling_params",
+    "Guide": "engine.sampling_params",
     "DAG": "workflow.dag",
     "DAGError": "workflow.dag",
 }

@@ -21,7 +21,8 @@ from workflow.dag import DAG, Node, OnError
 # What a node's wire form carries (router/protocol/dag.py); the rest of SamplingParams is
 # refused rather than dropped, so a request never silently runs with other parameters.
 _WIRE = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-         "frequency_penalty", "repetition_penalty")
+         "frequency_penalty", "repetition_penalty", "guide")
+_GUIDE_FIELD = {"json": "guided_json", "regex": "guided_regex", "lark": "guided_grammar"}
 
 
 class ClientError(RuntimeError):
@@ -41,6 +42,9 @@ def wire_params(params: SamplingParams) -> dict[str, Any]:
     if unsupported:
         raise ValueError(f"Client cannot send {unsupported} (not part of /v1/dag)")
     out = {name: getattr(params, name) for name in _WIRE}
+    guide = out.pop("guide")
+    if guide is not None:
+        out[_GUIDE_FIELD[guide.kind]] = guide.spec
     return {k: v for k, v in out.items() if v is not None}
 
 

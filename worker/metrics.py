@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.config import EngineStats, KVUsage
+from engine.grammar import GrammarStats
 
 # A 64-token SmolLM2 block is ~1.5 MB (bf16) to ~3 MB (fp32); reads span memory to Redis.
 STORE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -121,6 +122,7 @@ class EngineReading:
     counters: object  # WorkerCounters: each field is exported as tandem:worker_<field>_total
     kv: KVUsage
     stats: EngineStats
+    grammar: GrammarStats  # a copy: the engine thread and the checks on the loop update it
 
 
 class EngineCollector:
@@ -174,6 +176,12 @@ class EngineCollector:
              "(long sequences past their window).", st.kv_cold_tokens),
             ("tandem:kv_cold_shrinks", "Times a full KV pool sent a running sequence's pages "
              "cold instead of preempting one.", st.kv_shrinks),
+            ("tandem:guide_compiles", "Structured-output guides compiled (cache misses).",
+             r.grammar.compiles),
+            ("tandem:guide_cache_hits", "Structured-output guides found compiled.",
+             r.grammar.hits),
+            ("tandem:guide_compile_seconds", "Time spent compiling guides.",
+             r.grammar.compile_seconds),
         ]
         worker = [(f"tandem:worker_{field.removesuffix('_total')}",
                    f"WorkerCounters.{field} (see /health).", value)

@@ -8,7 +8,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from fastapi.responses import JSONResponse
@@ -130,7 +130,8 @@ class Worker:
         to read there."""
         running, waiting = self.load()
         return EngineReading(running, waiting, self.engine.config.max_slots, self.counters,
-                             self.engine.kv_usage(), self.engine.stats)
+                             self.engine.kv_usage(), self.engine.stats,
+                             replace(self.engine.grammars.stats))
 
     def health(self) -> WorkerHealth:
         return WorkerHealth(
@@ -172,8 +173,12 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     def make_engine() -> Engine:  # on the engine's thread: the process's one OpenMP pool
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        return Engine(load_model(spec, dtype=settings.dtype, device=settings.device), config,
-                      cold)
+        engine = Engine(load_model(spec, dtype=settings.dtype, device=settings.device), config,
+                        cold)
+        # The token trie structured output needs (~0.3 s), built before the worker is ready
+        # rather than by its first guided request's check, on the event loop.
+        engine.grammars.warm()
+        return engine
 
     try:
         engine = runner.build(make_engine)

@@ -30,13 +30,21 @@ from router.protocol.common import (
     Usage,
 )
 from router.protocol.completions import CompletionRequest
+from router.protocol.structured import (
+    GuidedChoice,
+    GuidedGrammar,
+    GuidedJson,
+    GuidedRegex,
+    ResponseFormat,
+)
 from workflow.dag import Node
 
 # The schema's own cap on nodes; the served limit is the `dag_max_nodes` setting (default 50),
 # checked with a message naming the first node past it. This one only bounds parsing.
 MAX_DAG_NODES = 1000
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-             "presence_penalty", "frequency_penalty", "repetition_penalty")
+             "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format",
+             "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 class DagNode(BaseModel):
@@ -62,6 +70,12 @@ class DagNode(BaseModel):
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None
     repetition_penalty: RepetitionPenalty = None
+    # Structured output, as /v1/chat/completions and /v1/completions take it (one of them).
+    response_format: ResponseFormat | None = None
+    guided_json: GuidedJson = None
+    guided_regex: GuidedRegex = None
+    guided_choice: GuidedChoice = None
+    guided_grammar: GuidedGrammar = None
 
     def node(self) -> Node:
         """The workflow node (chat contents flattened to text, where references live)."""
@@ -73,7 +87,8 @@ class DagNode(BaseModel):
                 ) -> CompletionRequest | ChatCompletionRequest:
         """The node as the OpenAI request it stands for, with its parents' outputs filled in:
         it is checked and run exactly as that request would be."""
-        fields: dict[str, Any] = self.model_dump(include=set(_SAMPLING), exclude_unset=True)
+        fields: dict[str, Any] = self.model_dump(include=set(_SAMPLING), exclude_unset=True,
+                                                 by_alias=True)
         fields |= {"model": model, "cache_salt": cache_salt}
         if rendered.messages is not None:
             return ChatCompletionRequest.model_validate({"messages": rendered.messages, **fields})

@@ -86,14 +86,15 @@ class StructuredOutputs(BaseModel):
 
 
 def json_guide(schema: dict[str, Any] | str, param: str) -> Guide:
-    text = schema if isinstance(schema, str) else json.dumps(schema)
-    if isinstance(schema, str):
-        try:
-            if not isinstance(json.loads(schema), dict):
-                raise ValueError
-        except ValueError:
-            raise bad_request("The schema must be a JSON object.", param) from None
-    return _sized(Guide("json", text), param)
+    try:  # a hostile schema nests deeper than Python's recursion limit: a 400, never a 500
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        guide = _sized(Guide("json", text), param)
+        if isinstance(schema, str) and not isinstance(json.loads(schema), dict):
+            raise ValueError
+    except (ValueError, RecursionError):
+        raise bad_request("The schema must be a JSON object (nested at most a few hundred "
+                          "levels).", param) from None
+    return guide
 
 
 def regex_escape(text: str) -> str:

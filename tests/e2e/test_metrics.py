@@ -38,7 +38,7 @@ WORKER_FAMILIES = {
     "tandem:kv_handoff_bytes", "tandem:kv_handoff_seconds", "tandem:http_requests",
     "tandem:kv_cache_usage_perc", "tandem:kv_pages_capacity", "tandem:kv_pages_used",
     "tandem:kv_pages_cached", "tandem:num_preemptions", "tandem:prefix_cache_device_tokens",
-    "tandem:prefix_cache_store_tokens",
+    "tandem:prefix_cache_store_tokens", "tandem:guide_compiles", "tandem:guide_cache_hits",
 }
 
 

@@ -106,8 +106,8 @@ def test_guided_and_free_rows_share_a_batch(engine, smollm_fp32):
 
 
 def test_mask_rows_are_per_row():
-    allowed = torch.tensor([False, True, False, True])
-    rows = [SampleRow(SamplingParams(), 1, [], 0, allowed=allowed),
+    mask = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0])
+    rows = [SampleRow(SamplingParams(), 1, [], 0, guide_mask=mask),
             SampleRow(SamplingParams(), 1, [], 0)]
     out = apply_controls(torch.zeros(2, 4), rows)
     assert out[0].tolist() == [float("-inf"), 0.0, float("-inf"), 0.0]
@@ -147,3 +147,30 @@ def test_objects_with_properties_are_closed_unless_they_say_otherwise():
     assert out["$defs"]["d"]["additionalProperties"] is False
     assert out["anyOf"][0]["additionalProperties"] is False
     assert closed({"type": "object"}) == {"type": "object"}  # JSON mode: any object
+
+
+def test_forked_choices_each_follow_the_guide_as_they_would_alone(engine, smollm_fp32):
+    """n > 1: choices forked off one prompt computation each get a matcher of their own."""
+    ids = chat(smollm_fp32, "Describe a person as JSON.")
+    params = [guided(PERSON, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    alone = [run_one(engine, ids, p).tokens for p in params]
+    engine.add(make_request("p0", ids, params[0]))
+    engine.fork("p0", "p1", params[1])
+    engine.fork("p0", "p2", params[2])
+    out = run(engine, [])
+    assert [out[f"p{i}"].tokens for i in range(3)] == alone
+    for tokens in alone:
+        jsonschema.validate(json.loads(text_of(smollm_fp32, tokens)), PERSON)
+
+
+def test_masks_computed_during_the_forward_give_the_same_tokens(engine, smollm_fp32):
+    """The CUDA path (masks on a helper thread while the forward runs), forced on CPU."""
+    ids = chat(smollm_fp32, "Describe a person as JSON.")
+    params = [guided(PERSON), guided(PERSON, temperature=1.0, seed=5)]
+    inline = [run_one(engine, ids, p).tokens for p in params]
+    engine._masks.overlap = True
+    try:
+        out = run(engine, [make_request(f"o{i}", ids, p) for i, p in enumerate(params)])
+    finally:
+        engine._masks.overlap = False
+    assert [out["o0"].tokens, out["o1"].tokens] == inline

@@ -224,3 +224,16 @@ def test_dag_is_in_openapi(client):
     spec = client.get("/openapi.json").json()
     assert "/v1/dag" in spec["paths"]
     assert "DagRequest" in spec["components"]["schemas"]
+
+
+def test_a_node_can_be_structured(client, fake):
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    r = client.post("/v1/dag", json=dag(
+        node("a", "pick", guided_choice=["yes", "no"]),
+        node("b", "json", response_format={"type": "json_schema",
+                                           "json_schema": {"name": "s", "schema": schema}})))
+    assert r.status_code == 200, r.text
+    guides = {req.params.guide.kind for req in fake.requests}
+    assert guides == {"regex", "json"}
+    bad = client.post("/v1/dag", json=dag(node("a", "x", guided_regex="(")))
+    assert bad.json()["nodes"][0]["error"]["param"] == "guided_regex"

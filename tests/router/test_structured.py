@@ -184,3 +184,8 @@ def test_parse_answer(mode, text, content, calls):
     parsed = parse_answer(mode, text)
     assert parsed.content == content
     assert [(c.function.name, c.function.arguments) for c in parsed.calls] == calls
+
+
+def test_a_schema_nested_past_the_recursion_limit_is_a_400(client, fake):
+    deep = '{"a": ' * 5000 + "1" + "}" * 5000
+    assert_envelope(client.post(CMPL, json=cmpl(guided_json=deep)), 400, "guided_json")

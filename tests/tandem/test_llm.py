@@ -103,3 +103,16 @@ def test_errors(llm):
     bad, child, ok = llm.generate(dag, GREEDY, on_error="continue")
     assert bad.error and child.error and "not run" in child.error
     assert ok.error is None and ok.text
+
+
+def test_a_guided_node_answers_in_its_grammar(llm):
+    from tandem import Guide
+    from tandem.client import wire_params
+
+    pick = SamplingParams(temperature=0, max_tokens=4, guide=Guide("regex", "(bread|cake)"))
+    dag = (DAG().add_node("pick", "Name a bakery product:", params=pick)
+           .add_node("say", "We sell {{pick}}. It is"))
+    pick_out, say_out = llm.generate(dag, GREEDY)
+    assert pick_out.text in ("bread", "cake") and pick_out.finish_reason == "stop"
+    assert say_out.text
+    assert wire_params(pick)["guided_regex"] == "(bread|cake)"  # what Client sends

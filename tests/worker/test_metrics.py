@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import EngineStats, KVUsage
+from engine.grammar import GrammarStats
 from engine.page_pool import PagePool
 from tests.e2e.faults import poll
 from tests.router.test_metrics_lint import lint_exposition
@@ -34,7 +35,8 @@ def test_engine_collector_exports_pool_and_counters():
     stats = EngineStats(preemptions=2, prefix_device_tokens=48, prefix_store_tokens=64)
     reading = EngineReading(running=3, waiting=1, max_slots=4,
                             counters=WorkerCounters(requests_total=5),
-                            kv=KVUsage(pages=40, used=10, cached=6, page_size=16), stats=stats)
+                            kv=KVUsage(pages=40, used=10, cached=6, page_size=16), stats=stats,
+                            grammar=GrammarStats(compiles=3, hits=7, compile_seconds=0.5))
     registry = CollectorRegistry()
     registry.register(EngineCollector("m", lambda: reading))
     text = generate_latest(registry).decode()
@@ -45,13 +47,15 @@ def test_engine_collector_exports_pool_and_counters():
         "tandem:kv_slots_usage_perc", "tandem:kv_cache_usage_perc", "tandem:kv_pages_capacity",
         "tandem:kv_pages_used", "tandem:kv_pages_cached", "tandem:num_preemptions_total",
         "tandem:prefix_cache_device_tokens_total", "tandem:prefix_cache_store_tokens_total",
-        "tandem:worker_requests_total",
+        "tandem:worker_requests_total", "tandem:guide_compiles_total",
+        "tandem:guide_cache_hits_total",
     )} == {
         "tandem:num_requests_running": 3, "tandem:num_requests_waiting": 1,
         "tandem:kv_slots_usage_perc": 0.75, "tandem:kv_cache_usage_perc": 0.25,
         "tandem:kv_pages_capacity": 40, "tandem:kv_pages_used": 10, "tandem:kv_pages_cached": 6,
         "tandem:num_preemptions_total": 2, "tandem:prefix_cache_device_tokens_total": 48,
         "tandem:prefix_cache_store_tokens_total": 64, "tandem:worker_requests_total": 5,
+        "tandem:guide_compiles_total": 3, "tandem:guide_cache_hits_total": 7,
     }
 
 

@@ -1,0 +1,165 @@
+"""Issue 17's figures, in one run: what a guide costs per generated token, what compiling one
+costs, and how many corpus answers parse and validate, on `tandem serve`.
+
+    .venv/bin/python scripts/bench_structured.py [--rounds 3] [--dtype auto] [--colocated]
+                                                 [--schemas 200]
+
+1. Compile: each corpus schema compiled cold (a fresh cache; the tokenizer's token trie,
+   built once per process, is timed apart), then again (cache hits).
+2. Per token: one streamed chat, guided by PEOPLE (a JSON array of 12 objects: the mask works
+   on every token) and free (ignore_eos, as many tokens as the guided answers), at c=1 and
+   c=16. A stream's decode rate is its tokens after the first over the time after the first;
+   the figure is the mean over streams, median over rounds. Modes alternate which goes first.
+3. Validity: every corpus schema, greedy and seeded, over HTTP: answers that parse and
+   validate with jsonschema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.grammar import Grammars  # noqa: E402
+from engine.sampling_params import Guide  # noqa: E402
+from router.model_info import load_served_model  # noqa: E402
+from scripts.serving_targets import cpu_flags, default_dtype, tandem_serve  # noqa: E402
+from tests.structured_corpus import MAX_TOKENS, corpus  # noqa: E402
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PEOPLE = {"type": "array", "minItems": 12, "maxItems": 12, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                     "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["name", "age"]}}
+ASK = [{"role": "user", "content": "List twelve people with their ages as JSON."}]
+
+
+def compile_figures(schemas: list[dict]) -> dict[str, float]:
+    served = load_served_model(MODEL)
+    g = Grammars(served.tokenizer, served.vocab_size, served.eos_token_ids)
+    start = time.perf_counter()
+    g.warm()
+    trie = time.perf_counter() - start
+    guides = [Guide("json", json.dumps(s)) for s in schemas]
+    cold, warm = [], []
+    for times in (cold, warm):
+        for guide in guides:
+            start = time.perf_counter()
+            g.compile(guide)
+            times.append(time.perf_counter() - start)
+    q = statistics.quantiles
+    return {"trie_s": trie, "cold_median_ms": statistics.median(cold) * 1e3,
+            "cold_p90_ms": q(cold, n=10)[-1] * 1e3, "warm_median_us": statistics.median(warm) * 1e6,
+            "hits": g.stats.hits, "compiles": g.stats.compiles}
+
+
+async def stream_rate(http: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
+    """(decode tokens/s after the first token, completion tokens) of one streamed chat."""
+    first = last = None
+    tokens = 0
+    async with http.stream("POST", f"{url}/v1/chat/completions", json={
+            "model": MODEL, "messages": ASK, "stream": True,
+            "stream_options": {"include_usage": True}, **body}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    return (tokens - 1) / max(last - first, 1e-9), tokens
+
+
+async def wave(url: str, c: int, body: dict) -> tuple[float, int]:
+    async with httpx.AsyncClient(timeout=600) as http:
+        out = await asyncio.gather(*[stream_rate(http, url, {**body, "seed": i})
+                                     for i in range(c)])
+    return statistics.mean(r for r, _ in out), min(n for _, n in out)
+
+
+def validity(url: str, schemas: list[dict]) -> tuple[int, int]:
+    async def one(http, i: int, schema: dict, temperature: float) -> bool:
+        r = await http.post(f"{url}/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": MAX_TOKENS, "temperature": temperature, "seed": i,
+            "messages": [{"role": "user", "content": "Fill in this JSON object."}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": f"s{i}", "schema": schema}}})
+        try:
+            jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]),
+                                schema)
+            return True
+        except (ValueError, KeyError, jsonschema.ValidationError):
+            return False
+
+    async def run() -> list[bool]:
+        limit = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(timeout=600) as http:
+            async def bounded(*job):
+                async with limit:
+                    return await one(http, *job)
+            return await asyncio.gather(*[bounded(i, s, t) for i, s in enumerate(schemas)
+                                          for t in (0.0, 1.0)])
+
+    ok = asyncio.run(run())
+    return sum(ok), len(ok)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--colocated", action="store_true")
+    ap.add_argument("--schemas", type=int, default=200)
+    args = ap.parse_args()
+    dtype = default_dtype() if args.dtype == "auto" else args.dtype
+    schemas = corpus()[: args.schemas]
+    comp = compile_figures(schemas)
+    guided = {"temperature": 1.0, "max_tokens": 400,
+              "response_format": {"type": "json_schema",
+                                  "json_schema": {"name": "people", "schema": PEOPLE}}}
+    rates: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        flags = ["--colocated"] if args.colocated else []
+        with tandem_serve("tandem-structured", work, work / "kv", *flags, dtype=dtype) as server:
+            asyncio.run(wave(server.url, 2, guided))  # warm-up, unmeasured
+            for r in range(args.rounds):
+                for c in (1, 16):
+                    _, length = asyncio.run(wave(server.url, c, guided))
+                    free = {"temperature": 1.0, "max_tokens": length, "ignore_eos": True}
+                    modes = [("guided", guided), ("free", free)]
+                    for mode, body in modes if r % 2 == 0 else modes[::-1]:
+                        rate, _ = asyncio.run(wave(server.url, c, body))
+                        rates.setdefault((mode, c), []).append(rate)
+                print(f"round {r + 1} done", flush=True)
+            valid, total = validity(server.url, schemas)
+    topology = "colocated" if args.colocated else "1P+1D"
+    print(f"\nCPU flags: {' '.join(cpu_flags()) or 'none'}; dtype {dtype}; {topology}; "
+          f"median of {args.rounds} rounds\n")
+    print(f"compile: token trie {comp['trie_s']:.2f} s once; a corpus schema cold "
+          f"{comp['cold_median_ms']:.1f} ms median, p90 {comp['cold_p90_ms']:.1f} ms; cached "
+          f"{comp['warm_median_us']:.0f} us ({comp['hits']} hits, {comp['compiles']} compiles)\n")
+    print("| c | free tok/s per stream | guided tok/s per stream | overhead |")
+    print("|---|---|---|---|")
+    for c in (1, 16):
+        free, guided_rate = (statistics.median(rates[(m, c)]) for m in ("free", "guided"))
+        print(f"| {c} | {free:.1f} | {guided_rate:.1f} | {1 - guided_rate / free:+.1%} |")
+    print(f"\nvalidity: {valid} / {total} corpus answers parse and validate (greedy + seeded)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -377,10 +377,12 @@ class Engine:
                 rows.append(self._spawn(seq, child_id, params))
                 src.append(i)
             seq.forks = []
-        rows, src = self._guided(rows, src)
+        masks, broken = self._masks.complete(rows, ready)
+        if broken:
+            rows, src = self._drop_broken(rows, src, broken)
         if src != list(range(len(seqs))):
             logits = logits[src]
-        samples = [s.sample_row(self._masks.mask_of(s, ready, logits.device)) for s in rows]
+        samples = [s.sample_row(self._masks.tensor(s, masks, logits.device)) for s in rows]
         try:
             outs = sample(logits, samples, self._gen)
         except Exception:
@@ -388,16 +390,14 @@ class Engine:
             return self._emit_each(rows, samples, logits)
         return [self._append(s, o) for s, o in zip(rows, outs, strict=False)]
 
-    def _guided(self, rows: list[Sequence], src: list[int]) -> tuple[list[Sequence], list[int]]:
-        """Drop (fail) the rows whose guide is in an error state; the others go on."""
-        bad = set()
-        for i, seq in enumerate(rows):
-            if seq.matcher is not None and seq.matcher.is_error():
-                self._fail(seq, GuideError(seq.matcher.get_error()))
-                bad.add(i)
-        if not bad:
-            return rows, src
-        keep = [i for i in range(len(rows)) if i not in bad]
+    def _drop_broken(self, rows: list[Sequence], src: list[int],
+                     broken: list[tuple[Sequence, GuideError]]
+                     ) -> tuple[list[Sequence], list[int]]:
+        """Fail the rows whose guide broke (alone); the others go on."""
+        for seq, err in broken:
+            self._fail(seq, err)
+        gone = {id(seq) for seq, _ in broken}
+        keep = [i for i, seq in enumerate(rows) if id(seq) not in gone]
         return [rows[i] for i in keep], [src[i] for i in keep]
 
     def _emit_each(self, rows: list[Sequence], samples: list[SampleRow],

@@ -31,7 +31,7 @@ Masks = dict[Sequence, np.ndarray]  # float32 [V] offsets per guided row (by ide
 class GuideMasks:
     def __init__(self, vocab_size: int, overlap: bool = True):
         self.vocab_size = vocab_size
-        self.overlap = overlap  # False: start() computes nothing, mask_of() computes in line
+        self.overlap = overlap  # False: start() computes nothing, complete() all in line
         self._pool: ThreadPoolExecutor | None = None  # started by the first guided row
 
     def start(self, seqs: list[Sequence]) -> Future | None:
@@ -61,12 +61,25 @@ class GuideMasks:
         if pending is not None:
             wait([pending])
 
-    def mask_of(self, seq: Sequence, ready: Masks, device: torch.device) -> torch.Tensor | None:
-        """The row's mask (0 / -inf offsets) on `device`, or None without a guide. A row started
-        after the masks were (a fork spawned this step) computes its own here."""
-        if seq.matcher is None:
-            return None
-        mask = ready.get(seq)
-        if mask is None:
-            mask = token_mask(seq.matcher, self.vocab_size)
-        return torch.from_numpy(mask).to(device, non_blocking=True)
+    def complete(self, rows: list[Sequence], ready: Masks
+                 ) -> tuple[Masks, list[tuple[Sequence, GuideError]]]:
+        """Every guided row's mask: those computed during the forward, the rest now (on CPU,
+        and a fork spawned this step). Rows whose matcher is in an error state come back
+        apart, with the error, for the engine to fail alone."""
+        masks, broken = {}, []
+        for seq in rows:
+            if seq.matcher is None:
+                continue
+            try:
+                mask = ready.get(seq)
+                masks[seq] = mask if mask is not None else token_mask(seq.matcher,
+                                                                      self.vocab_size)
+            except GuideError as exc:
+                broken.append((seq, exc))
+        return masks, broken
+
+    @staticmethod
+    def tensor(seq: Sequence, masks: Masks, device: torch.device) -> torch.Tensor | None:
+        """The row's mask (0 / -inf offsets) on `device`, or None without a guide."""
+        mask = masks.get(seq)
+        return None if mask is None else torch.from_numpy(mask).to(device, non_blocking=True)

@@ -6,12 +6,15 @@ costs, and how many corpus answers parse and validate, on `tandem serve`.
 
 1. Compile: each corpus schema compiled cold (a fresh cache; the tokenizer's token trie,
    built once per process, is timed apart), then again (cache hits).
-2. Per token: one streamed chat, guided by PEOPLE (a JSON array of 12 objects: the mask works
-   on every token) and free (ignore_eos, as many tokens as the guided answers), at c=1 and
-   c=16. A stream's decode rate is its tokens after the first over the time after the first;
-   the figure is the mean over streams, median over rounds. Modes alternate which goes first.
+2. Per token: one streamed chat, guided by PEOPLE (a JSON array of 60 objects, longer than
+   TOKENS: the mask works on every token, and every answer is cut at exactly TOKENS) and free
+   (ignore_eos, TOKENS), at c=1 and c=16, sampled. A stream's decode rate is its tokens after
+   the first over the time after the first; the figure is the mean over streams, median over
+   rounds. Modes alternate which goes first.
 3. Validity: every corpus schema, greedy and seeded, over HTTP: answers that parse and
-   validate with jsonschema.
+   validate with jsonschema. With --kill-every S (two decode workers), a decode worker that is
+   streaming is SIGKILLed every S seconds while they run: answers resumed on the other worker
+   must validate too.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,11 +43,12 @@ from scripts.serving_targets import cpu_flags, default_dtype, tandem_serve  # no
 from tests.structured_corpus import MAX_TOKENS, corpus  # noqa: E402
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PEOPLE = {"type": "array", "minItems": 12, "maxItems": 12, "items": {
+TOKENS = 128
+PEOPLE = {"type": "array", "minItems": 60, "maxItems": 60, "items": {
     "type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
                                      "age": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["name", "age"]}}
-ASK = [{"role": "user", "content": "List twelve people with their ages as JSON."}]
+ASK = [{"role": "user", "content": "List sixty people with their ages as JSON."}]
 
 
 def compile_figures(schemas: list[dict]) -> dict[str, float]:
@@ -117,19 +124,41 @@ def validity(url: str, schemas: list[dict]) -> tuple[int, int]:
     return sum(ok), len(ok)
 
 
+def killer(url: str, every: float, stop: threading.Event, kills: list[int]) -> None:
+    """SIGKILL a streaming decode worker every `every` seconds until `stop`."""
+    while not stop.wait(every):
+        workers = httpx.get(f"{url}/workers", timeout=10).json()["workers"]
+        busy = [w for w in workers if w["role"] == "decode" and w["inflight"] and w["pid"]]
+        healthy = [w for w in workers if w["role"] == "decode" and w["healthy"]]
+        if busy and len(healthy) >= 2:  # keep one alive to fail over to
+            os.kill(busy[0]["pid"], signal.SIGKILL)
+            kills.append(busy[0]["pid"])
+
+
+def failovers(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("tandem:worker_failovers_total"))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--colocated", action="store_true")
     ap.add_argument("--schemas", type=int, default=200)
+    ap.add_argument("--kill-every", type=float, default=0.0,
+                    help="validity only, with two decode workers killed in turn")
     args = ap.parse_args()
+    if args.kill_every:
+        return kill_run(args)
     dtype = default_dtype() if args.dtype == "auto" else args.dtype
     schemas = corpus()[: args.schemas]
     comp = compile_figures(schemas)
-    guided = {"temperature": 1.0, "max_tokens": 400,
+    guided = {"temperature": 1.0, "max_tokens": TOKENS,
               "response_format": {"type": "json_schema",
                                   "json_schema": {"name": "people", "schema": PEOPLE}}}
+    free = {"temperature": 1.0, "max_tokens": TOKENS, "ignore_eos": True}
     rates: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -138,11 +167,10 @@ def main() -> int:
             asyncio.run(wave(server.url, 2, guided))  # warm-up, unmeasured
             for r in range(args.rounds):
                 for c in (1, 16):
-                    _, length = asyncio.run(wave(server.url, c, guided))
-                    free = {"temperature": 1.0, "max_tokens": length, "ignore_eos": True}
                     modes = [("guided", guided), ("free", free)]
                     for mode, body in modes if r % 2 == 0 else modes[::-1]:
-                        rate, _ = asyncio.run(wave(server.url, c, body))
+                        rate, length = asyncio.run(wave(server.url, c, body))
+                        assert length == TOKENS, (mode, length)
                         rates.setdefault((mode, c), []).append(rate)
                 print(f"round {r + 1} done", flush=True)
             valid, total = validity(server.url, schemas)
@@ -158,6 +186,32 @@ def main() -> int:
         free, guided_rate = (statistics.median(rates[(m, c)]) for m in ("free", "guided"))
         print(f"| {c} | {free:.1f} | {guided_rate:.1f} | {1 - guided_rate / free:+.1%} |")
     print(f"\nvalidity: {valid} / {total} corpus answers parse and validate (greedy + seeded)")
+    return 0
+
+
+def kill_run(args: argparse.Namespace) -> int:
+    dtype = default_dtype() if args.dtype == "auto" else args.dtype
+    schemas = corpus()[: args.schemas]
+    kills: list[int] = []
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with tandem_serve("tandem-structured-kill", work, work / "kv", "--decode-workers", "2",
+                          dtype=dtype) as server:
+            before = failovers(server.url)
+            thread = threading.Thread(target=killer,
+                                      args=(server.url, args.kill_every, stop, kills))
+            thread.start()
+            try:
+                valid, total = validity(server.url, schemas)
+            finally:
+                stop.set()
+                thread.join()
+            retried = failovers(server.url) - before
+    print(f"\nCPU flags: {' '.join(cpu_flags()) or 'none'}; dtype {dtype}; 1P+2D, a streaming "
+          f"decode worker SIGKILLed every {args.kill_every:g} s: {len(kills)} kills, "
+          f"{retried:.0f} worker calls failed over")
+    print(f"validity: {valid} / {total} corpus answers parse and validate (greedy + seeded)")
     return 0
 
 

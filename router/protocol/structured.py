@@ -138,15 +138,24 @@ class _Guided:
     def _guides(self):
         r: Any = self
         yield _from_format(r.response_format)
-        if r.guided_json is not None:
-            yield "guided_json", json_guide(r.guided_json, "guided_json")
-        if r.guided_regex is not None:
-            yield "guided_regex", _sized(Guide("regex", r.guided_regex), "guided_regex")
-        if r.guided_choice is not None:
-            yield "guided_choice", choice_guide(r.guided_choice, "guided_choice")
-        if r.guided_grammar is not None:
-            yield "guided_grammar", grammar_guide(r.guided_grammar, "guided_grammar")
+        for kind in _KINDS:
+            value = getattr(r, f"guided_{kind}")
+            if value is not None:
+                yield f"guided_{kind}", _guide_of(kind, value, f"guided_{kind}")
         yield _from_structured(r.structured_outputs)
+
+
+_KINDS = ("json", "regex", "choice", "grammar")  # vLLM's guided_<kind>, structured_outputs.<kind>
+
+
+def _guide_of(kind: str, value: Any, param: str) -> Guide:
+    if kind == "json":
+        return json_guide(value, param)
+    if kind == "regex":
+        return _sized(Guide("regex", value), param)
+    if kind == "choice":
+        return choice_guide(value, param)
+    return grammar_guide(value, param)
 
 
 def _from_format(fmt: Any) -> tuple[str, Guide] | None:
@@ -162,19 +171,12 @@ def _from_format(fmt: Any) -> tuple[str, Guide] | None:
 def _from_structured(so: StructuredOutputs | None) -> tuple[str, Guide] | None:
     if so is None:
         return None
-    param = "structured_outputs"
-    set_fields = [k for k in ("json_", "regex", "choice", "grammar") if getattr(so, k) is not None]
-    set_fields += ["json_object"] if so.json_object else []
-    if len(set_fields) != 1:
+    given = {kind: v for kind in _KINDS
+             if (v := getattr(so, "json_" if kind == "json" else kind)) is not None}
+    if len(given) + bool(so.json_object) != 1:
         raise bad_request("structured_outputs takes exactly one of json, regex, choice, "
-                          "grammar or json_object.", param)
-    field = set_fields[0]
-    if field == "json_":
-        return param, json_guide(so.json_, f"{param}.json")
-    if field == "regex":
-        return param, _sized(Guide("regex", so.regex), f"{param}.regex")
-    if field == "choice":
-        return param, choice_guide(so.choice, f"{param}.choice")
-    if field == "grammar":
-        return param, grammar_guide(so.grammar, f"{param}.grammar")
-    return param, Guide("json", JSON_OBJECT_SCHEMA)
+                          "grammar or json_object.", "structured_outputs")
+    if so.json_object:
+        return "structured_outputs", Guide("json", JSON_OBJECT_SCHEMA)
+    [(kind, value)] = given.items()
+    return "structured_outputs", _guide_of(kind, value, f"structured_outputs.{kind}")

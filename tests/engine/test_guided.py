@@ -174,3 +174,18 @@ def test_masks_computed_during_the_forward_give_the_same_tokens(engine, smollm_f
     finally:
         engine._masks.overlap = False
     assert [out["o0"].tokens, out["o1"].tokens] == inline
+
+
+def test_a_broken_guide_fails_its_row_alone(engine, smollm_fp32):
+    ids = chat(smollm_fp32, "Describe a person as JSON.")
+    engine.add(make_request("ok", ids, guided(PERSON)))
+    engine.add(make_request("bad", ids, guided(PERSON)))
+    while not engine.step():
+        pass
+    bad = engine._seqs["bad"].matcher
+    bad.consume_token(smollm_fp32.tokenizer.encode("}")[0])  # `{` then `}`: no "name"
+    assert bad.is_error()
+    out = run(engine, [])
+    [(seq_id, err)] = engine.take_failed()
+    assert seq_id == "bad" and isinstance(err, ValueError)
+    assert "bad" not in out and out["ok"].finish_reason == "stop"

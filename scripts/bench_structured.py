@@ -11,6 +11,10 @@ costs, and how many corpus answers parse and validate, on `tandem serve`.
    (ignore_eos, TOKENS), at c=1 and c=16, sampled. A stream's decode rate is its tokens after
    the first over the time after the first; the figure is the mean over streams, median over
    rounds. Modes alternate which goes first.
+With --engine instead: the engine in process, no server, the same guided and free workloads:
+the median decode step at batch 1 and 16, guide masks computed in line and on the helper
+thread that overlaps them with the forward (engine/guide_masks.py), rounds alternating.
+
 3. Validity: every corpus schema, greedy and seeded, over HTTP: answers that parse and
    validate with jsonschema. With --kill-every S (two decode workers), a decode worker that is
    streaming is SIGKILLed every S seconds while they run: answers resumed on the other worker
@@ -149,7 +153,10 @@ def main() -> int:
     ap.add_argument("--schemas", type=int, default=200)
     ap.add_argument("--kill-every", type=float, default=0.0,
                     help="validity only, with two decode workers killed in turn")
+    ap.add_argument("--engine", action="store_true", help="the engine in process, no server")
     args = ap.parse_args()
+    if args.engine:
+        return engine_run(args)
     if args.kill_every:
         return kill_run(args)
     dtype = default_dtype() if args.dtype == "auto" else args.dtype
@@ -186,6 +193,52 @@ def main() -> int:
         free, guided_rate = (statistics.median(rates[(m, c)]) for m in ("free", "guided"))
         print(f"| {c} | {free:.1f} | {guided_rate:.1f} | {1 - guided_rate / free:+.1%} |")
     print(f"\nvalidity: {valid} / {total} corpus answers parse and validate (greedy + seeded)")
+    return 0
+
+
+def engine_run(args: argparse.Namespace) -> int:
+    from engine.engine import Engine, EngineConfig, SeqRequest
+    from engine.loader import load_model
+    from engine.registry import resolve_model
+    from engine.sampling_params import SamplingParams
+
+    dtype = default_dtype() if args.dtype == "auto" else args.dtype
+    lm = load_model(resolve_model(MODEL), dtype=dtype, device="cpu")
+    engine = Engine(lm, EngineConfig(max_slots=32))
+    engine.grammars.warm()
+    ids = lm.tokenizer.apply_chat_template(ASK, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+    guide = Guide("json", json.dumps(PEOPLE))
+
+    def median_step(c: int, guided: bool, r: int) -> float:
+        for i in range(c):
+            p = SamplingParams(max_tokens=TOKENS, temperature=1.0, seed=r * 100 + i,
+                               ignore_eos=not guided, guide=guide if guided else None)
+            engine.add(SeqRequest(f"{r}-{guided}-{i}", list(ids), len(ids), p))
+        steps = []
+        while engine.has_work():
+            start = time.perf_counter()
+            if len(engine.step()) == c:
+                steps.append(time.perf_counter() - start)
+        return statistics.median(steps)
+
+    times: dict[tuple[int, str], list[float]] = {}
+    median_step(2, True, -1)  # warm-up
+    for r in range(args.rounds):
+        for c in (1, 16):
+            for mode in ("free", "overlap", "inline") if r % 2 == 0 else ("inline", "overlap",
+                                                                           "free"):
+                engine._masks.overlap = mode == "overlap"
+                times.setdefault((c, mode), []).append(median_step(c, mode != "free", r))
+    print(f"\nCPU flags: {' '.join(cpu_flags()) or 'none'}; dtype {dtype}; engine in process; "
+          f"median decode step, median of {args.rounds} rounds\n")
+    print("| batch | free | masks in line | masks during the forward |")
+    print("|---|---|---|---|")
+    for c in (1, 16):
+        free, inline, overlap = (statistics.median(times[(c, m)]) * 1e3
+                                 for m in ("free", "inline", "overlap"))
+        print(f"| {c} | {free:.2f} ms | {inline:.2f} ms ({inline / free - 1:+.1%}) | "
+              f"{overlap:.2f} ms ({overlap / free - 1:+.1%}) |")
     return 0
 
 

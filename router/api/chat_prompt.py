@@ -3,7 +3,7 @@
 A template that knows tools (it reads `tools`, as Qwen2.5's and Llama 3.1's do) gets them as
 transformers passes them: `tools=`, assistant turns with `tool_calls` (arguments as objects)
 and `tool` turns. A template that does not (SmolLM2-135M's is plain ChatML and ignores
-`tools`) gets the Hermes format that SmolLM2's larger sibling was trained on, written into the
+`tools`) gets the Hermes format (which many open chat models use), written into the
 messages: the tool list in the system turn, calls as `<tool_call>` blocks in the assistant's
 text, answers as `<tool_response>` blocks. router/output/tool_calls.py parses the same blocks
 back out of the model's answer.

@@ -318,8 +318,7 @@ class Engine:
         chunks = [Chunk(seq.pages, table_len(seq), seq.token_ids[seq.kv_len : seq.kv_len + n],
                         keep=self._keep(seq, n), shift=seq.kv_len - table_len(seq),
                         cold=_cold_keys(seq)) for seq, n in planned]
-        pending = self._masks.start(
-            [*decoders, *(seq for seq, n in planned if seq.todo == n)])  # the rows sampling
+        pending = self._masks.start(decoders, planned)
         try:
             logits = self._fwd.step([s.token_ids[s.kv_len] for s in decoders],
                                     [s.kv_len for s in decoders], [s.pages for s in decoders],
@@ -380,7 +379,9 @@ class Engine:
         masks, broken = self._masks.complete(rows, ready)
         if broken:
             rows, src = self._drop_broken(rows, src, broken)
-        if src != list(range(len(seqs))):
+            if not rows:
+                return []
+        if broken or len(rows) != len(seqs):
             logits = logits[src]
         samples = [s.sample_row(self._masks.tensor(s, masks, logits.device)) for s in rows]
         try:

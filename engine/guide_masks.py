@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from itertools import chain
 
 import numpy as np
 import torch
@@ -34,10 +35,15 @@ class GuideMasks:
         self.overlap = overlap  # False: start() computes nothing, complete() all in line
         self._pool: ThreadPoolExecutor | None = None  # started by the first guided row
 
-    def start(self, seqs: list[Sequence]) -> Future | None:
-        """Compute the masks of the guided ones among `seqs`, all of which sample this step."""
-        guided = [s for s in seqs if s.matcher is not None]
-        if not guided or not self.overlap:
+    def start(self, decoders: list[Sequence], planned: list[tuple[Sequence, int]]
+              ) -> Future | None:
+        """With overlap, compute the masks of this step's guided sampling rows: every decoder,
+        and each prompt whose planned chunk is its last."""
+        if not self.overlap:
+            return None  # on CPU: nothing to build on the decode step's path
+        guided = [s for s in chain(decoders, (s for s, n in planned if s.todo == n))
+                  if s.matcher is not None]
+        if not guided:
             return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="guide-masks")

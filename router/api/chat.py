@@ -19,9 +19,9 @@ from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
     base_seed,
-    check_guide,
     check_min_tokens,
     check_sampling_tokens,
+    checked_guide,
     output_options,
     plan_choices,
     resolve_max_tokens,
@@ -65,6 +65,7 @@ def build_chat_job(
     top = (body.top_logprobs or 0) if body.logprobs else None
     check_shape(body, settings, 1, top, "top_logprobs")
     mode = body.tool_mode()
+    guide = checked_guide(model, body.output_guide())  # a 400 before templating
     ids = chat_prompt_ids(
         model.tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message,
         tools=None if mode == "none" else body.tools,
@@ -78,8 +79,7 @@ def build_chat_job(
     check_min_tokens(body.min_tokens, budget)
     n = body.n or 1
     check_request_tokens(settings, [len(ids)], [budget], n, "max_completion_tokens")
-    params = body.to_sampling_params(budget, base_seed(body.seed), model.vocab_size)
-    check_guide(model, body.output_guide())
+    params = body.to_sampling_params(budget, base_seed(body.seed), model.vocab_size, guide)
     options = output_options(body, model, params.logprobs, drop_output=False)
     plans = plan_choices(
         request_id, model, [PromptInput(ids)], [params], n, options,

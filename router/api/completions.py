@@ -18,10 +18,10 @@ from router.api.openapi_docs import generation_responses
 from router.api.planning import (
     PromptInput,
     base_seed,
-    check_guide,
     check_min_tokens,
     check_prompt_ids,
     check_sampling_tokens,
+    checked_guide,
     completion_prompts,
     output_options,
     plan_choices,
@@ -62,6 +62,7 @@ def build_job(
     body.check()
     body.log_unknown_fields()
     model, settings = state.model(body.model), state.settings
+    guide = checked_guide(model, body.guide())  # a 400 before anything is tokenized
     num_prompts = prompt_count(body.prompt)
     at_most(num_prompts, settings.max_prompts, "prompt", "prompts")
     check_text(_texts(body.prompt), settings, "prompt")
@@ -76,8 +77,7 @@ def build_job(
     check_request_tokens(settings, [len(p.token_ids) for p in prompts], budgets, n,
                          "max_tokens")
     seed = base_seed(body.seed)
-    params = [body.to_sampling_params(b, seed, model.vocab_size) for b in budgets]
-    check_guide(model, body.guide())
+    params = [body.to_sampling_params(b, seed, model.vocab_size, guide) for b in budgets]
     options = output_options(body, model, body.logprobs, drop_output=body.max_tokens == 0)
     plans = plan_choices(request_id, model, prompts, params, n, options,
                          tenant_salt(tenant, body.cache_salt))

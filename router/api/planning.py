@@ -41,17 +41,19 @@ def check_sampling_tokens(req, model: ServedModel) -> None:
             )
 
 
-def check_guide(model: ServedModel, guide: tuple[str, Guide] | None) -> None:
-    """Compile a structured-output guide now (once per distinct guide: cached), so one the
-    engine cannot run is the client's 400, naming what the grammar engine does not support."""
-    if guide is None:
-        return
-    param, g = guide
+def checked_guide(model: ServedModel, found: tuple[str, Guide] | None) -> Guide | None:
+    """A request's structured-output guide (with the field it came from), compiled now (once
+    per distinct guide: cached), so one the engine cannot run is the client's 400, naming what
+    the grammar engine does not support."""
+    if found is None:
+        return None
+    param, guide = found
     try:
-        model.grammars.compile(g)
+        model.grammars.compile(guide)
     except GuideError as exc:
         raise bad_request(f"The `{param}` constraint cannot be used: {exc}", param,
                           "invalid_guide") from None
+    return guide
 
 
 def completion_prompts(model: ServedModel, prompt: str | list) -> list[PromptInput]:

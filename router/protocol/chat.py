@@ -183,9 +183,6 @@ class ChatCompletionRequest(_Sampling, _Guided, WireModel):
                 "continue_final_message",
             )
         self.check_common(self.requested_max_tokens())
-        if self.tool_mode() not in ("none", "auto") and self.guide() is not None:
-            raise bad_request("A forced tool call already constrains the output; drop the "
-                              "structured-output field.", "tool_choice")
 
     def tool_mode(self) -> str:
         """"none", "auto", "required" or the forced function's name."""
@@ -193,17 +190,21 @@ class ChatCompletionRequest(_Sampling, _Guided, WireModel):
 
     def output_guide(self) -> tuple[str, Guide] | None:
         """What constrains the output, and the field that asked: a forced tool call, or a
-        structured-output field."""
+        structured-output field. Builds the schema text: call it once per request."""
         forced = tool_guide(self.tools or [], self.tool_mode())
-        return ("tool_choice", forced) if forced is not None else self.guide()
+        requested = self.guide()
+        if forced is not None and requested is not None:
+            raise bad_request("A forced tool call already constrains the output; drop the "
+                              "structured-output field.", "tool_choice")
+        return ("tool_choice", forced) if forced is not None else requested
 
-    def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int,
+                           guide: Guide | None = None) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         params = self.sampling_params(
             max_tokens=max_tokens, seed=seed, logprobs=logprobs, vocab_size=vocab_size
         )
-        guide = self.output_guide()
-        params.guide = guide[1] if guide else None
+        params.guide = guide
         return params
 
 

@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import Guide, SamplingParams
 from router.protocol.common import (
     MAX_PROMPTS,
     CacheSalt,
@@ -109,9 +109,9 @@ class CompletionRequest(_Sampling, _Guided, WireModel):
 
     def check(self) -> None:
         self.check_common(self.max_tokens)
-        self.guide()  # a malformed constraint is a 400 before anything is tokenized
 
-    def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int, seed: int, vocab_size: int,
+                           guide: Guide | None = None) -> SamplingParams:
         """max_tokens 0 (echo scoring) asks the backend for one token, which is dropped: the
         backend then runs the prefill that yields the prompt logprobs."""
         params = self.sampling_params(
@@ -120,8 +120,7 @@ class CompletionRequest(_Sampling, _Guided, WireModel):
         )
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs
-        guide = self.guide()
-        params.guide = guide[1] if guide else None
+        params.guide = guide
         return params
 
 

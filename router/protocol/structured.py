@@ -128,7 +128,8 @@ class _Guided:
     `guided_*`, `structured_outputs`) into at most one Guide."""
 
     def guide(self) -> tuple[str, Guide] | None:
-        """(the field it came from, the guide), or None without a constraint."""
+        """(the field it came from, the guide), or None without a constraint. Builds the
+        schema text: call it once per request."""
         found = [g for g in self._guides() if g is not None]
         if len(found) > 1:
             raise bad_request("Give one structured-output constraint: response_format, "

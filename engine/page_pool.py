@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from engine.kv_layout import KVLayout
+from engine.resident_filter import ResidentFilter
 
 NULL_PAGE = 0
 
@@ -53,6 +54,7 @@ class PagePool:
         self._by_digest: dict[bytes, int] = {}  # every registered page, referenced or free
         self._fresh = 1  # pages [_fresh, N) were never handed out
         self.evictions = 0  # cached pages reused for other content
+        self.resident = ResidentFilter(num_pages)  # the registered digests, for routers
 
     @staticmethod
     def page_bytes(layout: KVLayout, page_size: int) -> int:
@@ -97,6 +99,7 @@ class PagePool:
         elif self._cached:
             page = next(iter(self._cached))
             del self._cached[page], self._by_digest[self.digest[page]]
+            self.resident.remove(self.digest[page])
             self.digest[page] = None
             self.evictions += 1
         else:
@@ -124,6 +127,7 @@ class PagePool:
         if digest not in self._by_digest and self.digest[page] is None:
             self._by_digest[digest] = page
             self.digest[page] = digest
+            self.resident.add(digest)
 
     def lookup(self, digests: list[bytes]) -> list[int]:
         """The pages holding the longest run of `digests` from the first. Any thread may ask

@@ -39,7 +39,28 @@ class PoolCollector:
         failovers = CounterMetricFamily("tandem:worker_failovers",
                                         "Worker calls retried on another worker.",
                                         value=self.backend.failovers_total)
-        return [up, inflight, failovers]
+        return [up, inflight, failovers, *self._routes()]
+
+    def _routes(self) -> list:
+        """KV-aware routing's choices (router/dispatch/kv_route.py): matched / prompt tokens
+        is the share of routed prompts the chosen worker held on its device."""
+        decisions = CounterMetricFamily(
+            "tandem:router_route_decisions", "Worker choices by KV-aware routing, by why: "
+            "prefix (it held the most), load (nobody held any), balance (loads too skewed).",
+            labels=["role", "reason"])
+        prompt = CounterMetricFamily("tandem:router_route_prompt_tokens",
+                                     "Prompt tokens of the requests KV-aware routing placed.",
+                                     labels=["role"])
+        matched = CounterMetricFamily(
+            "tandem:router_route_matched_tokens",
+            "Of those, tokens the chosen worker's resident-page summary held.", labels=["role"])
+        stats = self.backend.pool.router.stats if self.backend.pool else None
+        for (role, reason), n in (stats.decisions.items() if stats else ()):
+            decisions.add_metric([role, reason], n)
+        for role, n in (stats.prompt_tokens.items() if stats else ()):
+            prompt.add_metric([role], n)
+            matched.add_metric([role], stats.matched_tokens.get(role, 0))
+        return [decisions, prompt, matched]
 
 
 def metrics_router(metrics: RouterMetrics) -> APIRouter:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
@@ -90,6 +90,19 @@ class RouterSettings(StoreSettings):
         256, ge=0, description="a prompt with fewer uncached tokens than this is prefilled by "
         "its decode worker (no prefill hop, no KV round trip through the store); 0: every "
         "prompt with an uncached token goes to a prefill worker"
+    )
+    # KV-aware routing (router/dispatch/kv_route.py); the defaults are measured in
+    # docs/BENCHMARKS.md ("KV-aware routing").
+    route_policy: Literal["kv", "least_loaded"] = Field(
+        "kv", description="kv: send a request where its prefix is resident on the device, "
+        "weighed against load; least_loaded: fewest requests in flight"
+    )
+    route_load_tokens: int = Field(
+        256, ge=0, description="kv routing: prompt tokens one request in flight is worth"
+    )
+    route_balance_abs: int = Field(
+        8, ge=0, description="kv routing: when workers' in-flight counts differ by more than "
+        "this, the least loaded wins whatever it holds"
     )
 
     # --- what one request may ask (docs/OPERATIONS.md#limits) ----------------------------------

@@ -106,3 +106,19 @@ class WorkerHealth(BaseModel):
     running: int
     waiting: int
     counters: dict[str, int]
+    # One per process (a restart gets a new one): two URLs that reach the same process (a
+    # compose service name and the address the worker advertises) are one worker to a router.
+    instance_id: str = ""
+    page_size: int = 0  # tokens per device KV page: the grain of the resident-page summary
+    kv_summary_version: int = 0  # changes whenever GET /kv_summary would answer differently
+
+
+class KVSummary(BaseModel):
+    """GET /kv_summary: the page digests resident on the worker's device, as a Bloom filter
+    (engine/resident_filter.py), base64 of `bits` / 8 bytes."""
+
+    version: int
+    page_size: int
+    bits: int
+    hashes: int
+    packed: str

@@ -58,6 +58,7 @@ class WorkerAd(BaseModel):
     running: int = 0
     waiting: int = 0
     capacity: int = 0  # running + waiting at which it answers 429
+    instance_id: str = ""  # one per process: the worker's identity, whatever URL reaches it
 
 
 class AdRejected(ValueError):

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wire.http_metrics import HttpMetricsMiddleware, HttpRequestCounts
-from wire.internal_api import INTERNAL_TOKEN_HEADER, WorkerHealth
+from wire.internal_api import INTERNAL_TOKEN_HEADER, KVSummary, WorkerHealth
 from worker.errors import WorkerError, install_error_handlers
 from worker.lifecycle import Lifecycle
 from worker.runtime import Worker, build_worker
@@ -75,6 +75,11 @@ def create_worker_app(settings: WorkerSettings, routes: APIRouter) -> FastAPI:
         if worker.admission.draining:  # probes take it out of rotation; the body still reads
             return JSONResponse(worker.health().model_dump(), status_code=503)
         return worker.health()
+
+    @app.get("/kv_summary", response_model=KVSummary,
+             dependencies=[Depends(check_internal_token)])
+    async def kv_summary(worker: WorkerDep) -> KVSummary:
+        return worker.kv_summary()
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics(worker: WorkerDep) -> Response:

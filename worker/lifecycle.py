@@ -32,7 +32,7 @@ def worker_ad(worker: Worker) -> WorkerAd:
     return WorkerAd(
         url=worker.settings.advertised_url(), role=worker.settings.role, pid=os.getpid(),
         model=worker.lm.name, draining=worker.admission.draining, running=running,
-        waiting=waiting, capacity=worker.admission.capacity,
+        waiting=waiting, capacity=worker.admission.capacity, instance_id=worker.instance_id,
     )
 
 

@@ -3,9 +3,11 @@ and counters (a sequence's start is worker/sequence.py, the app skeleton worker/
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -17,10 +19,11 @@ from prometheus_client import CollectorRegistry
 from engine.engine import Engine, EngineConfig
 from engine.loader import LoadedModel, load_model
 from engine.registry import resolve_model
+from engine.resident_filter import HASHES
 from engine.runner import EngineRunner
 from kvstore import KeyNamespace, build_store
 from kvstore.tiered import TieredStore
-from wire.internal_api import WorkerHealth
+from wire.internal_api import KVSummary, WorkerHealth
 from worker.admission import Admission, Ticket
 from worker.cold_tier import StoreColdTier
 from worker.metrics import (
@@ -70,6 +73,7 @@ class Worker:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
     )
     pending_writes: int = 0  # queued or running on `writer`, at most max_pending_writes
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this process's
     _pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -145,7 +149,20 @@ class Worker:
             running=self.load()[0],
             waiting=self.load()[1],
             counters=asdict(self.counters),
+            instance_id=self.instance_id,
+            page_size=self.engine.config.page_size,
+            kv_summary_version=self.engine.pool.resident.version,
         )
+
+    def kv_summary(self) -> KVSummary:
+        """The resident-page filter, read off the engine thread (a hint: see
+        engine/resident_filter.py). The version is read first, so a change racing the read
+        shows up as a newer version next time rather than being missed."""
+        resident = self.engine.pool.resident
+        version = resident.version
+        return KVSummary(version=version, page_size=self.engine.config.page_size,
+                         bits=resident.bits, hashes=HASHES,
+                         packed=base64.b64encode(resident.packed()).decode())
 
 
 def build_worker(settings: WorkerSettings, after_step=None) -> Worker:

@@ -54,8 +54,10 @@ from router.dispatch.faults import (
     check_status,
 )
 from router.dispatch.group import ChoiceGroup
+from router.dispatch.kv_route import KVRouter, RoutePrefix
 from router.dispatch.membership import Membership
-from router.dispatch.pool import WorkerInfo, WorkerPool, probe_client
+from router.dispatch.pool import WorkerPool, probe_client
+from router.dispatch.worker_info import WorkerInfo
 from wire.internal_api import (
     INTERNAL_TOKEN_HEADER,
     AbortRequest,
@@ -103,9 +105,10 @@ class DisaggregatedBackend:
         membership = Membership(s.redis_url, s.redis_timeout_s, s.cluster_id,
                                 s.internal_token) if s.redis_url else None
         # Probes get their own client: a request pool full of streams must not fail them.
+        router = KVRouter(s.route_policy, s.route_load_tokens, s.route_balance_abs)
         self.pool = WorkerPool(probe_client(self._headers, self._transport), s.prefill_urls,
                                s.decode_urls, s.health_interval_s, headers=self._headers,
-                               membership=membership, models=s.served_models())
+                               membership=membership, models=s.served_models(), router=router)
         await self.pool.start()
         config = s.store_config(lookup=True) if s.prefix_cache else None
         if config is not None:
@@ -128,8 +131,8 @@ class DisaggregatedBackend:
     # --- generation ---------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenEvent]:
-        state = self.retry_state(req.model)
         req = self.scoped(req)
+        state = self.retry_state(req)
         body = decode_body(req)
         handoff = await self.prefill_if_worth_it(req, state)
         if handoff is not None:
@@ -151,8 +154,10 @@ class DisaggregatedBackend:
             return [self.generate(reqs[0])]
         return ChoiceGroup(self, [self.scoped(r, group=reqs[0].request_id) for r in reqs]).members()
 
-    def retry_state(self, model: str | None, streaming: bool = False) -> RetryState:
-        return RetryState(self.settings.max_failovers, streaming=streaming, model=model)
+    def retry_state(self, req: GenerateRequest, streaming: bool = False) -> RetryState:
+        """A request's failover budget, and its prompt for KV-aware routing."""
+        return RetryState(self.settings.max_failovers, streaming=streaming, model=req.model,
+                          prefix=RoutePrefix(req.token_ids, req.cache_salt))
 
     def scoped(self, req: GenerateRequest, group: str | None = None) -> GenerateRequest:
         """With the prefix cache off, a request (or a group of choices) still shares its own
@@ -202,7 +207,8 @@ class DisaggregatedBackend:
             request_id=req.request_id, token_ids=list(req.token_ids), params=req.params,
             cache_salt=req.cache_salt, forks=[as_fork(f) for f in forks],
         )
-        while (w := self.pool.pick_or_none("prefill", state.excluded, state.model)) is not None:
+        while (w := self.pool.pick_or_none("prefill", state.excluded, state.model,
+                                           state.prefix)) is not None:
             lines = self._call_prefill(w, body)
             try:
                 return await anext(lines), lines
@@ -307,8 +313,8 @@ class DisaggregatedBackend:
         the request waits for a worker up to FAILOVER_WAIT_S, retrying refusals as room frees
         up, since an error now would cut a stream the client is reading."""
         while True:
-            w = (self.pool.pick_or_none("decode", state.excluded, state.model)
-                 or self.pool.pick_or_none("decode", state.refused, state.model))
+            w = (self.pool.pick_or_none("decode", state.excluded, state.model, state.prefix)
+                 or self.pool.pick_or_none("decode", state.refused, state.model, state.prefix))
             if w is not None:
                 return w
             if not state.streaming:

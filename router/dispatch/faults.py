@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from router.dispatch.kv_route import RoutePrefix
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_AFTER_S = 1
@@ -94,6 +96,7 @@ class RetryState:
     streaming: bool = False  # the client holds tokens: waits for recovery instead of 4xx/5xx
     deadline: float | None = None  # monotonic; set when the request first waits for a worker
     model: str | None = None  # the served model whose workers it may use (None: any)
+    prefix: RoutePrefix | None = None  # its prompt, for KV-aware routing (None: least loaded)
 
     @property
     def excluded(self) -> set[str]:

@@ -31,7 +31,7 @@ from router.dispatch.faults import (
     WorkerRejected,
     backoff_s,
 )
-from router.dispatch.pool import WorkerInfo
+from router.dispatch.worker_info import WorkerInfo
 from wire.internal_api import PrefillResponse
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class ChoiceGroup:
 
     async def _drive(self) -> None:
         try:
-            state = self.b.retry_state(self.reqs[0].model)
+            state = self.b.retry_state(self.reqs[0])
             handoff = await self.b.prefill_if_worth_it(self.reqs[0], state, self.reqs[1:])
             if handoff is not None:
                 await self._after_prefill(*handoff, state)
@@ -118,7 +118,7 @@ class ChoiceGroup:
             if ev.finish_reason is None and j in self.open:
                 body = decode_body(self.reqs[j], [ev.token_id], head if committed else None,
                                    owner)
-                state = self.b.retry_state(self.reqs[j].model, streaming=True)
+                state = self.b.retry_state(self.reqs[j], streaming=True)
                 self._alone(j, self.b.decode(body, state, report_cached=False))
 
     def _alone(self, j: int, events: AsyncIterator[TokenEvent]) -> None:
@@ -185,6 +185,6 @@ class ChoiceGroup:
         for j in sorted(self.open - self.finished):
             req = self.reqs[j]
             body = decode_body(req, tokens[j][len(req.token_ids):])
-            state = self.b.retry_state(req.model, streaming=True)
+            state = self.b.retry_state(req, streaming=True)
             state.failed.add(failed.url)
             self._alone(j, self.b.decode(body, state, report_cached=False))

@@ -15,24 +15,19 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from kvstore.breaker import Breaker
 from router.dispatch.backend import BackendUnavailable
+from router.dispatch.kv_route import KVRouter, ResidentView, RoutePrefix
 from router.dispatch.membership import Membership
-from wire.internal_api import WorkerHealth
+from router.dispatch.worker_info import WorkerInfo, load_key
+from wire.internal_api import KVSummary, WorkerHealth
 from wire.membership import WorkerAd
 
 log = logging.getLogger(__name__)
-
-FAILURE_THRESHOLD = 3  # consecutive failed requests before the circuit opens
-COOLDOWN_S = 5.0  # first open period; a worker restart under load takes about this long
-MAX_COOLDOWN_S = 60.0  # a worker that keeps failing still gets a trial request once a minute
-
 
 # A probe that takes longer than this counts as failed. Waiting for one of the probe client's
 # connections does not: with many workers a probe round may queue.
@@ -47,40 +42,6 @@ def probe_client(headers: dict, transport: httpx.AsyncBaseTransport | None = Non
                           max_keepalive_connections=PROBE_CONNECTIONS)
     return httpx.AsyncClient(timeout=PROBE_TIMEOUT, limits=limits, headers=headers,
                              transport=transport)
-
-
-def worker_breaker(url: str, clock: Callable[[], float] = time.monotonic) -> Breaker:
-    """Request failures, not health probes, open it. mark_failed logs the opening itself."""
-    return Breaker(f"worker {url}", COOLDOWN_S, MAX_COOLDOWN_S, clock,
-                   threshold=FAILURE_THRESHOLD, log_level=logging.DEBUG)
-
-
-@dataclass(slots=True)
-class WorkerInfo:
-    url: str
-    role: str  # "prefill" | "decode"
-    model: str | None = None  # the served model it runs, once a probe told (None: not yet)
-    healthy: bool = False
-    failures: int = 0  # consecutive failed probes
-    inflight: int = 0  # requests this router has open on it
-    health: WorkerHealth | None = None
-    last_ok: float = 0.0
-    discovered: bool = False  # learned from Redis membership rather than configured
-    missing_scans: int = 0  # membership listings in a row without its ad
-    breaker: Breaker = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.breaker = worker_breaker(self.url)
-
-    def summary(self) -> dict:
-        h = self.health
-        return {
-            "url": self.url, "role": self.role, "model": self.model, "healthy": self.healthy,
-            "inflight": self.inflight,
-            "running": h.running if h else None, "pid": h.pid if h else None,
-            "failures": self.failures, "counters": h.counters if h else {},
-            "circuit": self.breaker.state(), "discovered": self.discovered,
-        }
 
 
 async def expand_url(url: str) -> list[str]:
@@ -123,6 +84,7 @@ class WorkerPool:
         self, client: httpx.AsyncClient, prefill_urls: list[str], decode_urls: list[str],
         probe_interval_s: float = 1.0, unhealthy_after: int = 2, headers: dict | None = None,
         membership: Membership | None = None, models: dict[str, str] | None = None,
+        router: KVRouter | None = None,
     ):
         self._client = client
         self._configured = {"prefill": prefill_urls, "decode": decode_urls}
@@ -134,6 +96,7 @@ class WorkerPool:
         self._models = models or {}
         self._names = set(self._models.values())  # the served names
         self._task: asyncio.Task | None = None
+        self.router = router or KVRouter(policy="least_loaded")
 
     async def start(self) -> None:
         await self.refresh()
@@ -171,21 +134,25 @@ class WorkerPool:
         need = ["decode"] + (["prefill"] if self.has_role("prefill", model) else [])
         return all(any(w.healthy and w.role == r for w in self.serves(model)) for r in need)
 
-    def pick(self, role: str, exclude: set[str] = frozenset(),
-             model: str | None = None) -> WorkerInfo:
-        """The available worker of `role` with the fewest requests in flight."""
-        w = self.pick_or_none(role, exclude, model)
+    def pick(self, role: str, exclude: set[str] = frozenset(), model: str | None = None,
+             prefix: RoutePrefix | None = None) -> WorkerInfo:
+        """pick_or_none, or BackendUnavailable."""
+        w = self.pick_or_none(role, exclude, model, prefix)
         if w is None:
             raise BackendUnavailable(f"no healthy {role} worker is available")
         return w
 
     def pick_or_none(self, role: str, exclude: set[str] = frozenset(),
-                     model: str | None = None) -> WorkerInfo | None:
+                     model: str | None = None, prefix: RoutePrefix | None = None
+                     ) -> WorkerInfo | None:
+        """An available worker of `role`, not in `exclude`: the least loaded, or with a
+        prefix, the one KV-aware routing picks (router/dispatch/kv_route.py)."""
         candidates = [w for w in self.serves(model) if w.role == role and w.healthy
-                      and w.url not in exclude and w.breaker.available()]
+                      and w.alias_of is None and w.url not in exclude
+                      and w.breaker.available()]
         if not candidates:
             return None
-        return min(candidates, key=lambda w: (w.inflight, w.health.running if w.health else 0))
+        return self.router.choose(candidates, prefix, load_key)
 
     def any_health(self, model: str | None = None) -> WorkerHealth | None:
         for w in self.serves(model):
@@ -235,6 +202,12 @@ class WorkerPool:
                 self.sync_members(ads)
         await asyncio.gather(*(self._probe(w) for w in list(self._workers.values())))
 
+    def _remove(self, w: WorkerInfo) -> None:
+        del self._workers[w.url]
+        for x in self._workers.values():
+            if x.alias_of == w.url:
+                x.alias_of = None  # its next probe decides again
+
     def sync_members(self, ads: list[WorkerAd]) -> None:
         """Add advertised workers; drop discovered ones whose ad is gone two listings in a row
         (the ad's TTL already covers missed heartbeats; the second listing rides out a Redis
@@ -255,7 +228,7 @@ class WorkerPool:
             w.missing_scans += 1
             if w.missing_scans >= 2:
                 log.warning("%s worker %s stopped heartbeating; removed", w.role, w.url)
-                del self._workers[w.url]
+                self._remove(w)
 
     async def _probe(self, w: WorkerInfo) -> None:
         try:
@@ -281,12 +254,48 @@ class WorkerPool:
                 log.warning("ignoring %s: its model/KV layout differs from the pool's", w.url)
             w.health, w.healthy = health, False
             return
-        if w.health is not None and w.health.pid != health.pid:
-            w.breaker.reset()
+        if w.health is not None and (w.health.pid, w.health.instance_id) != (
+                health.pid, health.instance_id):
+            w.breaker.reset()  # another process now: the old one's failures are not its
+            w.resident = None
         if not w.healthy:
             log.info("%s worker %s is healthy (pid %d)", w.role, w.url, health.pid)
-        w.health = health
+        w.health, w.instance_id = health, health.instance_id
         w.healthy, w.failures, w.last_ok = True, 0, time.monotonic()
+        self._dedupe(w)
+        if self.router.policy == "kv" and w.alias_of is None:
+            await self._fetch_summary(w, health)
+
+    def _dedupe(self, w: WorkerInfo) -> None:
+        """Two URLs of one process (compose's service address and the URL the worker
+        advertises) are one worker: the configured URL (else the smaller) carries its traffic,
+        the other is an alias no request is sent to, so load is counted once and a failover
+        never retries "elsewhere" on the same process."""
+        w.alias_of = None
+        if not w.instance_id:
+            return
+        twin = next((x for x in self._workers.values() if x is not w and x.alias_of is None
+                     and x.healthy and x.instance_id == w.instance_id), None)
+        if twin is None:
+            return
+        keep, alias = sorted((w, twin), key=lambda x: (x.discovered, x.url))
+        alias.alias_of = keep.url
+        if alias is twin:
+            log.info("%s and %s are one %s worker (instance %s)", keep.url, alias.url,
+                     keep.role, keep.instance_id[:8])
+
+    async def _fetch_summary(self, w: WorkerInfo, health: WorkerHealth) -> None:
+        """Its resident-page filter, when /health says it changed (bounded: one fetch per
+        worker per probe round). A failed fetch keeps the old one: routing is a hint."""
+        if w.resident is not None and w.resident.version == health.kv_summary_version:
+            return
+        try:
+            r = await self._client.get(f"{w.url}/kv_summary", timeout=PROBE_TIMEOUT,
+                                       headers=self._headers)
+            r.raise_for_status()
+            w.resident = ResidentView.from_summary(KVSummary.model_validate(r.json()))
+        except (httpx.HTTPError, ValueError) as e:
+            log.debug("kv summary of %s unavailable (%r)", w.url, e)
 
     def _served(self, reported: str) -> str | None:
         if len(self._names) <= 1:

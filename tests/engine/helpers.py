@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.engine import Engine
+from engine.kv_layout import KVLayout
+from engine.page_pool import PagePool
 from engine.sampling_params import SamplingParams
 from engine.sequence import SeqRequest, TokenEvent
 
@@ -101,3 +103,8 @@ def hf_greedy(loaded, ids: list[int], new_tokens: int, top: int = 5):
         tokens = tokens[: tokens.index(eos) + 1]
     tops = [lp.topk(top) for lp in lps[: len(tokens)]]
     return tokens, [(v.tolist(), i.tolist()) for v, i in tops], lps[: len(tokens)]
+
+
+def page_bytes(loaded, page_size: int = 16) -> int:
+    """Bytes of one KV page of `loaded` at the default layout (for kv_cache_bytes budgets)."""
+    return PagePool.page_bytes(KVLayout.from_config(loaded.config, 64, loaded.dtype), page_size)

@@ -7,16 +7,10 @@ import pytest
 
 from engine.engine import Engine, EngineConfig
 from engine.intake import InvalidRequest
-from engine.kv_layout import KVLayout
-from engine.page_pool import PagePool
 from engine.sampling_params import SamplingParams
-from tests.engine.helpers import greedy, make_request, run
+from tests.engine.helpers import greedy, make_request, page_bytes, run
 
 P = 16
-
-
-def page_bytes(loaded) -> int:
-    return PagePool.page_bytes(KVLayout.from_config(loaded.config, 64, loaded.dtype), P)
 
 
 def seeded(seed: int, n: int) -> SamplingParams:

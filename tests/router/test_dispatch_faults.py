@@ -22,7 +22,8 @@ from router.dispatch.backend import (
     GenerateRequest,
 )
 from router.dispatch.disaggregated import DisaggregatedBackend
-from router.dispatch.pool import WorkerPool, worker_breaker
+from router.dispatch.pool import WorkerPool
+from router.dispatch.worker_info import worker_breaker
 from router.settings import RouterSettings
 from tests.kvstore.helpers import FakeClock
 from tests.router.conftest import MODEL

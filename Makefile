@@ -23,7 +23,8 @@ install: $(STAMP)
 run: install
 	$(BIN)/tandem serve
 
-# The compose-file test runs Debian's docker-compose (it validates without a Docker engine).
+# The compose-file test runs Debian's docker-compose (it validates without a Docker engine);
+# the Kubernetes manifest tests run kubectl kustomize (no cluster needed).
 system-deps:
 	@command -v docker-compose >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -33,6 +34,10 @@ system-deps:
 	  else \
 	    echo "make test needs docker-compose: sudo apt-get install docker-compose"; exit 1; \
 	  fi; }
+	@command -v kubectl >/dev/null || { \
+	  echo "make test needs kubectl (tests/deploy renders deploy/k8s offline with kubectl kustomize):"; \
+	  echo "  curl -LO https://dl.k8s.io/release/v1.31.0/bin/linux/amd64/kubectl && sudo install kubectl /usr/local/bin/"; \
+	  echo "  or see https://kubernetes.io/docs/tasks/tools/#kubectl"; exit 1; }
 
 test: install system-deps
 	$(BIN)/ruff check .

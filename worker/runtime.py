@@ -73,7 +73,8 @@ class Worker:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="kv-writer")
     )
     pending_writes: int = 0  # queued or running on `writer`, at most max_pending_writes
-    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # this process's
+    # Who this process is, whatever URL reaches it (a restart is another instance).
+    instance_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _pending_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

@@ -52,6 +52,7 @@ class WorkerInfo:
             "failures": self.failures, "counters": h.counters if h else {},
             "circuit": self.breaker.state(), "discovered": self.discovered,
             "instance_id": self.instance_id, "alias_of": self.alias_of,
+            "kv_summary_version": self.resident.version if self.resident else None,
         }
 
 

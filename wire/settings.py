@@ -40,7 +40,10 @@ class StoreSettings(TandemSettings):
     store_tiers: Literal["auto", "memory", "memory+disk", "memory+disk+redis", "memory+redis"] = (
         Field("auto", description="auto = memory+disk, plus redis when --redis-url is set")
     )
-    redis_url: str | None = Field(None, description="redis://[:password@]host:port/db; adds a tier")
+    redis_url: str | None = Field(
+        None, description="adds a tier: redis://[:password@]host:port/db, rediss://... (TLS), "
+        "redis+cluster://host:port[,host:port...] (seeds), or "
+        "redis+sentinel://[:password@]host:port[,host:port...]/<service>[/db]")
     cluster_id: str = Field(
         "default", pattern=CLUSTER_ID_PATTERN,
         description="names this stack in Redis (1-32 of A-Z a-z 0-9 _ -): stacks with "

@@ -3,8 +3,8 @@ ad under a key with a TTL and its entry in the cluster's index; routers on any h
 index to find workers.
 
     MULTI
-      SET   tandem:<cluster>:workers:ad:<url>  <ad JSON, signed with a token>  PX ttl
-      ZADD  tandem:<cluster>:workers           <expires_at>  <url>
+      SET   tandem:{<cluster>}:workers:ad:<url>  <ad JSON, signed with a token>  PX ttl
+      ZADD  tandem:{<cluster>}:workers           <expires_at>  <url>
     EXEC
 
 A worker that misses heartbeats for a TTL (3 beats by default) drops out of the listing by

@@ -1,11 +1,14 @@
 """The router's side of Redis membership: list the workers that heartbeat (worker/heartbeat.py)
 from the cluster's registry (wire/membership.py), never a SCAN of the keyspace.
 
-    MULTI   ZREMRANGEBYSCORE  tandem:<cluster>:workers  -inf  (now - skew     prune the long gone
-            ZRANGEBYSCORE     tandem:<cluster>:workers  now - skew  +inf      the members
+    MULTI   ZREMRANGEBYSCORE  tandem:{<cluster>}:workers  -inf  (now - skew   prune the long gone
+            ZRANGEBYSCORE     tandem:{<cluster>}:workers  now - skew  +inf    the members
     EXEC
-    MGET    tandem:<cluster>:workers:ad:<url> ...                             their ads (None:
+    MGET    tandem:{<cluster>}:workers:ad:<url> ...                           their ads (None:
                                                                               the TTL lapsed)
+
+All of these keys share the hash tag {<cluster>}, so on a Redis Cluster they live in one slot
+and the MULTI and the MGET go to one node.
 
 With TANDEM_INTERNAL_TOKEN set, an ad must carry a valid signature: a forged or altered one is
 logged once and never reaches the pool, so the router never probes it with the token. A failed

@@ -144,7 +144,7 @@ def flip_redis_value(client, key: str, count: int = 64) -> None:
 
 
 def redis_block_count(client) -> int:
-    """KV values in Redis (under tandem:<cluster>:kv:; ads live under tandem:<cluster>:workers)."""
+    """KV values in Redis (under tandem:<cluster>:kv:; ads under tandem:{<cluster>}:workers)."""
     return sum(1 for _ in client.scan_iter(match=f"{kv_prefix('default')}*", count=500))
 
 

@@ -13,6 +13,7 @@ from kvstore.disk import DiskTier
 from kvstore.keys import KeyNamespace, block_keys
 from kvstore.memory import MemoryTier
 from kvstore.redis_tier import RedisTier
+from kvstore.redis_url import sync_client
 from kvstore.tiered import TieredStore
 
 SMOL_SHAPE = (30, 2, 3, 64, 64)  # SmolLM2-135M, 64 tokens: [L, 2, H, B, D]
@@ -100,6 +101,12 @@ def disk_tier(path, capacity: int = 1 << 30, clock=None) -> DiskTier:
 def redis_tier(url: str, clock=None, timeout_s: float = 0.5, ttl_s: float = 3600.0) -> RedisTier:
     clock = clock or FakeClock()
     return RedisTier(url, Breaker("redis", 0.5, 30.0, clock), ttl_s=ttl_s, timeout_s=timeout_s)
+
+
+def raw_client(url: str):
+    """A plain redis-py client for any tandem Redis URL (a RedisCluster for a cluster), to look
+    at or tamper with what the tier stored."""
+    return sync_client(url, 5.0)
 
 
 def one_tier_store(kind: str, *, path=None, url: str = "", observer=None) -> TieredStore:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import struct
 
 import pytest
-import redis
 import torch
 
 from kvstore import derive_mac_key
@@ -24,6 +23,7 @@ from tests.kvstore.helpers import (
     disk_tier,
     make_block,
     make_blocks,
+    raw_client,
     redis_tier,
 )
 
@@ -145,7 +145,7 @@ def _raw(kind: str, disk_dir, redis_url: str):
 def _redis(url: str, key: str, op):
     """op(client, name) on the Redis name that holds store key `key`, whatever prefix the tier
     puts in front of it."""
-    with redis.Redis.from_url(url) as client:
+    with raw_client(url) as client:
         name = next(n for n in client.scan_iter() if n.endswith(key.encode()))
         return op(client, name)
 

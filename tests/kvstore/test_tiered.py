@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import redis
 import torch
 
 from kvstore import TIER_CHOICES, StoreConfig, build_store, tail_key
@@ -18,6 +17,7 @@ from tests.kvstore.helpers import (
     make_block,
     make_blocks,
     make_ns,
+    raw_client,
     redis_tier,
 )
 
@@ -59,7 +59,7 @@ def test_write_through_then_read_through_with_promotion(disk_dir, redis_url):
     keys = list(blocks)
     _three_tier(disk_dir, redis_url).put_many(blocks)
     assert len(list(disk_dir.iterdir())) == 3
-    with redis.Redis.from_url(redis_url) as client:
+    with raw_client(redis_url) as client:
         assert client.exists(*(PREFIX + k for k in keys)) == 3
         client.flushall()
     TieredStore([redis_tier(redis_url)]).put_many({keys[2]: blocks[keys[2]]})
@@ -104,7 +104,7 @@ def test_tail_keys_get_the_tail_ttl(disk_dir, redis_url):
     store = _three_tier(disk_dir, redis_url)
     store.put_many({tail: make_block((2, 2, 1, 3, 8)), block_key: make_block()})
     store.put_many({"short": make_block()}, ttl_s=5)
-    with redis.Redis.from_url(redis_url) as client:
+    with raw_client(redis_url) as client:
         assert 25_000 < client.pttl(PREFIX + tail) <= 30_000
         assert 3_500_000 < client.pttl(PREFIX + block_key) <= 3_600_000  # redis_ttl_s default
         assert 0 < client.pttl(PREFIX + "short") <= 5_000

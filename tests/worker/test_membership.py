@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from router.dispatch.membership import Membership
 from router.dispatch.pool import WorkerPool
 from tests.redis_server import RedisServer
+from tests.redis_topology import RedisClusterServers, RedisSentinelGroup
 from wire.membership import (
     CLOCK_SKEW_S,
     WorkerAd,
@@ -188,3 +189,57 @@ def test_cluster_id_is_validated():
     for bad in ("", "a:b", "tandem*", "x" * 33):
         with pytest.raises(ValidationError):
             WorkerSettings(_env_file=None, cluster_id=bad)
+
+
+# --- Redis Cluster and Sentinel -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["cluster", "sentinel"])
+def topology(request, tmp_path_factory):
+    """A 3-master cluster (redis+cluster://) or a sentinel-watched master (redis+sentinel://)."""
+    kind = RedisClusterServers if request.param == "cluster" else RedisSentinelGroup
+    with kind(tmp_path_factory.mktemp(request.param)) as group:
+        yield group
+
+
+async def wait_listed(members: Membership, want: list[str], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sorted(a.url for a in await members.scan() or []) != want:
+        assert time.monotonic() < deadline, f"the listing never became {want}"
+        await asyncio.sleep(0.05)
+
+
+def test_membership_on_a_cluster_and_behind_sentinel(topology):
+    async def main(url: str) -> None:
+        a, b = signed_beat(url, "http://a:1"), signed_beat(url, "http://b:1")
+        members = Membership(url, token=TOKEN)
+        assert await a.beat() and await b.beat()  # MULTI: SET ad + ZADD, one slot
+        await wait_listed(members, ["http://a:1", "http://b:1"])  # MULTI, then one MGET
+        await a.stop()
+        assert [x.url for x in await members.scan()] == ["http://b:1"]
+        await b.stop()
+        assert await members.scan() == []
+        await members.close()
+
+    asyncio.run(main(topology.url))
+
+
+def test_membership_follows_a_sentinel_failover(tmp_path):
+    async def main(group: RedisSentinelGroup) -> None:
+        beat = signed_beat(group.url, "http://w:1")
+        members = Membership(group.url, token=TOKEN)
+        assert await beat.beat()
+        await wait_listed(members, ["http://w:1"])
+        old = group.master.port
+        group.master.kill()
+        group.wait_failover(old)
+        deadline = time.monotonic() + 20
+        while not await beat.beat():  # the next beat after the promotion lands on the replica
+            assert time.monotonic() < deadline, "the heartbeat never reached the new master"
+            await asyncio.sleep(0.1)
+        await wait_listed(members, ["http://w:1"])
+        await beat.stop()
+        await members.close()
+
+    with RedisSentinelGroup(tmp_path) as group:
+        asyncio.run(main(group))

@@ -98,7 +98,7 @@ class RouterSettings(StoreSettings):
         "weighed against load; least_loaded: fewest requests in flight"
     )
     route_load_tokens: int = Field(
-        256, ge=0, description="kv routing: prompt tokens one request in flight is worth"
+        64, ge=0, description="kv routing: prompt tokens one request in flight is worth"
     )
     route_balance_abs: int = Field(
         8, ge=0, description="kv routing: when workers' in-flight counts differ by more than "

@@ -2,13 +2,15 @@
 
     .venv/bin/python scripts/bench_routing.py [--rounds 2] [--workers 4] [--users 16]
         [--turns 4] [--prefix-len 400] [--input-len 24] [--output-len 32] [--concurrency 8]
-        [--dtype auto] [--torch-threads 1] [--workdir DIR] [--out FILE]
+        [--kv-cache-mib 128 (bf16) / 256 (fp32)] [--dtype auto] [--torch-threads 1]
+        [--workdir DIR] [--out FILE]
 
 Per round and policy (least_loaded, then kv, alternating so drift hits both alike):
 
     redis-server (its own, on a free port, flushed)
     N x `tandem decode` (colocated: each computes its own prompts), each with its own memory
-        and disk tier, sharing only that Redis; found by the router through Redis membership
+        and disk tier, sharing only that Redis, and a KV pool that holds a few users'
+        conversations but not all of them (as on a GPU, where the pool is the scarce part)
     `tandem router --route-policy P` over them
     `tandem bench --workload multi-turn --num-users U --turns T --concurrency C`
 
@@ -55,6 +57,7 @@ from scripts.serving_targets import (  # noqa: E402
 )
 
 POLICIES = ("least_loaded", "kv")
+PAGE_SIZE = 16  # the workers' default --page-size
 GOALS = {"hit": 2.0, "ttft": 0.6, "tput": 1.0}
 
 
@@ -87,7 +90,8 @@ def workers(args: argparse.Namespace, workdir: Path, redis_url: str, tag: str) -
         argv = [sys.executable, "-m", "tandem.cli", "decode", "--port", str(port), "--dtype",
                 args.dtype, "--redis-url", redis_url, "--store-tiers", "memory+disk+redis",
                 "--disk-cache-dir", str(workdir / f"{tag}-kv-{i}"),
-                "--torch-threads", str(args.torch_threads), "--cluster-id", "bench"]
+                "--torch-threads", str(args.torch_threads), "--cluster-id", "bench",
+                "--kv-cache-bytes", str(args.kv_cache_mib * 2**20)]
         out.append(Server(f"decode-{i}", argv, port, "", "/health",
                           workdir / f"{tag}-decode-{i}.log"))
     return out
@@ -118,6 +122,14 @@ def device_tokens(urls: list[str]) -> float:
     return sum(worker_counters(u).get("device", 0.0) for u in urls)
 
 
+def pool_tokens(url: str) -> int:
+    """A worker's KV pool capacity in tokens, as its /metrics reports it."""
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("tandem:kv_pages_capacity"):
+            return int(float(line.rsplit(" ", 1)[1])) * PAGE_SIZE
+    return 0
+
+
 def one_run(args: argparse.Namespace, workdir: Path, redis_url: str, policy: str,
             tag: str) -> dict:
     redis.Redis.from_url(redis_url).flushall()
@@ -128,6 +140,7 @@ def one_run(args: argparse.Namespace, workdir: Path, redis_url: str, policy: str
         for w in ws:
             w.wait_ready()
         urls = [w.url for w in ws]
+        capacity = pool_tokens(urls[0])
         with router(args, workdir, redis_url, policy, urls, tag) as r:
             before = device_tokens(urls)
             run = bench(args, r, workdir / f"{tag}-bench.json")
@@ -136,7 +149,7 @@ def one_run(args: argparse.Namespace, workdir: Path, redis_url: str, policy: str
     finally:
         for w in reversed(ws):
             w.stop()
-    return summarize(run, device, routes)
+    return summarize(run, device, routes) | {"pool_tokens": capacity}
 
 
 def summarize(run: dict, device: float, router_metrics: str) -> dict:
@@ -156,7 +169,8 @@ def report(rounds: list[dict], args: argparse.Namespace) -> list[str]:
     head = (f"SmolLM2-135M-Instruct, {args.dtype}, torch {torch.__version__}, "
             f"{platform.machine()} ({', '.join(cpu_flags())}), nproc "
             f"{len(os.sched_getaffinity(0))}; {args.workers} decode workers "
-            f"(--torch-threads {args.torch_threads}), own disk tiers, one Redis; multi-turn "
+            f"(--torch-threads {args.torch_threads}, --kv-cache-bytes {args.kv_cache_mib} MiB: "
+            f"{rounds[0]['kv']['pool_tokens']} tokens each), own disk tiers, one Redis; multi-turn "
             f"{args.users} users x {args.turns} turns, prefix {args.prefix_len} words, "
             f"question {args.input_len} words, {args.output_len} tokens out, c={args.concurrency}")
     lines = [head, "", "| round | policy | ok | device hit rate | TTFT p50 turns >= 2 | "
@@ -187,13 +201,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag, default in (("--rounds", 2), ("--workers", 4), ("--users", 16), ("--turns", 4),
                           ("--prefix-len", 400), ("--input-len", 24), ("--output-len", 32),
-                          ("--concurrency", 8), ("--torch-threads", 1), ("--seed", 0)):
+                          ("--concurrency", 8), ("--torch-threads", 1), ("--seed", 0),
+                          ("--kv-cache-mib", 0)):
         ap.add_argument(flag, type=int, default=default, help="default %(default)s")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: auto)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or default_dtype()
+    # ~5,800 tokens a worker (SmolLM2: 23 KB a token in bf16, 46 KB in fp32): four users'
+    # conversations fit, sixteen do not.
+    args.kv_cache_mib = args.kv_cache_mib or (256 if args.dtype == "float32" else 128)
     return args
 
 

@@ -11,7 +11,11 @@ pages) and counts, per candidate, the leading pages its filter holds:
             = (prompt - matched(w)) + load_tokens x inflight(w)
 
 The cheapest wins, ties to the less loaded. `load_tokens` prices one request in flight in
-prompt tokens to compute. When the candidates' loads are skewed (max - min in flight above
+prompt tokens to compute: a request already there shares every engine step with ours, adding
+its own uncached prompt (a warm turn's new question: tens of tokens) and one token per step of
+decode. 64 by default; 256 made a worker holding a 500-token conversation lose it to an idle
+one at 2 requests in flight, which copied the conversation onto every worker and evicted it
+from all of them (docs/BENCHMARKS.md, "KV-aware routing"). When the candidates' loads are skewed (max - min in flight above
 `balance_abs`) cost is ignored and the least loaded wins: a hot prefix must not pile every
 request onto one worker.
 """
@@ -101,7 +105,7 @@ class RouteStats:
 @dataclass(slots=True)
 class KVRouter:
     policy: str = "kv"
-    load_tokens: int = 256
+    load_tokens: int = 64
     balance_abs: int = 8
     stats: RouteStats = field(default_factory=RouteStats)
 

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from engine.derived import build_once, derive
 from engine.device import dtype_name, pick_device, resolve_dtype
 from engine.packed_linear import can_pack, pack_linears
+from engine.quantize import quantize_model
 from engine.registry import ModelSpec, resolve_model
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
-    fingerprint: str  # hex; identifies config + weights + dtype, namespaces KV keys
+    fingerprint: str  # hex; identifies config + weights + dtype + quantization: KV namespace
     source: str  # the local HF folder (or hub id) the weights were loaded from
+    quantization: str = "none"  # engine/quantize.py MODES
 
     @property
     def config(self):
@@ -110,11 +112,14 @@ def materialize(spec: ModelSpec, cache_dir: Path | None = None) -> Path | str:
     return build_once(dest, lambda d: _convert_gguf(gguf, d))
 
 
-def fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
-    """blake2b over the config and a strided sample of every weight, plus the dtype."""
+def fingerprint(model: torch.nn.Module, dtype: torch.dtype, quantization: str = "none") -> str:
+    """blake2b over the config and a strided sample of every weight, plus the dtype and the
+    quantization (KV computed through quantized weights differs: it must never mix)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(dtype_name(dtype).encode())
+    if quantization != "none":  # unquantized fingerprints stay what they were
+        h.update(f"quantization={quantization}".encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1)
         step = max(1, flat.numel() // _FINGERPRINT_SAMPLE)
@@ -129,6 +134,7 @@ def load_model(
     dtype: str = "auto",
     device: str | None = None,
     cache_dir: Path | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     dev = pick_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -139,7 +145,9 @@ def load_model(
         folder, dtype=torch_dtype, attn_implementation="sdpa", **revision
     )
     model.to(dev).eval()
-    fp = fingerprint(model, torch_dtype)
+    gguf = _gguf_source(spec) if spec.gguf_file and spec.kind != "hub" else None
+    quantize_model(model, quantization, gguf)
+    fp = fingerprint(model, torch_dtype, quantization)
     if can_pack(torch_dtype, dev):
         log.info("packed %d bf16 Linear weights for oneDNN", pack_linears(model))
     log.info("loaded %s (%s, %s) from %s", spec.name, dtype_name(torch_dtype), dev, folder)
@@ -151,4 +159,5 @@ def load_model(
         dtype=torch_dtype,
         fingerprint=fp,
         source=str(folder),
+        quantization=quantization,
     )

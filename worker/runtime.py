@@ -191,8 +191,9 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
     def make_engine() -> Engine:  # on the engine's thread: the process's one OpenMP pool
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        engine = Engine(load_model(spec, dtype=settings.dtype, device=settings.device), config,
-                        cold)
+        lm = load_model(spec, dtype=settings.dtype, device=settings.device,
+                        quantization=settings.quantization)
+        engine = Engine(lm, config, cold)
         # The token trie structured output needs (~0.3 s), built before the worker is ready
         # rather than by its first guided request's check, on the event loop.
         engine.grammars.warm()

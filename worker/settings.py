@@ -73,6 +73,11 @@ class WorkerSettings(StoreSettings):
         None, description="load the next cold KV segment on a thread while one is attended "
         "over (default: on CUDA only; on CPU the loads compete with the forward for cores)"
     )
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only quantization on CPU: int8 per output row, or int4 in "
+        "groups of 32 (a GGUF's own Q4_1 blocks when the model is one); lossy, measured in "
+        "docs/BENCHMARKS.md. The KV namespace includes it"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the forward (default: torch's, one "
         "per core; fewer leaves cores to the router and other workers on a shared host)"

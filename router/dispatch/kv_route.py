@@ -15,9 +15,9 @@ prompt tokens to compute: a request already there shares every engine step with 
 its own uncached prompt (a warm turn's new question: tens of tokens) and one token per step of
 decode. 64 by default; 256 made a worker holding a 500-token conversation lose it to an idle
 one at 2 requests in flight, which copied the conversation onto every worker and evicted it
-from all of them (docs/BENCHMARKS.md, "KV-aware routing"). When the candidates' loads are skewed (max - min in flight above
-`balance_abs`) cost is ignored and the least loaded wins: a hot prefix must not pile every
-request onto one worker.
+from all of them (docs/BENCHMARKS.md, "KV-aware routing"). When the candidates' loads are
+skewed (max - min in flight above `balance_abs`) cost is ignored and the least loaded wins:
+a hot prefix must not pile every request onto one worker.
 """
 
 from __future__ import annotations

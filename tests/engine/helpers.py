@@ -108,3 +108,15 @@ def hf_greedy(loaded, ids: list[int], new_tokens: int, top: int = 5):
 def page_bytes(loaded, page_size: int = 16) -> int:
     """Bytes of one KV page of `loaded` at the default layout (for kv_cache_bytes budgets)."""
     return PagePool.page_bytes(KVLayout.from_config(loaded.config, 64, loaded.dtype), page_size)
+
+
+def close_by_top5(got_events, ref_tokens, ref_lps) -> None:
+    """vLLM's check: identical until the first mismatch, where each token is in the other's
+    top-5; after that the two continuations are unrelated and not compared."""
+    for j, (ev, want) in enumerate(zip(got_events, ref_tokens, strict=False)):
+        if ev.token_id == want:
+            continue
+        ref_top5 = ref_lps[j].topk(5).indices.tolist()
+        got_top5 = [t for t, _ in ev.top_logprobs]
+        assert ev.token_id in ref_top5 and want in got_top5, (j, ev.token_id, want)
+        return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from engine.engine import Engine, EngineConfig
-from tests.engine.helpers import greedy, hf_greedy, make_request, run, run_one
+from tests.engine.helpers import close_by_top5, greedy, hf_greedy, make_request, run, run_one
 
 NEW = 64
 
@@ -42,18 +42,6 @@ def test_fp32_batched_with_joins_matches_generate(smollm_fp32, prompt_ids, hf_re
     assert engine.stats.steps < 8 * NEW / 2  # really batched
 
 
-def _close_by_top5(got_events, ref_tokens, ref_lps) -> None:
-    """vLLM's check: identical until the first mismatch, where each token is in the other's
-    top-5; after that the two continuations are unrelated and not compared."""
-    for j, (ev, want) in enumerate(zip(got_events, ref_tokens, strict=False)):
-        if ev.token_id == want:
-            continue
-        ref_top5 = ref_lps[j].topk(5).indices.tolist()
-        got_top5 = [t for t, _ in ev.top_logprobs]
-        assert ev.token_id in ref_top5 and want in got_top5, (j, ev.token_id, want)
-        return
-
-
 def test_bf16_batch1_identical_and_batched_close(smollm_bf16):
     # bf16 matmul is ~70x slower than fp32 on this CPU: keep this tiny.
     tok = smollm_bf16.tokenizer
@@ -66,4 +54,4 @@ def test_bf16_batch1_identical_and_batched_close(smollm_bf16):
     reqs = [make_request(str(i), x, greedy(8, logprobs=5)) for i, x in enumerate(ids)]
     out = run(engine, reqs[:2], joins={2: reqs[2:]})
     for i, (ref, _, lps) in enumerate(refs):
-        _close_by_top5(out[str(i)].events, ref, lps)
+        close_by_top5(out[str(i)].events, ref, lps)

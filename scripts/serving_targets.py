@@ -3,11 +3,16 @@
     tandem serve [--colocated] [--no-prefix-cache]    ready: GET /ready
     tandem router (a second router over running workers)
     transformers serve [--continuous-batching] FOLDER  ready: GET /health (the peer)
+    python -m llama_cpp.server --model GGUF            ready: GET /v1/models (llama.cpp)
 
 Each runs in its own session (process group) with its log in the work folder, and is stopped
 with SIGTERM to the group, then SIGKILL. The peer is quirky: GET /v1/models fails offline, it
 accepts only the folder path as `model`, rejects `ignore_eos`, and its first request with
 --continuous-batching takes tens of seconds (cache set-up), so callers warm it up first.
+llama-cpp-python's server lives in its own venv (it is built from source, with -march=native),
+silently ignores `ignore_eos`, and sends no `usage` when streaming. By default a new request
+interrupts the one running (its stream ends early, empty, as a success); this target turns
+that off, so the server queues requests and serves them one at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from engine.registry import DEFAULT_MODEL
 def default_dtype() -> str:
     return dtype_name(resolve_dtype("auto", torch.device("cpu")))
 READY_TIMEOUT_S = 300.0
+# llama-cpp-python[server] is installed apart from tandem's venv (its build must not touch ours).
+LLAMACPP_PYTHON_ENV = "LLAMACPP_PYTHON"
+LLAMACPP_PYTHON_DEFAULT = "/work/llama-venv/bin/python"
+LLAMACPP_CTX = 4096  # tokens: room for any benchmark prompt plus its answer
 STOP_GRACE_S = 30.0
 
 
@@ -142,3 +151,23 @@ def peer_serve(name: str, workdir: Path, folder: Path, continuous: bool, dtype: 
     # Offline: the folder is local, and the peer must not try the Hub for anything.
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return Server(name, argv, port, str(folder), "/health", workdir / f"{name}-{port}.log", env)
+
+
+def llamacpp_serve(name: str, workdir: Path, gguf: Path, threads: int = 2,
+                   python: str | None = None) -> Server:
+    """llama-cpp-python's OpenAI server on the GGUF itself (the speed anchor for quantization).
+
+    The interpreter is `python`, else $LLAMACPP_PYTHON, else /work/llama-venv/bin/python.
+    Answers are formatted with the GGUF's own chat template (ChatML for SmolLM2).
+    """
+    exe = python or os.environ.get(LLAMACPP_PYTHON_ENV, LLAMACPP_PYTHON_DEFAULT)
+    if not Path(exe).is_file():
+        raise RuntimeError(f"llama-cpp-python interpreter {exe} not found: build it with "
+                           f"`python3 -m venv /work/llama-venv && /work/llama-venv/bin/pip "
+                           f"install 'llama-cpp-python[server]'`, or set {LLAMACPP_PYTHON_ENV}")
+    port = free_port()
+    argv = [exe, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", DEFAULT_MODEL,
+            "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads),
+            "--n_threads_batch", str(threads), "--n_ctx", str(LLAMACPP_CTX),
+            "--interrupt_requests", "False"]
+    return Server(name, argv, port, DEFAULT_MODEL, "/v1/models", workdir / f"{name}-{port}.log")

@@ -278,7 +278,8 @@ def test_second_cluster_on_the_same_redis_shares_nothing(stack, stack_b, redis, 
 
     # Every key is under one of the two clusters' prefixes, and B's holds some.
     keys = [k.decode() for k in client.scan_iter(count=1000)]
-    ours = ("tandem:default:", f"tandem:{CLUSTER_B}:")
+    # Block keys under tandem:<id>:, membership under the hash tag tandem:{<id>}:.
+    ours = tuple(f"tandem:{p}:" for c in ("default", CLUSTER_B) for p in (c, f"{{{c}}}"))
     assert [k for k in keys if not k.startswith(ours)] == []
     assert any(k.startswith(kv_prefix(CLUSTER_B)) for k in keys)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def _round_int8(name: str, w: torch.Tensor) -> torch.Tensor:
-    if w.dim() != 2 or not name.endswith(".weight") or not any(p in name for p in _PROJECTIONS):
+    if w.dim() != 2 or not name.endswith(".weight") or not any(p in name for p in PROJECTIONS):
         return w
     x = w.float()  # [out, in]
     scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # [out, 1]

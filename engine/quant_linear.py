@@ -28,7 +28,24 @@ KERNEL_DTYPE = torch.bfloat16  # see the docstring: the fp32 kernels are referen
 _INNER_K_TILES = 1  # what _convert_weight_to_int4pack_for_cpu takes on CPU
 
 
-class Int8Linear(nn.Module):
+class _QuantLinear(nn.Module):
+    """[..., in] -> [..., out]: the packed kernel in bf16 on 2-D rows, cast back, + bias."""
+
+    in_features: int
+    out_features: int
+
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:  # [rows, in] bf16 -> [rows, out]
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._mm(x.reshape(-1, self.in_features).to(KERNEL_DTYPE)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(_QuantLinear):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                  dtype: torch.dtype):
         super().__init__()
@@ -48,16 +65,11 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.q.float() * self.scale.float()[:, None]  # [out, in] fp32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [rows, in]
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantLinear):
     def __init__(self, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor,
                  bias: torch.Tensor | None, dtype: torch.dtype):
         """q: int [out, in] in 0..15; d, m: float [out, in // GROUP] (scale and min)."""
@@ -89,11 +101,6 @@ class Int4Linear(nn.Module):
                                                           self.scales_zeros)  # [in, out]
         return w_t.float().t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE)  # [rows, in]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP,
-                                                        self.scales_zeros).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+    def _mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, GROUP,
+                                                          self.scales_zeros)

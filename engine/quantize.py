@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.derived import PROJECTIONS
 from engine.gguf_q4 import read_q4_1
 from engine.quant_linear import Int4Linear, Int8Linear
 
 log = logging.getLogger(__name__)
 
 MODES = ("none", "int8", "int4")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def quantize_model(model: nn.Module, mode: str, gguf: Path | None = None) -> int:
@@ -43,7 +43,7 @@ def quantize_model(model: nn.Module, mode: str, gguf: Path | None = None) -> int
         blocks = read_q4_1(gguf, cfg.num_attention_heads, cfg.num_key_value_heads)
     swapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in _PROJECTIONS:
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in PROJECTIONS:
             _replace(model, name, _projection(module, mode, blocks.get(f"{name}.weight")))
             swapped += 1
     head = model.get_output_embeddings()

@@ -124,14 +124,20 @@ class RedisTier:
         return self._spread(keys, self._exists, False) if keys else []
 
     def _exists(self, node: Node, keys: list[str], idx: list[int]) -> list[bool]:
+        return [bool(r) for r in self._per_key(node, "EXISTS", keys)]
+
+    def _per_key(self, node: Node, command: str, keys: list[str]) -> list:
+        """`command key` for each key, pipelined on `node` (one key a command: on a cluster a
+        multi-key command must not cross slots); an error reply is reported and becomes None."""
         pipe = node.client.pipeline(transaction=False)
         for key in keys:
-            pipe.exists(key)
+            pipe.execute_command(command, key)
         out = []
         for key, reply in zip(keys, pipe.execute(raise_on_error=False), strict=True):
             if isinstance(reply, Exception):
-                self._reply_error("EXISTS", key, reply)
-            out.append(not isinstance(reply, Exception) and bool(reply))
+                self._reply_error(command, key, reply)
+                reply = None
+            out.append(reply)
         return out
 
     def get_many(self, keys: list[str]) -> list[Blob | None]:
@@ -210,13 +216,7 @@ class RedisTier:
             self._spread(keys, self._unlink, None)
 
     def _unlink(self, node: Node, keys: list[str], idx: list[int]) -> list[None]:
-        # One UNLINK per key: on a cluster a multi-key UNLINK must not cross slots.
-        pipe = node.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.unlink(key)
-        for key, reply in zip(keys, pipe.execute(raise_on_error=False), strict=True):
-            if isinstance(reply, Exception):
-                self._reply_error("UNLINK", key, reply)
+        self._per_key(node, "UNLINK", keys)
         return [None] * len(keys)
 
     def close(self) -> None:

@@ -67,7 +67,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", name)
 
 
-def _gguf_source(spec: ModelSpec) -> Path:
+def gguf_source(spec: ModelSpec) -> Path:
     base = package_dir(spec.location) if spec.kind == "gguf-package" else Path(spec.location)
     assert spec.gguf_file, "a GGUF source needs gguf_file"
     return base / spec.gguf_file
@@ -107,7 +107,7 @@ def materialize(spec: ModelSpec, cache_dir: Path | None = None) -> Path | str:
         return derive(spec.name, spec.transform or "", base, cache_dir or DEFAULT_CACHE_DIR)
     if spec.kind == "path" and not spec.gguf_file:
         return Path(spec.location)
-    gguf = _gguf_source(spec)
+    gguf = gguf_source(spec)
     dest = (cache_dir or DEFAULT_CACHE_DIR) / f"{_slug(spec.name)}-{gguf.stat().st_size:x}"
     return build_once(dest, lambda d: _convert_gguf(gguf, d))
 
@@ -145,7 +145,7 @@ def load_model(
         folder, dtype=torch_dtype, attn_implementation="sdpa", **revision
     )
     model.to(dev).eval()
-    gguf = _gguf_source(spec) if spec.gguf_file and spec.kind != "hub" else None
+    gguf = gguf_source(spec) if spec.gguf_file and spec.kind != "hub" else None
     quantize_model(model, quantization, gguf)
     fp = fingerprint(model, torch_dtype, quantization)
     if can_pack(torch_dtype, dev):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.engine import Engine, EngineConfig  # noqa: E402
 from engine.gguf_q4 import GROUP, read_q4_1  # noqa: E402
-from engine.loader import _gguf_source, load_model  # noqa: E402
+from engine.loader import gguf_source, load_model  # noqa: E402
 from engine.quant_linear import Int4Linear  # noqa: E402
 from engine.quantize import MODES, weight_bytes  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
@@ -85,7 +85,7 @@ def gguf_difference(lm) -> float:
     """Max |the weight Int4Linear stores - the GGUF's q * d + m| over every projection: its
     scale and zero are kept in the activation dtype, so (q - 8) * scale + zero, in fp32."""
     cfg = lm.model.config
-    blocks = read_q4_1(_gguf_source(resolve_model(DEFAULT_MODEL)), cfg.num_attention_heads,
+    blocks = read_q4_1(gguf_source(resolve_model(DEFAULT_MODEL)), cfg.num_attention_heads,
                        cfg.num_key_value_heads)
     worst = 0.0
     for name, module in lm.model.named_modules():

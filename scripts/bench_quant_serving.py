@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from engine.loader import _gguf_source  # noqa: E402
+from engine.loader import gguf_source  # noqa: E402
 from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from scripts.serving_targets import Server, cpu_flags, llamacpp_serve, tandem_serve  # noqa: E402
 from tandem.bench import report  # noqa: E402
@@ -132,7 +132,7 @@ def _mean_tokens(levels: list[LevelResult]) -> float | None:
 
 def make_server(name: str, workdir: Path, args: argparse.Namespace, rnd: int) -> Server:
     if name == LLAMACPP:
-        return llamacpp_serve(name, workdir, _gguf_source(resolve_model(DEFAULT_MODEL)),
+        return llamacpp_serve(name, workdir, gguf_source(resolve_model(DEFAULT_MODEL)),
                               threads=args.threads, python=args.llamacpp_python)
     _, dtype, quant = name.split("-")
     # A fresh KV folder each time: no target may find another's (or an earlier round's) blocks.

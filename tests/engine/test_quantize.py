@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from engine.engine import Engine, EngineConfig
 from engine.gguf_q4 import GROUP, read_q4_1
-from engine.loader import _gguf_source, load_model
+from engine.loader import gguf_source, load_model
 from engine.quant_linear import Int4Linear, Int8Linear
 from engine.quantize import weight_bytes
 from engine.registry import DEFAULT_MODEL, resolve_model
@@ -27,7 +27,7 @@ def test_gguf_q4_1_blocks_are_the_weights_transformers_dequantizes(default_folde
     """Read as 4-bit blocks and unpermuted, every projection equals the fp32 conversion."""
     spec = resolve_model(DEFAULT_MODEL)
     state = load_file(str(default_folder / "model.safetensors"))
-    blocks = read_q4_1(_gguf_source(spec), 9, 3)  # SmolLM2-135M: 9 query heads, 3 kv heads
+    blocks = read_q4_1(gguf_source(spec), 9, 3)  # SmolLM2-135M: 9 query heads, 3 kv heads
     assert len(blocks) == 30 * 7
     for name, (q, d, m) in blocks.items():
         assert q.max() <= 15

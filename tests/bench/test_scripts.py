@@ -101,3 +101,17 @@ def test_bench_dag_runs_both_modes(tmp_path):
                      "--dtype", "float32", "--colocated")
     assert "| serial |" in out and "| dag |" in out and "DAG / serial:" in out
     assert "same text: True" in out
+
+
+def test_bench_recovery_reuses_blocks_or_recomputes(tmp_path):
+    """Both modes at toy size: the script itself fails if a text after a kill differs from a
+    no-fault run; the survivor loads stored blocks with reuse and none without."""
+    out = run_script("scripts/bench_recovery.py", "--rounds", "1", "--prompt-len", "140",
+                     "--max-tokens", "40", "--kill-at", "20", "--dtype", "float32",
+                     "--workdir", str(tmp_path))
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[4]
+            for line in out.splitlines() if line.startswith(("| greedy", "| seeded"))}
+    assert set(rows) == {(s, m) for s in ("greedy", "seeded") for m in ("reuse", "recompute")}
+    for (_, mode), counts in rows.items():
+        loaded, computed = (int(x) for x in counts.split("/"))
+        assert (loaded > 0) == (mode == "reuse") and computed > 0, (mode, counts)

@@ -26,7 +26,13 @@ then reads each worker's prefix counters (tandem:prefix_cache_{device,store}_tok
 Reported per policy, median over rounds: the device prefix hit rate (device tokens / prompt
 tokens), TTFT p50 of turns >= 2 (turn 1 is cold under both), output tok/s; and kv / least
 loaded ratios of each, taken within a round. Goals (issue 18): hit rate >= 2x, TTFT p50 of
-turns >= 2 <= 0.6x, throughput not lower.
+turns >= 2 <= 0.6x, throughput not lower. Where TTFT goes, from the workers' own metrics: the
+mean wait from submission to the first engine step that feeds a request, the store loads
+(count and mean seconds), and the prompt tokens computed per request.
+
+The defaults are a small chat (short questions) that runs in minutes; `tandem bench`'s own
+multi-turn defaults (`--prefix-len 1024 --input-len 256 --output-len 64`) need a pool to
+match, e.g. `--kv-cache-mib 1024` in fp32 (~23,000 tokens a worker).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from pathlib import Path
 import httpx
 import redis
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from engine.registry import DEFAULT_MODEL
 
@@ -126,6 +133,29 @@ def device_tokens(urls: list[str]) -> float:
     return sum(worker_counters(u).get("device", 0.0) for u in urls)
 
 
+# Where a warm turn's TTFT goes, summed over the workers: the wait from submission to the
+# first engine step that feeds it, the store reads, and the tokens computed at admission.
+WHERE = {"queue": ("tandem:request_queue_time_seconds", {}),
+         "load": ("tandem:kv_handoff_seconds", {"op": "load"})}
+
+
+def where_time(urls: list[str]) -> dict[str, float]:
+    """Histogram sums and counts of WHERE, and admission counters, over the workers."""
+    out = dict.fromkeys(("queue_sum", "queue_count", "load_sum", "load_count", "computed",
+                         "requests"), 0.0)
+    for url in urls:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        for sample in (s for f in text_string_to_metric_families(text) for s in f.samples):
+            for k, (name, labels) in WHERE.items():
+                part = sample.name.removeprefix(f"{name}_")
+                if part in ("sum", "count") and labels.items() <= sample.labels.items():
+                    out[f"{k}_{part}"] += sample.value
+        counters = httpx.get(f"{url}/health", timeout=10).json()["counters"]
+        out["computed"] += counters["admit_tokens_computed_total"]
+        out["requests"] += counters["requests_total"]
+    return out
+
+
 def pool_tokens(url: str) -> int:
     """A worker's KV pool capacity in tokens, as its /metrics reports it."""
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
@@ -146,17 +176,18 @@ def one_run(args: argparse.Namespace, workdir: Path, redis_url: str, policy: str
         urls = [w.url for w in ws]
         capacity = pool_tokens(urls[0])
         with router(args, workdir, redis_url, policy, urls, tag) as r:
-            before = device_tokens(urls)
+            before, where_before = device_tokens(urls), where_time(urls)
             run = bench(args, r, workdir / f"{tag}-bench.json")
             device = device_tokens(urls) - before
+            where = {k: v - where_before[k] for k, v in where_time(urls).items()}
             routes = httpx.get(f"{r.url}/metrics", timeout=10).text
     finally:
         for w in reversed(ws):
             w.stop()
-    return summarize(run, device, routes) | {"pool_tokens": capacity}
+    return summarize(run, device, routes, where) | {"pool_tokens": capacity}
 
 
-def summarize(run: dict, device: float, router_metrics: str) -> dict:
+def summarize(run: dict, device: float, router_metrics: str, where: dict) -> dict:
     ok = [q for q in run["requests"] if q["ok"]]
     later = sorted(q["ttft_s"] for q in ok if q["turn"] >= 1)
     prompt = sum(q["prompt_tokens"] for q in ok)
@@ -165,6 +196,10 @@ def summarize(run: dict, device: float, router_metrics: str) -> dict:
             "device_tokens": device, "hit": device / prompt if prompt else 0.0,
             "ttft_later_p50": statistics.median(later) if later else None,
             "tput": s["output_token_throughput"],
+            "queue_mean": where["queue_sum"] / max(1, where["queue_count"]),
+            "load_mean": where["load_sum"] / max(1, where["load_count"]),
+            "loads": where["load_count"],
+            "computed_mean": where["computed"] / max(1, where["requests"]),
             "route_lines": [ln for ln in router_metrics.splitlines()
                             if ln.startswith("tandem:router_route")]}
 
@@ -179,13 +214,16 @@ def report(rounds: list[dict], args: argparse.Namespace) -> list[str]:
             f"question {args.input_len} words, {args.output_len} tokens out, lengths +-"
             f"{args.range_ratio:.0%}, c={args.concurrency}")
     lines = [head, "", "| round | policy | ok | device hit rate | TTFT p50 turns >= 2 | "
-             "output tok/s |", "|---:|---|---:|---:|---:|---:|"]
+             "output tok/s | queue wait, mean | store loads: n, mean | tokens computed "
+             "per request |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     ratios = {"hit": [], "ttft": [], "tput": []}
     for i, rnd in enumerate(rounds):
         for p in POLICIES:
             r = rnd[p]
             lines.append(f"| {i + 1} | {p} | {r['ok']}/{r['ok'] + r['failed']} | "
-                         f"{r['hit']:.1%} | {r['ttft_later_p50']:.3f} s | {r['tput']:.1f} |")
+                         f"{r['hit']:.1%} | {r['ttft_later_p50']:.3f} s | {r['tput']:.1f} | "
+                         f"{r['queue_mean'] * 1e3:.0f} ms | {r['loads']:.0f}, "
+                         f"{r['load_mean'] * 1e3:.0f} ms | {r['computed_mean']:.0f} |")
         kv, ll = rnd["kv"], rnd["least_loaded"]
         ratios["hit"].append(kv["hit"] / ll["hit"] if ll["hit"] else float("inf"))
         ratios["ttft"].append(kv["ttft_later_p50"] / ll["ttft_later_p50"])

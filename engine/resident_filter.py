@@ -24,8 +24,6 @@ a mix of two steps' states: a hint, like the pool's own lock-free lookup.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 HASHES = 4  # K: 4 x 32-bit words of a 16-byte digest
@@ -43,8 +41,6 @@ def filter_bits(num_pages: int) -> int:
 
 def positions(digest: bytes, bits: int) -> np.ndarray:
     """The K positions of `digest` in a filter of `bits` positions (a power of two)."""
-    if len(digest) < 4 * HASHES:  # not a page digest (a test's stand-in): spread it first
-        digest = hashlib.blake2b(digest, digest_size=4 * HASHES).digest()
     words = np.frombuffer(digest[: 4 * HASHES], dtype="<u4")
     return (words & np.uint32(bits - 1)).astype(np.int64)
 

@@ -46,7 +46,7 @@ from engine.registry import DEFAULT_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.bench_routing import start_redis  # noqa: E402
+from scripts.bench_routing import router, start_redis  # noqa: E402
 from scripts.serving_targets import Server, cpu_flags, default_dtype, free_port  # noqa: E402
 
 MODES = {"reuse": "memory+redis", "recompute": "memory"}
@@ -59,16 +59,8 @@ def decode_worker(args: argparse.Namespace, workdir: Path, redis_url: str, tiers
     port = free_port()
     argv = [sys.executable, "-m", "tandem.cli", "decode", "--port", str(port), "--dtype",
             args.dtype, "--redis-url", redis_url, "--store-tiers", tiers,
-            "--cluster-id", "recovery"]
+            "--cluster-id", "bench"]  # bench_routing.router's
     return Server(name, argv, port, "", "/health", workdir / f"{name}.log")
-
-
-def router(workdir: Path, redis_url: str, urls: list[str], tag: str) -> Server:
-    port = free_port()
-    argv = [sys.executable, "-m", "tandem.cli", "router", "--port", str(port),
-            "--redis-url", redis_url, "--cluster-id", "recovery", "--store-tiers", "memory+redis",
-            "--decode-urls", ",".join(urls), "--prefill-urls", ""]
-    return Server("router", argv, port, DEFAULT_MODEL, "/ready", workdir / f"{tag}-router.log")
 
 
 def prompt_ids(base: str, n: int) -> list[int]:
@@ -167,7 +159,7 @@ def one_mode(args: argparse.Namespace, workdir: Path, redis_url: str, mode: str)
             w.start(wait=False)
         for w in ws:
             w.wait_ready()
-        with router(workdir, redis_url, [w.url for w in ws], mode) as r:
+        with router(args, workdir, redis_url, "kv", [w.url for w in ws], mode) as r:
             wait_pool(r.url, len(ws))
             ids = prompt_ids(r.url, args.prompt_len)
             for name, sampling in SAMPLING.items():

@@ -23,6 +23,9 @@ from engine.step_plan import (
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=3, head_dim=4, block_size=8, dtype=torch.float32)
 P = 4  # tokens per page
+# Stand-ins for page digests: 16 bytes, as engine/page_hash.py makes them (the resident
+# filter reads its 4 positions from the digest's own bytes).
+DIGEST_A, DIGEST_B = b"A" * 16, b"B" * 16
 
 
 def _pool(pages: int = 9) -> PagePool:
@@ -53,15 +56,15 @@ def test_pages_are_zeroed_on_first_use_and_the_null_page_is_never_handed_out():
 def test_eviction_takes_plain_then_fresh_then_the_oldest_cached_page():
     pool = _pool(5)  # pages 1..4
     a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
-    pool.register(a, b"A")
-    pool.register(b, b"B")
+    pool.register(a, DIGEST_A)
+    pool.register(b, DIGEST_B)
     pool.release([a, b])  # freed in reverse: b is the older free page
     pool.release([c])  # no digest: plain
     assert pool.num_free == 4 and pool.num_cached == 2
     assert pool.allocate() == c  # plain first
     assert pool.allocate() == 4  # then fresh
     assert pool.allocate() == b and pool.evictions == 1  # then the oldest cached
-    assert pool.lookup([b"A", b"B"]) == [a]  # b's digest is gone with it
+    assert pool.lookup([DIGEST_A, DIGEST_B]) == [a]  # b's digest is gone with it
     pool.share(a)  # a hit takes it out of the free pages
     assert pool.num_free == 0 and pool.ref[a] == 1
 
@@ -90,12 +93,12 @@ def test_a_growing_table_takes_the_next_page_when_it_is_plain_or_fresh_never_out
     assert pool.allocate(after=c) == d  # the plain page after c, not the older b
     assert pool.allocate(after=d) == 5  # the next fresh page, though b is plain
     assert pool.allocate(after=7) == b  # no page 8: the oldest plain
-    pool.register(a, b"A")
+    pool.register(a, DIGEST_A)
     pool.release([a])  # cached
     assert pool.allocate() == 6 and pool.allocate() == 7  # fresh ones before evicting
     pool.release([c])  # plain again
     assert pool.allocate(after=NULL_PAGE) == c  # page 1 is cached: not taken for adjacency
-    assert pool.lookup([b"A"]) == [a] and pool.evictions == 0
+    assert pool.lookup([DIGEST_A]) == [a] and pool.evictions == 0
 
 
 def test_match_takes_the_longest_cached_run_and_leaves_a_token_to_feed():

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request, Response
 
 from engine.engine import Engine, TokenEvent
 from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
-from wire.streaming import ClosingStreamingResponse, unless_disconnected
+from wire.streaming import ClosingStreamingResponse, unless_disconnected, with_keepalive
 from worker.app import WorkerDep
 from worker.runtime import Worker
 from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
@@ -124,5 +124,6 @@ async def prefill(body: PrefillRequest, worker: WorkerDep, request: Request) -> 
         ticket.release()
         return Response(status_code=499)  # nobody is listening; nginx's "client closed"
     head, stored = done
-    return ClosingStreamingResponse(reply_lines(head, stored), on_close=ticket.release,
+    lines = with_keepalive(reply_lines(head, stored), worker.settings.stream_keepalive_s)
+    return ClosingStreamingResponse(lines, on_close=ticket.release,
                                     media_type="application/x-ndjson")

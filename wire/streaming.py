@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing, suppress
 from typing import TypeVar
 
 from starlette.requests import Request
@@ -61,6 +61,35 @@ class ClosingStreamingResponse(StreamingResponse):
                 raise SendTimedOut() from None
 
         return bounded
+
+
+async def with_keepalive(lines: AsyncGenerator[str], every_s: float) -> AsyncGenerator[str]:
+    """`lines`, plus a blank line whenever none came for `every_s`, so that the reader's read
+    timeout measures a silent peer, not a request waiting its turn: a decode call can sit in
+    its worker's queue behind long sequences for minutes. NDJSON readers skip blank lines.
+
+    The next line is awaited in a task (awaiting `anext` under a timeout would cancel it, and
+    with it the generator); closing this cancels that task, then closes `lines`."""
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            pending = pending or asyncio.ensure_future(anext(lines))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield "\n"
+                continue
+            pending = None
+            try:
+                line = done.pop().result()
+            except StopAsyncIteration:
+                return
+            yield line
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
+        await lines.aclose()
 
 
 async def _wait_disconnect(request: Request) -> None:

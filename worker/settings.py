@@ -35,6 +35,11 @@ class WorkerSettings(StoreSettings):
         10.0, ge=0, description="on SIGTERM: refuse new requests and let in-flight ones finish "
         "for up to this long, then shut down"
     )
+    stream_keepalive_s: float = Field(
+        10.0, gt=0, description="a reply stream with nothing to send for this long sends a "
+        "blank line, so a request queued behind long ones is not taken for a silent worker "
+        "(keep it well under the router's worker_timeout_s)"
+    )
     max_model_len: int | None = Field(None, description="default: the model's, capped at 8192")
     prefill_chunk: int = Field(512, description="prompt tokens per prefill chunk")
     page_size: int = Field(

@@ -48,9 +48,12 @@ class Head:
 def crowd_stack(tmp_path):
     """A colocated stack of the crowd's own. On the package stack the crowd would hold every
     admission of its decode worker (32 slots + 64 queued) for the 30 s send deadline, turning
-    the canary away with 429s; a small worker and a 2 s deadline also make the case cheap."""
+    the canary away with 429s; a small worker and a 2 s deadline also make the case cheap.
+    One torch thread: the package stack's workers are busy with the canary meanwhile, and two
+    torch processes each spinning a thread per core thrash (beside a 2-thread torch loop on
+    2 vCPUs the crowd took 81 s to be answered with 2 threads, 10 s with 1)."""
     with Stack(tmp_path, "--colocated", "--max-slots", str(SLOTS), "--max-queue", str(QUEUE),
-               "--stream-send-timeout-s", str(SEND_TIMEOUT_S)) as s:
+               "--stream-send-timeout-s", str(SEND_TIMEOUT_S), "--torch-threads", "1") as s:
         yield s
 
 

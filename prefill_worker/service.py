@@ -2,9 +2,12 @@
 and write the prompt's new full blocks (plus its partial tail) to the store.
 
 The reply is two NDJSON lines: the first token as soon as it is sampled (`PrefillResponse`),
-then `PrefillCommitted` once the KV is stored, so the store write is off the TTFT path. Both the
-checks and the prompt's computation come before the 200: a refused request is a 400 (or 429/503
-from admission), never a broken stream.
+then `PrefillCommitted` once the KV is stored, so the store write is off the TTFT path. The
+checks come before the 200: a refused request is a 400 (or 429/503 from admission), never a
+broken stream. The prompt's computation comes after it, with blank keepalive lines while it
+queues and runs, so that a long prompt or a long queue is not taken for a silent worker by the
+router's read timeout; a computation that fails cuts the stream, which the router counts as a
+worker failure, as it did the 500 before.
 
     prompt:  |-- block 0 --|-- block 1 --|-- block 2 --|- tail -|
              |<- loaded from the store ->|<- computed here -->|
@@ -21,11 +24,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from engine.engine import Engine, TokenEvent
 from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
-from wire.streaming import ClosingStreamingResponse, unless_disconnected, with_keepalive
+from wire.streaming import ClosingStreamingResponse, with_keepalive
 from worker.app import WorkerDep
 from worker.runtime import Worker
 from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
@@ -97,33 +100,23 @@ def _store(worker: Worker, out: PromptExport, tkey: str | None) -> int:
     return nbytes
 
 
-async def reply_lines(head: PrefillResponse, stored: Future) -> AsyncIterator[str]:
-    # The first token goes out now (the router streams it to the client: that is TTFT); the
-    # decode worker reads the KV only after the second line says it is stored. The writes
-    # finish even if the router goes away, so the prefix stays cached.
+async def reply_lines(worker: Worker, body: PrefillRequest) -> AsyncIterator[str]:
+    # The first token goes out once sampled (the router streams it to the client: that is
+    # TTFT); the decode worker reads the KV only after the second line says it is stored. The
+    # writes finish even if the router goes away, so the prefix stays cached. A router that
+    # goes away before the head closes this stream, which aborts the computation.
+    head, stored = await run_prefill(worker, body)
     yield head.model_dump_json(exclude_none=True) + "\n"
     nbytes = await asyncio.shield(asyncio.wrap_future(stored))
     yield PrefillCommitted(stored_bytes=nbytes).model_dump_json() + "\n"
 
 
 @routes.post("/prefill")
-async def prefill(body: PrefillRequest, worker: WorkerDep, request: Request) -> Response:
+async def prefill(body: PrefillRequest, worker: WorkerDep) -> Response:
     check_sequence(worker, body, len(body.token_ids))  # 400 before admission and streaming
     ticket = worker.try_admit()
     if isinstance(ticket, Response):
         return ticket  # 429 full / 503 draining: the router tries another prefill worker
-    try:
-        # The prompt is computed before the response starts, and the server does not cancel a
-        # handler whose client is gone: without this a prefill the router gave up on would
-        # hold its slot to the end. Cancelling closes the runner's stream (aborts it).
-        done = await unless_disconnected(request, run_prefill(worker, body))
-    except BaseException:
-        ticket.release()
-        raise
-    if done is None:
-        ticket.release()
-        return Response(status_code=499)  # nobody is listening; nginx's "client closed"
-    head, stored = done
-    lines = with_keepalive(reply_lines(head, stored), worker.settings.stream_keepalive_s)
+    lines = with_keepalive(reply_lines(worker, body), worker.settings.stream_keepalive_s)
     return ClosingStreamingResponse(lines, on_close=ticket.release,
                                     media_type="application/x-ndjson")

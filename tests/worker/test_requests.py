@@ -1,7 +1,8 @@
 """A worker refuses before it streams: every field the engine would choke on is a 400 in OpenAI's
 envelope (no admission ticket taken, nothing streamed), and so is a body the wire models reject;
-a bad internal token is a 401; a failure while starting a sequence is a 5xx status, never a
-broken stream; a worker bound beyond loopback refuses to start without a token."""
+a bad internal token is a 401; a failure while starting a decode sequence is a 5xx status,
+never a broken stream (a prefill's cuts its stream before the head); a worker bound beyond
+loopback refuses to start without a token."""
 
 from __future__ import annotations
 
@@ -108,6 +109,21 @@ def test_a_failure_while_starting_is_a_5xx_status(decode, monkeypatch):
     r = decode.post("/generate", json=decode_body("r", PROMPT))
     assert r.status_code == 500
     assert r.json()["error"]["type"] == "server_error"
+    assert w.admission.active == 0
+
+
+def test_a_prefill_that_fails_cuts_its_stream_before_the_head(prefill, monkeypatch):
+    """A prefill computes after its 200 (so that a long one can send keepalives): a failure
+    there cuts the stream before any line, which the router counts as a worker failure, as it
+    did the 500 before; the admission ticket comes back."""
+    w = worker_of(prefill)
+
+    def broken(keys):
+        raise RuntimeError("store exploded")
+
+    monkeypatch.setattr(w.store, "lookup_prefix", broken)
+    r = prefill.post("/prefill", json=decode_body("r", PROMPT))
+    assert r.status_code == 200 and lines(r.text) == []
     assert w.admission.active == 0
 
 

@@ -84,7 +84,8 @@ class RouterSettings(StoreSettings):
     health_interval_s: float = Field(1.0, gt=0, description="seconds between worker probes")
     worker_timeout_s: float = Field(
         120.0, gt=0, description="a worker silent this long mid-request counts as failed (a "
-        "decode worker's stream sends a blank line every stream_keepalive_s, queued or not)"
+        "worker's reply sends a blank line after stream_keepalive_s of nothing else, queued "
+        "or computing)"
     )
     max_failovers: int = Field(2, ge=0, description="retries on another worker per request")
     local_prefill_tokens: int = Field(

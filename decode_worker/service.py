@@ -21,7 +21,7 @@ from fastapi import APIRouter, Response
 from engine.engine import Engine, TokenEvent
 from kvstore import KeyChain
 from wire.internal_api import AbortRequest, DecodeRequest, event_line
-from wire.streaming import ClosingStreamingResponse, with_keepalive
+from wire.streaming import ClosingStreamingResponse
 from worker.app import WorkerDep
 from worker.runtime import Worker
 from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
@@ -103,7 +103,7 @@ async def generate(body: DecodeRequest, worker: WorkerDep) -> Response:
         raise
     # A client disconnect closes the body, which aborts the sequences and frees their slots.
     lines = event_lines(worker, started, body, on_end=lambda: ticket.release(1))
-    lines = with_keepalive(lines, worker.settings.stream_keepalive_s)
+    lines = worker.keepalive(lines)
     return ClosingStreamingResponse(lines, on_close=ticket.release,
                                     media_type="application/x-ndjson")
 

@@ -78,6 +78,9 @@ class EngineRunner:
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        # monotonic() each time the engine thread comes round its loop: after every step, and
+        # at least every 0.5 s while idle. A hung step stops it (see turned_within).
+        self._turned = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()
@@ -100,6 +103,12 @@ class EngineRunner:
     @property
     def num_running(self) -> int:
         return len(self._streams)
+
+    def turned_within(self, seconds: float) -> bool:
+        """Whether the engine thread finished a step (or an idle wait) in the last `seconds`:
+        the condition for a reply stream's keepalive, so that a hung engine still goes silent
+        and the router fails its requests over."""
+        return time.monotonic() - self._turned < seconds
 
     async def stream(self, req: SeqRequest, on_event: EventHook | None = None,
                      forks: Sequence[tuple[str, SamplingParams]] = ()) -> AsyncIterator:
@@ -202,6 +211,7 @@ class EngineRunner:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._turned = time.monotonic()
             self._drain_commands(block=not self._has_work())
             if not self._has_work():
                 continue

@@ -28,7 +28,7 @@ from fastapi import APIRouter, Response
 
 from engine.engine import Engine, TokenEvent
 from wire.internal_api import PrefillCommitted, PrefillRequest, PrefillResponse
-from wire.streaming import ClosingStreamingResponse, with_keepalive
+from wire.streaming import ClosingStreamingResponse
 from worker.app import WorkerDep
 from worker.runtime import Worker
 from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
@@ -117,6 +117,6 @@ async def prefill(body: PrefillRequest, worker: WorkerDep) -> Response:
     ticket = worker.try_admit()
     if isinstance(ticket, Response):
         return ticket  # 429 full / 503 draining: the router tries another prefill worker
-    lines = with_keepalive(reply_lines(worker, body), worker.settings.stream_keepalive_s)
+    lines = worker.keepalive(reply_lines(worker, body))
     return ClosingStreamingResponse(lines, on_close=ticket.release,
                                     media_type="application/x-ndjson")

@@ -63,10 +63,13 @@ class ClosingStreamingResponse(StreamingResponse):
         return bounded
 
 
-async def with_keepalive(lines: AsyncGenerator[str], every_s: float) -> AsyncGenerator[str]:
-    """`lines`, plus a blank line whenever none came for `every_s`, so that the reader's read
-    timeout measures a silent peer, not a request waiting its turn: a decode call can sit in
-    its worker's queue behind long sequences for minutes. NDJSON readers skip blank lines.
+async def with_keepalive(lines: AsyncGenerator[str], every_s: float,
+                         alive: Callable[[], bool] = lambda: True) -> AsyncGenerator[str]:
+    """`lines`, plus a blank line whenever none came for `every_s` and `alive()` holds, so that
+    the reader's read timeout measures a silent peer, not a request waiting its turn: a decode
+    call can sit in its worker's queue behind long sequences for minutes. `alive` is the
+    work's own progress (a worker's: its engine thread turned lately), so a hung engine still
+    falls silent. NDJSON readers skip blank lines.
 
     The next line is awaited in a task (awaiting `anext` under a timeout would cancel it, and
     with it the generator); closing this cancels that task, then closes `lines`. The task costs
@@ -77,7 +80,8 @@ async def with_keepalive(lines: AsyncGenerator[str], every_s: float) -> AsyncGen
             pending = pending or asyncio.ensure_future(anext(lines))
             done, _ = await asyncio.wait({pending}, timeout=every_s)
             if not done:
-                yield "\n"
+                if alive():
+                    yield "\n"
                 continue
             pending = None
             try:
@@ -88,8 +92,11 @@ async def with_keepalive(lines: AsyncGenerator[str], every_s: float) -> AsyncGen
     finally:
         if pending is not None:
             pending.cancel()
-            with suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
+            try:
+                with suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
+            except Exception:  # noqa: BLE001 - it failed after its reader left: nobody to tell
+                log.info("a closed stream's source had failed", exc_info=True)
         await lines.aclose()
 
 

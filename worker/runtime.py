@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -24,6 +24,7 @@ from engine.runner import EngineRunner
 from kvstore import KeyNamespace, build_store
 from kvstore.tiered import TieredStore
 from wire.internal_api import KVSummary, WorkerHealth
+from wire.streaming import with_keepalive
 from worker.admission import Admission, Ticket
 from worker.cold_tier import StoreColdTier
 from worker.metrics import (
@@ -57,6 +58,13 @@ class WorkerCounters:
     requests_invalid_total: int = 0  # answered 400: a request the engine would refuse
 
 
+# One step this long is taken for a hung engine. The longest single steps measured are a long
+# prompt's chunks: an 8k-token prompt's whole prefill, several steps, took 33.6 s on 2 vCPUs
+# (docs/BENCHMARKS.md, "Context beyond the KV budget"). A hang is then noticed after this
+# plus the router's worker_timeout_s.
+ENGINE_STALL_S = 60.0
+
+
 @dataclass
 class Worker:
     settings: WorkerSettings
@@ -85,6 +93,14 @@ class Worker:
         return KeyNamespace(
             self.lm.fingerprint, self.engine.layout.name, self.block_size, cache_salt
         )
+
+    def keepalive(self, lines: AsyncGenerator[str]) -> AsyncGenerator[str]:
+        """A reply stream with keepalive lines while its engine makes progress (a request
+        queued or being computed is alive). An engine stuck in one step for ENGINE_STALL_S
+        stops them, so the router's read timeout fails its calls over as before."""
+        every = self.settings.stream_keepalive_s
+        stall = max(every, ENGINE_STALL_S)
+        return with_keepalive(lines, every, alive=lambda: self.runner.turned_within(stall))
 
     def write_blocks(self, items: dict[str, torch.Tensor], ttl_s: int | None = None):
         """Queue a store write off the engine thread; returns its Future (None: dropped)."""

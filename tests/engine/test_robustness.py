@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -150,6 +152,39 @@ def test_runner_refuses_a_bad_sequence_while_the_batch_streams_on(engine, tiny_f
     try:
         asyncio.run(main())
     finally:
+        runner.stop()
+
+
+def _until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_runner_tells_a_hung_step_from_an_idle_engine(engine, monkeypatch):
+    """turned_within gates the workers' keepalive lines: true while idle or stepping, false
+    while a step hangs, so a hung engine's streams fall silent and the router fails over."""
+    entered, release = threading.Event(), threading.Event()
+    step = engine.step
+
+    def hung_step():
+        entered.set()
+        release.wait(30)
+        return step()
+
+    monkeypatch.setattr(engine, "step", hung_step)
+    runner = EngineRunner(engine)
+    runner.start()
+    try:
+        assert runner.turned_within(2.0)  # idle: the loop comes round every 0.5 s
+        runner.call(lambda e: e.add(make_request("h", IDS, greedy(2, ignore_eos=True))))
+        assert entered.wait(10)
+        _until(lambda: not runner.turned_within(0.2), "the hung step to show")
+        release.set()
+        _until(lambda: runner.turned_within(0.2), "the engine to turn again")
+    finally:
+        release.set()
         runner.stop()
 
 

@@ -117,3 +117,25 @@ def test_keepalive_raises_the_sources_error():
         return [line async for line in with_keepalive(source(), every_s=10)]
     with pytest.raises(RuntimeError, match="engine failed"):
         asyncio.run(go())
+
+
+def test_no_keepalive_while_the_work_makes_no_progress():
+    """A worker's keepalive asks its engine: a hung engine sends nothing, so the router's read
+    timeout still fails the call over."""
+    async def go():
+        calls = []
+
+        def alive() -> bool:
+            calls.append(True)
+            return len(calls) >= 3  # stalled for two intervals, then progressing
+
+        async def source():
+            await asyncio.Event().wait()  # never
+            yield "never\n"
+
+        lines = with_keepalive(source(), every_s=0.01, alive=alive)
+        try:
+            return await anext(lines), len(calls)
+        finally:
+            await lines.aclose()
+    assert asyncio.run(go()) == ("\n", 3)

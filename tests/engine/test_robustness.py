@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-import time
 from dataclasses import replace
 
 import pytest
@@ -20,6 +19,7 @@ from engine.forward import Forward
 from engine.intake import InvalidRequest
 from engine.runner import EngineRunner
 from engine.sequence import SeqRequest
+from tests.e2e.faults import poll
 from tests.engine.helpers import greedy, make_request, run, run_one
 
 IDS = [5, 17, 230, 1200, 41, 9, 77, 3, 12, 400]
@@ -155,13 +155,6 @@ def test_runner_refuses_a_bad_sequence_while_the_batch_streams_on(engine, tiny_f
         runner.stop()
 
 
-def _until(condition, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_runner_tells_a_hung_step_from_an_idle_engine(engine, monkeypatch):
     """turned_within gates the workers' keepalive lines: true while idle or stepping, false
     while a step hangs, so a hung engine's streams fall silent and the router fails over."""
@@ -180,9 +173,9 @@ def test_runner_tells_a_hung_step_from_an_idle_engine(engine, monkeypatch):
         assert runner.turned_within(2.0)  # idle: the loop comes round every 0.5 s
         runner.call(lambda e: e.add(make_request("h", IDS, greedy(2, ignore_eos=True))))
         assert entered.wait(10)
-        _until(lambda: not runner.turned_within(0.2), "the hung step to show")
+        poll(lambda: not runner.turned_within(0.2), 10, "the hung step to show", every=0.01)
         release.set()
-        _until(lambda: runner.turned_within(0.2), "the engine to turn again")
+        poll(lambda: runner.turned_within(0.2), 10, "the engine to turn again", every=0.01)
     finally:
         release.set()
         runner.stop()

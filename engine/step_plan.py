@@ -308,7 +308,7 @@ def _decode_group(rows: list[tuple[list[int], int]], lengths: list[int], lo: int
                   dtype: torch.dtype, device: torch.device) -> DecodeGroup:
     pages = -(-lengths[0] // P)
     tables = [r[0] for r in rows]
-    if len(rows) == 1:  # exact length, no mask: the same SDPA call as HF's batch-1 decode
+    if len(rows) == 1:  # exact length, no mask (fp32: the same SDPA call as generate())
         return DecodeGroup(lo, lo + 1, Keys.of(tables, pages, lengths[0], device), None)
     return DecodeGroup(lo, lo + len(rows), Keys.of(tables, pages, pages * P, device),
                        decode_mask(lengths, pages * P, dtype, device))
@@ -318,13 +318,21 @@ def _decode_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.T
                       mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
     """[g, 1, Hq, D] for decode queries q [g, Hq, 1, D] over k, v [g, H, width, D].
 
-    Under a mask, transformers' SDPA path expands K and V to all Hq query heads (repeat_kv: a
-    copy of Hq / H times the gathered bytes). The Hq / H queries that share a key head are
-    instead packed as that head's query rows, [g, H, Hq / H, D], which the mask [g, 1, 1, w]
-    broadcasts over: the same per-row arithmetic (outputs measured bit-identical in bf16 and
-    fp32), without the copy. A lone row keeps transformers' own call, which generate() makes.
+    The Hq / H queries that share a key head are packed as that head's query rows,
+    [g, H, Hq / H, D], which a mask [g, 1, 1, w] broadcasts over: the same per-row arithmetic,
+    without the K/V copy that transformers' masked SDPA path makes (repeat_kv: Hq / H times the
+    gathered bytes), and one attention task per key head instead of one per query head.
+
+    In bf16 that is ~5x faster on a CPU without AMX: torch's CPU flash kernel re-packs the keys
+    for each (row, head) task, so one query row per task costs ~0.55 us per key per layer (9
+    query heads, 340 keys: 194 us; packed 3 x 3: 39 us; 3,000 keys: 1.65 ms vs 0.28 ms; AMD
+    EPYC avx512_bf16, docs/BENCHMARKS.md "Decode attention in bf16"). The packed rows are not
+    bit-identical to transformers' own call (a row's dot products go through a 3-row kernel),
+    so bf16 keeps vLLM's top-5 rule at batch 1 as it already does batched. In fp32 the packing
+    buys nothing (28 vs 31 us) and is not bit-identical either, so a lone fp32 row keeps
+    transformers' own call, the one generate() makes: fp32 greedy stays equal to generate().
     """
-    if mask is None or base is not sdpa_attention_forward:
+    if base is not sdpa_attention_forward or (mask is None and q.dtype == torch.float32):
         out, _ = base(module, q, k, v, mask, **kwargs)
         return out
     g, Hq, _, D = q.shape

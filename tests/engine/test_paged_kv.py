@@ -4,6 +4,7 @@ copy-on-write, token addressing, block round trips and the step plan's groups an
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from engine.kv_layout import KVLayout, blocks_to_flat, flat_to_blocks
 from engine.page_hash import chain_root
@@ -16,6 +17,7 @@ from engine.step_plan import (
     Keys,
     StepPlan,
     Workspace,
+    _decode_attention,
     chunk_mask,
     decode_mask,
     group_rows,
@@ -206,3 +208,26 @@ def test_consecutive_pages_are_read_in_place_equal_to_a_gather():
     k, v = view.read(kv, None)
     assert torch.equal(k[0, :, P + 1], kv[0, 5, 1]) and torch.equal(v[0, :, 0], kv[1, 4, 0])
     assert Keys.of([[4, 6, 7]], 3, 3 * P, torch.device("cpu")).first is None  # not a run
+
+
+class _GQA(torch.nn.Module):
+    """What transformers' sdpa function reads off an attention module: 9 query heads over 3."""
+
+    num_key_value_groups = 3
+    is_causal = True
+
+
+def test_decode_attention_keeps_generates_call_in_fp32_and_packs_query_heads_in_bf16():
+    """A lone fp32 row is transformers' own SDPA call, bit for bit (what generate() runs); a
+    bf16 row packs the 3 query heads of each key head as its rows, which must map every query
+    head to its own key head (checked against repeat_kv in fp32 arithmetic)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, 1, 64, generator=g)  # [g, Hq, 1, D]
+    k, v = (torch.randn(1, 3, 40, 64, generator=g) for _ in range(2))  # [g, H, width, D]
+    kw = {"scaling": 0.125}
+    want, _ = sdpa_attention_forward(_GQA(), q, k, v, None, **kw)  # [1, 1, Hq, D]
+    assert torch.equal(_decode_attention(sdpa_attention_forward, _GQA(), q, k, v, None, kw), want)
+    bf = [x.bfloat16() for x in (q, k, v)]
+    got = _decode_attention(sdpa_attention_forward, _GQA(), *bf, None, kw)
+    assert got.shape == (1, 1, 9, 64) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)

@@ -42,15 +42,16 @@ def test_fp32_batched_with_joins_matches_generate(smollm_fp32, prompt_ids, hf_re
     assert engine.stats.steps < 8 * NEW / 2  # really batched
 
 
-def test_bf16_batch1_identical_and_batched_close(smollm_bf16):
-    # bf16 matmul is ~70x slower than fp32 on this CPU: keep this tiny.
+def test_bf16_alone_and_batched_close(smollm_bf16):
+    # bf16 decode attention packs query heads (engine/step_plan.py): not bit-identical to
+    # generate()'s call even for a lone row, so both keep vLLM's top-5 rule.
     tok = smollm_bf16.tokenizer
     prompts = ["The capital of France is", "def add(a, b):", "My favourite colour is"]
     ids = [tok(p).input_ids for p in prompts]
     refs = [hf_greedy(smollm_bf16, x, 8) for x in ids]
     engine = Engine(smollm_bf16, EngineConfig(max_slots=4))
-    for x, (ref, _, _) in zip(ids, refs, strict=True):
-        assert run_one(engine, x, greedy(8)).tokens == ref
+    for x, (ref, _, lps) in zip(ids, refs, strict=True):
+        close_by_top5(run_one(engine, x, greedy(8, logprobs=5)).events, ref, lps)
     reqs = [make_request(str(i), x, greedy(8, logprobs=5)) for i, x in enumerate(ids)]
     out = run(engine, reqs[:2], joins={2: reqs[2:]})
     for i, (ref, _, lps) in enumerate(refs):

@@ -1,6 +1,7 @@
 """Greedy agreement of the engine with HF generate() at one dtype, by vLLM's top-5 rule.
 
     .venv/bin/python scripts/bench_top5.py [--dtype bfloat16] [--tokens 64] [--batch 16]
+        [--prompts 50]
 
 On bench_kv_quant's 50 chat prompts, --tokens greedy tokens each (ignore_eos), the engine runs
 every prompt alone (batch 1) and then --batch at a time, against transformers' own generate()
@@ -84,9 +85,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=50, help="the first N of the fixed 50")
     args = ap.parse_args()
     lm = load_model(resolve_model(DEFAULT_MODEL), dtype=args.dtype, device="cpu")
-    ids = prompts(lm)
+    ids = prompts(lm)[: args.prompts]
     refs = [reference(lm, p, args.tokens) for p in ids]
     print(f"{DEFAULT_MODEL}, {args.dtype}, torch {torch.__version__} ({', '.join(cpu_flags())});"
           f" {len(ids)} prompts x {args.tokens} tokens against generate()")

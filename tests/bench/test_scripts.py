@@ -26,6 +26,21 @@ def test_bench_engine_repeats(tmp_path):
     assert "| prefill 32 tok, batch 1 |" in out and "| decode, batch 2 |" in out
 
 
+def test_bench_step_times_every_context():
+    out = run_script("scripts/bench_step.py", "--dtype", "float32", "--contexts", "8,40",
+                     "--steps", "2")
+    assert "float32 none: 8: " in out and ", 40: " in out
+
+
+def test_bench_top5_holds_fp32_to_generate():
+    """fp32 is the exact path: every prompt's greedy text equals generate()'s, alone and
+    batched."""
+    out = run_script("scripts/bench_top5.py", "--dtype", "float32", "--prompts", "3",
+                     "--tokens", "6", "--batch", "3")
+    assert "| batch 1 | 100% | 100.0% | 100% |" in out
+    assert "| batch 3 | 100% | 100.0% | 100% |" in out
+
+
 def test_bench_overhead_compares_engine_and_served(tmp_path):
     out = run_script("scripts/bench_overhead.py", "--dtype", "float32", "--concurrency", "2",
                      "--requests", "2", "--prompt-tokens", "8", "--max-tokens", "3",

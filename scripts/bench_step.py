@@ -1,0 +1,63 @@
+"""Batch-1 decode step time of the engine alone, at several context lengths.
+
+    .venv/bin/python scripts/bench_step.py [--dtype bfloat16] [--quantization none]
+        [--contexts 300,1000,3000] [--steps 40] [--checkout DIR]
+
+For each context: a fresh engine, one sequence of that many prompt tokens, 10 warm-up decode
+steps, then the median wall time of --steps `engine.step()` calls. --checkout DIR imports the
+engine from another checkout of tandem (`git worktree add DIR REV`), so a before/after pair is
+two runs of this script on one machine, alternated; a checkout older than --quantization
+(before issue 19) takes the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def median_step_ms(engine, steps: int) -> float:
+    """Prefill, 10 warm-up steps, then the median of `steps` decode steps."""
+    for _ in range(11):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--contexts", default="300,1000,3000")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--checkout", type=Path, default=Path(__file__).resolve().parents[1])
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.checkout.resolve()))
+    from engine.engine import Engine, EngineConfig  # noqa: PLC0415 (from --checkout)
+    from engine.loader import load_model  # noqa: PLC0415
+    from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: PLC0415
+    from engine.sampling_params import SamplingParams  # noqa: PLC0415
+    from engine.sequence import SeqRequest  # noqa: PLC0415
+
+    quant = {} if args.quantization == "none" else {"quantization": args.quantization}
+    lm = load_model(resolve_model(DEFAULT_MODEL), dtype=args.dtype, device="cpu", **quant)
+    params = SamplingParams(max_tokens=args.steps + 12, temperature=0.0, ignore_eos=True)
+    cells = []
+    for context in map(int, args.contexts.split(",")):
+        engine = Engine(lm, EngineConfig(max_slots=1))
+        ids = [100 + (i * 37) % 20000 for i in range(context)]
+        engine.add(SeqRequest("a", ids, len(ids), params))
+        cells.append(f"{context}: {median_step_ms(engine, args.steps):.1f} ms")
+    print(f"{args.checkout.resolve().name} {args.dtype} {args.quantization}: " + ", ".join(cells),
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

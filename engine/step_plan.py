@@ -319,9 +319,8 @@ def _decode_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """[g, 1, Hq, D] for decode queries q [g, Hq, 1, D] over k, v [g, H, width, D].
 
     The Hq / H queries that share a key head are packed as that head's query rows,
-    [g, H, Hq / H, D], which a mask [g, 1, 1, w] broadcasts over: the same per-row arithmetic,
-    without the K/V copy that transformers' masked SDPA path makes (repeat_kv: Hq / H times the
-    gathered bytes), and one attention task per key head instead of one per query head.
+    [g, H, Hq / H, D], which a mask [g, 1, 1, w] broadcasts over: one attention task per key
+    head instead of one per query head, and no copy of K/V per query head (repeat_kv).
 
     In bf16 that is ~5x faster on a CPU without AMX: torch's CPU flash kernel re-packs the keys
     for each (row, head) task, so one query row per task costs ~0.55 us per key per layer (9

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,6 +38,7 @@ from engine.registry import DEFAULT_MODEL, resolve_model  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.sequence import SeqRequest  # noqa: E402
 from scripts.bench_kv_quant import agreement, greedy_texts, prompts  # noqa: E402
+from scripts.bench_step import median_step_ms  # noqa: E402
 from scripts.serving_targets import cpu_flags  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md"
@@ -72,13 +71,7 @@ def decode_rate(lm, batch: int, steps: int) -> float:
     for i in range(batch):
         ids = [1 + i, 2, 3, 4, 5, 6, 7, 8]
         engine.add(SeqRequest(str(i), ids, len(ids), params))
-    engine.step()  # prefill
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    return batch / median_step_ms(engine, steps, warmup=0) * 1e3
 
 
 def gguf_difference(lm) -> float:

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 
-def median_step_ms(engine, steps: int) -> float:
-    """Prefill, 10 warm-up steps, then the median of `steps` decode steps."""
-    for _ in range(11):
+def median_step_ms(engine, steps: int, warmup: int = 10) -> float:
+    """One step (the prefill of what was added), `warmup` untimed steps, then the median
+    milliseconds of `steps` timed ones."""
+    for _ in range(1 + warmup):
         engine.step()
     times = []
     for _ in range(steps):

@@ -281,9 +281,11 @@ class Engine:
     @torch.no_grad()
     def export_blocks(self, seq_id: str, first: int, count: int) -> torch.Tensor:
         """Full blocks [first, first + count) as [count, L, 2, H, B, D] on CPU."""
-        B = self.layout.block_size
-        flat = self.export_kv(seq_id, first * B, (first + count) * B)
-        return flat_to_blocks(flat, B).cpu()
+        B, seq = self.layout.block_size, self._seqs[seq_id]
+        assert first >= 0 and (first + count) * B <= seq.kv_len, (first, count, seq.kv_len)
+        if seq.placed:
+            return self._kv.read_blocks(seq, first, count, B).cpu()
+        return flat_to_blocks(self.export_kv(seq_id, first * B, (first + count) * B), B).cpu()
 
     @property
     def stats(self) -> EngineStats:

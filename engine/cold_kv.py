@@ -37,7 +37,7 @@ from engine.page_pool import PagePool
 # fixed cost on CPU), so segments are long; a stream holds 3 at a time (engine/cold_stream.py),
 # 1.6 MB each for SmolLM2 in fp32, which the KV budget reserves.
 SEGMENT_TOKENS = 1024
-SINK_PAGES = 4  # the first 64 tokens stay resident (attention sinks; one store block)
+SINK_PAGES = 4  # the first 64 tokens stay resident (attention sinks)
 
 
 class ColdTier(Protocol):

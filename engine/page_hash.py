@@ -8,7 +8,7 @@ Same scheme as the store's block keys (kvstore/keys.py), at the engine's page si
 
 so equal digests mean equal tokens *and everything before them* under one model, dtype and
 tenant: a page is shared only where its KV is the same. The engine cannot import kvstore (they
-are peer layers), and the store keys 64-token blocks; this is the same chain over P-token pages.
+are peer layers), and the store keys B-token blocks; this is the same chain over P-token pages.
 Python's `hash()` is salted per process and never used here.
 """
 

@@ -32,7 +32,7 @@ from engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 LOGITS_CHUNK = 512  # prompt positions per forward when every position's logits are kept
-# A waiting prompt that shares at least this many leading pages (64 tokens, one store block)
+# A waiting prompt that shares at least this many leading pages (64 tokens)
 # with a prompt being computed waits for it, then takes those pages from the cache (SGLang's
 # in-batch prefix caching). Shorter shares are not worth a wait: every chat shares its
 # template's ~30-token system header.

@@ -29,7 +29,7 @@ GiB = 1 << 30
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     tiers: str = "memory+disk"
-    memory_bytes: int = 1 * GiB  # ~700 SmolLM2 blocks of 64 tokens in bf16 (1.47 MB each)
+    memory_bytes: int = 1 * GiB  # ~2,900 SmolLM2 blocks of 16 tokens in bf16 (368 KB each)
     disk_path: str = "~/.cache/tandem/kvstore"
     disk_bytes: int = 16 * GiB
     redis_url: str = "redis://127.0.0.1:6379/0"

@@ -1,14 +1,16 @@
 """KV store throughput and latency per tier, beside redis-benchmark and a plain memcpy.
 
     .venv/bin/python scripts/bench_kvstore.py [--rounds 3] [--iters 200] [--batch 8] [--blocks 32]
+        [--block-tokens 16]
 
-Blocks are SmolLM2-135M 64-token KV blocks: [30, 2, 3, 64, 64] bf16, 1.47 MB. Each tier is
+Blocks are SmolLM2-135M KV blocks of --block-tokens tokens (default TANDEM_BLOCK_SIZE's):
+[30, 2, 3, 16, 64] bf16, 368 KB (64 tokens: 1.47 MB). Each tier is
 measured alone (a TieredStore over that one tier), one block per call, cycling over --blocks
 distinct keys; then --batch blocks per call. The references run in the same process and the
 same minute, so the ratios are what to read on a noisy machine:
 
     redis-benchmark -c 1 -r <blocks> GET/SET at the blob's size, against a redis-server it starts
-    on a free loopback port (never 6379); memcpy = torch copy_ of the same 1.47 MB, one
+    on a free loopback port (never 6379); memcpy = torch copy_ of the same block, one
     thread (the store copies on one thread, to stay off the engine's OpenMP pool).
 
 Disk reads come from the page cache (the files were just written), so they measure the tier's
@@ -34,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.kv_layout import DEFAULT_BLOCK_SIZE  # noqa: E402
 from kvstore.breaker import Breaker  # noqa: E402
 from kvstore.codec import encode  # noqa: E402
 from kvstore.config import StoreConfig, build_store  # noqa: E402
@@ -44,7 +47,7 @@ from kvstore.redis_tier import RedisTier  # noqa: E402
 from kvstore.tiered import TieredStore  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
-SHAPE = (30, 2, 3, 64, 64)  # SmolLM2-135M: 30 layers, K/V, 3 KV heads, 64 tokens, head_dim 64
+SHAPE = (30, 2, 3, 64)  # SmolLM2-135M: 30 layers, K/V, 3 KV heads, (tokens,) head_dim 64
 MB = 1e6
 MEMCPY = "memcpy: torch copy_, 1 thread"
 REDIS_BENCHMARK = "redis-benchmark -c 1"
@@ -150,10 +153,11 @@ def redis_benchmark_rows(port: int, nbytes: int, requests: int, keys: int) -> li
     return rows
 
 
-def make_blocks(n: int) -> dict[str, torch.Tensor]:
-    ns = KeyNamespace("bench0123456789abcdef", torch.bfloat16, SHAPE[3])
-    keys = block_keys(range(n * SHAPE[3]), ns)
-    return {k: torch.randn(SHAPE).to(torch.bfloat16) for k in keys}
+def make_blocks(n: int, tokens: int) -> dict[str, torch.Tensor]:
+    shape = (*SHAPE[:3], tokens, SHAPE[3])
+    ns = KeyNamespace("bench0123456789abcdef", torch.bfloat16, tokens)
+    keys = block_keys(range(n * tokens), ns)
+    return {k: torch.randn(shape).to(torch.bfloat16) for k in keys}
 
 
 def one_round(blocks: dict[str, torch.Tensor], server: RedisServer, tmp: Path,
@@ -190,7 +194,7 @@ def one_round(blocks: dict[str, torch.Tensor], server: RedisServer, tmp: Path,
 
 def run(args: argparse.Namespace) -> list[list[Row]]:
     """Whole rounds, back to back: references and tiers share each round's load."""
-    blocks = make_blocks(args.blocks)
+    blocks = make_blocks(args.blocks, args.block_tokens)
     with RedisServer() as server, tempfile.TemporaryDirectory() as tmp:
         return [one_round(blocks, server, Path(tmp) / f"round{i}", args)
                 for i in range(args.rounds)]
@@ -246,6 +250,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200, help="single-block calls per op")
     parser.add_argument("--batch", type=int, default=8, help="blocks per batched call")
     parser.add_argument("--blocks", type=int, default=32, help="distinct blocks cycled over")
+    parser.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_SIZE,
+                        help="tokens per block (TANDEM_BLOCK_SIZE)")
     parser.add_argument("--rounds", type=int, default=3, help="whole repeats; medians reported")
     report(run(parser.parse_args()))
 

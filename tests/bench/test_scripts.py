@@ -32,6 +32,13 @@ def test_bench_step_times_every_context():
     assert "float32 none: 8: " in out and ", 40: " in out
 
 
+def test_bench_reload_loads_the_shared_blocks_and_computes_the_rest():
+    out = run_script("scripts/bench_reload.py", "--dtype", "float32", "--block-tokens", "16,32",
+                     "--prompt", "80", "--shared", "70", "--repeat", "1")
+    assert "B=16: 64 of 80 tokens loaded, 16 computed" in out, out
+    assert "B=32: 64 of 80 tokens loaded, 16 computed" in out, out
+
+
 def test_bench_top5_holds_fp32_to_generate():
     """fp32 is the exact path: every prompt's greedy text equals generate()'s, alone and
     batched."""

@@ -120,6 +120,7 @@ def test_a_follow_up_chat_node_reuses_its_parents_prompt_and_answer(two_models):
     prompt, answer = a["usage"]["prompt_tokens"], a["usage"]["completion_tokens"]
     # The answer fills a store block past the prompt (the decode worker stores each block of
     # generated tokens as it fills); b, prefilled on either worker, loads it with the prompt.
-    full_blocks = (prompt + answer - 1) // 64 * 64
+    B = two_models.worker_health("decode")[0]["block_size"]
+    full_blocks = (prompt + answer - 1) // B * B
     assert full_blocks > prompt, (prompt, answer)
     assert b["cached_tokens"] >= full_blocks, (prompt, answer, b["cached_tokens"])

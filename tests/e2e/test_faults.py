@@ -59,9 +59,13 @@ STORY = (  # 108 tokens, open-ended: sampled continuations differ by seed
     "it stopped. Elias looked at the watch for a long time, and then he said")
 LONG_TOKENS = 120  # generated per kill test
 KILL_AFTER = 20  # tokens the client has seen when the worker dies
+# The kill choreography below is laid out in 64-token blocks (the prompts fill block 0 and
+# most of block 1), so this stack runs them rather than the default 16: what a fault costs
+# does not depend on the block size, only where its boundaries fall.
 BLOCK = 64
 CAPACITY = 2 * (2 + 2)  # decode workers x (max_slots + max_queue)
-WORKER_FLAGS = ("--memory-cache-bytes", "1", "--max-slots", "2", "--max-queue", "2")
+WORKER_FLAGS = ("--memory-cache-bytes", "1", "--max-slots", "2", "--max-queue", "2",
+                "--block-size", str(BLOCK))
 
 
 @pytest.fixture(scope="module")

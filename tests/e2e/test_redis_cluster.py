@@ -14,7 +14,6 @@ from tests.e2e.test_serving import test_prefix_reuse_computes_only_new_tokens as
 from tests.redis_topology import RedisClusterServers
 from wire.membership import registry_key
 
-BLOCK = 64  # tokens per KV block (the default block size)
 REQUESTS = 10
 KILL_DURING = 3  # the master dies while this request (0-based) is in flight
 
@@ -58,6 +57,7 @@ def test_killed_master_costs_recomputes_never_wrong_outputs(tmp_path, reference)
          Stack(tmp_path, "--redis-url", cluster.url,
                env={"TANDEM_STORE_TIERS": "memory+redis"}) as s:
         victim = cluster.servers[1]
+        block = s.worker_health("decode")[0]["block_size"]
         fallbacks, wrong = [], []
         for i in range(REQUESTS):
             before = computed(s)
@@ -68,7 +68,7 @@ def test_killed_master_costs_recomputes_never_wrong_outputs(tmp_path, reference)
             assert r.status_code == 200, r.text
             if r.json()["choices"][0]["message"]["content"] != reference.chat(chat(i), 8)[0]:
                 wrong.append(i)
-            if computed(s)["decode"] - before["decode"] >= BLOCK:
+            if computed(s)["decode"] - before["decode"] >= block:
                 fallbacks.append(i)
         print(f"\nredis cluster master killed during request {KILL_DURING} of {REQUESTS}: "
               f"{len(fallbacks)} request(s) fell back to recompute {fallbacks}; "

@@ -75,19 +75,21 @@ def test_quantized_kv_hands_off_bit_exact_and_refuses_exact_blocks(smollm_fp32, 
     prefill = Engine(smollm_fp32, config)
     prefill.add(make_request("r", ids, greedy(10), prefill_only=True))
     (first,) = prefill.step()
-    blocks = prefill.export_blocks("r", 0, 2)
-    tail = prefill.export_kv("r", 128, len(ids))
-    assert blocks.dtype == torch.int8 and blocks.shape[-1] == 68
+    B = prefill.layout.block_size
+    n = len(ids) // B
+    blocks = prefill.export_blocks("r", 0, n)
+    tail = prefill.export_kv("r", n * B, len(ids))
+    assert blocks.dtype == torch.int8 and blocks.shape[-1] == 68 and tail.shape[3] > 0
 
     decode_engine = Engine(smollm_fp32, config)
     req = SeqRequest("r", ids + [first.token_id], len(ids), greedy(10), prefix_kv=blocks,
                      prefix_len=len(ids), prefix_tail=tail)
     assert [first.token_id] + run(decode_engine, [req])["r"].tokens == want
-    assert torch.equal(decode_engine.export_blocks("r", 0, 2), blocks)
-    floats = torch.zeros(2, 30, 2, 3, 64, 68)  # the right shape, exact KV's dtype
+    assert torch.equal(decode_engine.export_blocks("r", 0, n), blocks)
+    floats = torch.zeros(2, 30, 2, 3, B, 68)  # the right shape, exact KV's dtype
     with pytest.raises(ValueError, match="prefix KV must be torch.int8"):
         decode_engine.check(SeqRequest("x", ids, len(ids), greedy(1), prefix_kv=floats,
-                                       prefix_len=128))
+                                       prefix_len=2 * B))
 
 
 def test_quantized_cold_segments_stream_like_resident_quantized_kv(smollm_fp32, prompt_ids):

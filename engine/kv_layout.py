@@ -23,9 +23,9 @@ from engine.kv_quant import row_width, storage_dtype
 
 # Tokens per store block: one page (engine/config.py's page_size), 368 KB for SmolLM2 in bf16. A
 # prompt reloaded from the store recomputes what its last full block leaves out, up to B - 1
-# tokens: at 64 (1.47 MB) that was ~70 of a 2,900-token chat after a restart, 0.27-0.33 s of a
-# 2-vCPU bf16 prefill, against 0.12-0.19 s for the ~24 left at 16. Smaller blocks cost the store
-# per-block overhead: ~2x the CPU per byte written (scripts/bench_kvstore.py, docs/BENCHMARKS.md).
+# tokens: at 64 (1.47 MB) that was 72 of a 2,888-token chat after a restart, 0.30 s of a 2-vCPU
+# bf16 forward, against 0.10 s for the 24 left at 16 (scripts/bench_reload.py). Smaller blocks
+# cost the store ~2x the CPU per byte (scripts/bench_kvstore.py; both in docs/BENCHMARKS.md).
 DEFAULT_BLOCK_SIZE = 16
 
 

@@ -19,8 +19,8 @@ from engine.page_hash import extend_chain
 from engine.page_pool import PagePool
 from engine.sequence import Sequence
 
-# A cached prefix of at most this many pages (64 tokens) is copied into pages
-# of the sequence's own rather than shared, while that leaves half the pool free. Its table is
+# A cached prefix of at most this many pages (64 tokens) is copied into pages of the sequence's
+# own rather than shared, while that leaves half the pool free. Its table is
 # then one run of consecutive pages, which a lone decode row reads in place where a table of two
 # runs (a shared first page, its own after) is gathered every layer of every step. Measured
 # served at c=1 in bf16 (2-vCPU AMD avx512_bf16 box; chats share their template's first page):

@@ -162,6 +162,7 @@ def test_tokens_round_trip_through_scattered_pages_and_blocks():
 
 def test_writes_and_reads_split_at_every_break_in_a_table_and_touch_no_other_page():
     kv = _paged(12)
+    kv.pool.kv.zero_()  # never-handed-out pages hold whatever was there: NaN != NaN
     seq = _seq(list(range(24)))
     seq.pages = [kv.pool.allocate() for _ in range(8)][2:]  # pages 3..8
     seq.pages = [seq.pages[3], seq.pages[4], seq.pages[0], seq.pages[1], seq.pages[2],

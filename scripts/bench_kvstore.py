@@ -47,7 +47,7 @@ from kvstore.redis_tier import RedisTier  # noqa: E402
 from kvstore.tiered import TieredStore  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
-SHAPE = (30, 2, 3, 64)  # SmolLM2-135M: 30 layers, K/V, 3 KV heads, (tokens,) head_dim 64
+SHAPE = (30, 2, 3, 64)  # SmolLM2-135M's block less its token axis: layers, K/V, KV heads, head_dim
 MB = 1e6
 MEMCPY = "memcpy: torch copy_, 1 thread"
 REDIS_BENCHMARK = "redis-benchmark -c 1"

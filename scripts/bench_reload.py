@@ -33,7 +33,7 @@ from kvstore import KeyNamespace, block_keys  # noqa: E402
 from kvstore.config import StoreConfig, build_store  # noqa: E402
 
 
-def timed_place(engine: Engine) -> dict[str, float]:
+def timers(engine: Engine) -> dict[str, float]:
     """Wrap the engine's import and forward with timers (seconds, summed per step)."""
     times: dict[str, float] = {"place": 0.0, "forward": 0.0}
 
@@ -55,7 +55,7 @@ def timed_place(engine: Engine) -> dict[str, float]:
 
 def reload_once(lm, folder: str, keys: list[str], ids: list[int], B: int) -> dict[str, float]:
     engine = Engine(lm, EngineConfig(block_size=B))
-    times = timed_place(engine)
+    times = timers(engine)
     start = time.perf_counter()
     blocks = build_store(StoreConfig(tiers="memory+disk", disk_path=folder)).get_many(
         keys, borrow=True)

@@ -16,7 +16,6 @@ failures are noticed within a test; every wait polls a condition under a deadlin
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from tests.redis_server import RedisServer, free_port
 
 READY_TIMEOUT_S = 30.0  # cluster gossip and sentinel discovery on a loaded 2-vCPU box
 POLL_S = 0.05
+SLOTS = 16384
 SERVICE = "tandem"
 
 
@@ -78,18 +78,47 @@ class RedisClusterServers(_Group):
         return self.start()
 
     def start(self) -> RedisClusterServers:
+        bus_ports = []
         for i in range(self.masters):
             node_dir = self.dir / f"node{i}"
+            bus_ports.append(free_port())  # the bus port, not data port + 10000 (may pass 65535)
             self._server(f"node{i}", [
                 "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
-                "--cluster-port", str(free_port()),  # the bus port, not data port + 10000
+                "--cluster-port", str(bus_ports[-1]),
                 "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no"])
-        cli = shutil.which("redis-cli") or str(Path(self.servers[0].binary).with_name("redis-cli"))
-        subprocess.run([cli, "--cluster", "create", *self.addresses, "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        for server in self.servers:
-            poll(lambda s=server: self._formed(s), READY_TIMEOUT_S, "cluster_state:ok")
+        self._assign_slots()
+        try:
+            poll(lambda: self._meet(bus_ports), READY_TIMEOUT_S, "every node to know every other")
+            for server in self.servers:
+                poll(lambda s=server: self._formed(s), READY_TIMEOUT_S, "cluster_state:ok")
+        except AssertionError as exc:
+            logs = "\n".join(f"--- node {s.port}\n{s.log_tail()}" for s in self.servers)
+            raise AssertionError(f"{exc}\n{logs}") from None
         return self
+
+    def _assign_slots(self) -> None:
+        """Contiguous equal ranges, one per master, each with its own config epoch (what
+        `redis-cli --cluster create` does, minus its unbounded wait for the join)."""
+        for i, server in enumerate(self.servers):
+            first, last = SLOTS * i // self.masters, SLOTS * (i + 1) // self.masters - 1
+            with server.client() as client:
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+
+    def _meet(self, bus_ports: list[int]) -> bool:
+        """True once node 0 is connected to all others; else (re)sends the missing MEETs.
+        Sent again because a handshake that outlives the 1 s node timeout on a loaded box is
+        dropped, and one MEET is all `redis-cli --cluster create` ever sends."""
+        with self.servers[0].client() as client:
+            nodes = client.execute_command("CLUSTER", "NODES").decode()
+            joined = {int(line.split()[1].split(":")[1].split("@")[0])
+                      for line in nodes.splitlines() if " connected" in line
+                      and "handshake" not in line.split()[2]}
+            missing = [(s.port, bus) for s, bus in zip(self.servers, bus_ports, strict=True)
+                       if s.port not in joined]
+            for port, bus in missing:
+                client.execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
+        return not missing
 
     def _formed(self, server: RedisServer) -> bool:
         with server.client() as client:

@@ -18,6 +18,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from engine.compiled_step import DecodeBatch
+
 _PREFIX = "tandem_"
 _MASKS = {"sdpa": sdpa_mask, "eager": eager_mask}
 
@@ -31,6 +33,8 @@ def _base_function(name: str, module: torch.nn.Module):
 
 def _wrap(base_name: str):
     def attention(module, query, key, value, attention_mask, tandem_plan=None, **kwargs):
+        if isinstance(tandem_plan, DecodeBatch):  # the compiled decode step's plan
+            return tandem_plan.attend(module, query, kwargs.get("scaling")), None
         base = _base_function(base_name, module)
         if tandem_plan is None or tandem_plan.written != module.layer_idx:
             # Not a forward over the engine's cache (generate(), or a model that bypassed

@@ -39,6 +39,9 @@ class EngineConfig:
     # where the copy is a DMA that overlaps; on CPU the load is itself CPU work competing with
     # the forward's threads, measured slower (docs/BENCHMARKS.md, "Context beyond the budget").
     cold_prefetch: bool | None = None
+    # Decode-only steps through torch.compile (engine/compiled_step.py): faster at small
+    # batches, not bit-exact (vLLM's top-5 rule, docs/BENCHMARKS.md); compiled as the engine starts.
+    compile_decode: bool = False
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ there are no locks. Sequence state is counters (see engine/sequence.py).
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -83,7 +84,12 @@ class Engine:
         self.cold = None if cold_tier is None else ColdKV(
             cold_tier, self.pool, self._window_pages(), prefetch, segment)
         self._kv = PagedKV(self.pool, self._chain_root, config.prefix_caching, self.cold)
-        self._fwd = Forward(loaded.model, self.pool, self.max_model_len, self.cold)
+        self._fwd = Forward(loaded.model, self.pool, self.max_model_len, self.cold,
+                            config.compile_decode)
+        if self._fwd.compiled is not None:
+            start = time.monotonic()
+            self._fwd.compiled.warm_up()
+            log.info("compiled the decode step in %.0f s", time.monotonic() - start)
         self._seqs: dict[str, Sequence] = {}
         self._done: list[Sequence] = []  # emitted their last event this step
         # Dropped by a failure of their own (see _fail), until take_failed() reports them.

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from engine.attention import use_step_attention
 from engine.cold_kv import ColdKV
 from engine.cold_stream import ColdStream
+from engine.compiled_step import CompiledDecode
 from engine.kv_quant import rotation
 from engine.page_pool import PagePool
 from engine.step_plan import Chunk, StepPlan, Workspace
@@ -94,7 +95,7 @@ class Forward:
     """Runs the model over the page pool. Returns float32 logits."""
 
     def __init__(self, model: torch.nn.Module, pool: PagePool, max_len: int,
-                 cold: ColdKV | None = None):
+                 cold: ColdKV | None = None, compile_decode: bool = False):
         self.model = model
         self.pool = pool
         self.cold = cold
@@ -110,6 +111,10 @@ class Forward:
         # transformers takes a 4D mask as prepared and skips building its own; attention
         # reads the plan's masks instead, so this one is never looked at.
         self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=pool.kv.device)
+        # Decode-only steps through torch.compile (engine/compiled_step.py). Prefill always
+        # runs eager first, so the seam check below has vetted the model before any of them.
+        self.compiled = None if not compile_decode else CompiledDecode(
+            model, pool, self.cache_kwarg, self.cache.layers, self._no_mask)
 
     def step(self, decode_ids: list[int], positions: list[int], tables: list[list[int]],
              chunks: list[Chunk], shifts: list[int] | None = None,
@@ -119,6 +124,9 @@ class Forward:
         colds[i], holds shifts[i] tokens; rows longest first) and every prompt chunk. Every page
         written must be in its table already. Returns logits [n + sum(chunk.keep), V]: the
         decode rows', then each chunk's last `keep` positions', in order."""
+        if (self.compiled is not None and not chunks
+                and CompiledDecode.takes(shifts, colds, self.pool)):
+            return self.compiled.step(decode_ids, positions, tables)
         dev = self.pool.kv.device
         shifts = shifts or [0] * len(positions)
         rows = [(t, p - s) for t, p, s in zip(tables, positions, shifts, strict=True)]

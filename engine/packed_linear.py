@@ -45,7 +45,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > PACK_MAX_ROWS * self.in_features:
+        # Dynamo cannot trace the opaque packed tensor; inductor packs weights its own way.
+        if torch.compiler.is_compiling() or x.numel() > PACK_MAX_ROWS * self.in_features:
             return nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 

@@ -1,13 +1,14 @@
 """Quantized serving speed against llama.cpp on the same GGUF (issue 19), in one run.
 
     .venv/bin/python scripts/bench_quant_serving.py [--rounds 2] [--dtypes bfloat16,float32]
-        [--out quant_serving.json]
+        [--quants none,int8,int4,int4+compile] [--out quant_serving.json]
 
 Targets, started one at a time (never two at once) on free loopback ports:
 
     llamacpp                 llama-cpp-python's server on the model's Q4_1 GGUF (--threads)
     tandem-DTYPE-QUANT       tandem serve --colocated --dtype DTYPE --quantization QUANT,
-                             QUANT in none, int8, int4, for each of --dtypes
+                             QUANT in --quants (none, int8, int4), for each of --dtypes;
+                             QUANT+compile adds --compile-decode (engine/compiled_step.py)
 
 Each target is warmed up, then driven by `tandem bench`'s own runner and client (chat,
 streaming, temperature 0, --max-tokens answers) at concurrency 1 and 16. The prompts ask for
@@ -135,9 +136,11 @@ def make_server(name: str, workdir: Path, args: argparse.Namespace, rnd: int) ->
         return llamacpp_serve(name, workdir, gguf_source(resolve_model(DEFAULT_MODEL)),
                               threads=args.threads, python=args.llamacpp_python)
     _, dtype, quant = name.split("-")
+    quant, _, compiled = quant.partition("+")
     # A fresh KV folder each time: no target may find another's (or an earlier round's) blocks.
     return tandem_serve(name, workdir, workdir / f"{name}-r{rnd}-kv", "--colocated",
-                        "--quantization", quant, dtype=dtype)
+                        "--quantization", quant, *(["--compile-decode"] if compiled else []),
+                        dtype=dtype)
 
 
 def run_target(name: str, workdir: Path, args: argparse.Namespace, rnd: int) -> dict:
@@ -186,17 +189,17 @@ def table(targets: list[str], results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def ratios(dtypes: list[str], results: dict[str, list[dict]]) -> list[str]:
+def ratios(targets: list[str], results: dict[str, list[dict]]) -> list[str]:
     def ratio(a: str, ka: str, b: str, kb: str) -> str:
-        x, y = _med(results[a], ka), _med(results[b], kb)
+        x, y = _med(results[a], ka), _med(results.get(b, []), kb)
         return "-" if x is None or not y else f"{x / y:.2f}x"
 
-    lines = ["| dtype | int4 c=1 / llama.cpp c=1 (goal >= 0.7) | "
+    lines = ["| tandem int4 target | int4 c=1 / llama.cpp c=1 (goal >= 0.7) | "
              "int4 c=16 / none c=16 (goal >= 1.5) | int4 c=16 / llama.cpp c=16 |",
              "|---|---|---|---|"]
-    for d in dtypes:
-        int4, none = f"tandem-{d}-int4", f"tandem-{d}-none"
-        lines.append(f"| {d} | {ratio(int4, 'decode_c1', LLAMACPP, 'decode_c1')} | "
+    for int4 in (t for t in targets if t.split("-")[-1].startswith("int4")):
+        none = int4.rsplit("-", 1)[0] + "-none"
+        lines.append(f"| {int4} | {ratio(int4, 'decode_c1', LLAMACPP, 'decode_c1')} | "
                      f"{ratio(int4, 'out_c16', none, 'out_c16')} | "
                      f"{ratio(int4, 'out_c16', LLAMACPP, 'out_c16')} |")
     return lines
@@ -216,7 +219,7 @@ def render(meta: dict, targets: list[str], results: dict[str, list[dict]]) -> st
               for i, r in enumerate(results[n]) if "error" in r]
     errors += [f"- {n}: token counts are streamed content chunks (usage: {', '.join(usage)})"
                for n in targets if (usage := _usage(results[n])) - {"server"}]
-    return "\n".join(head + table(targets, results) + [""] + ratios(meta["dtypes"], results)
+    return "\n".join(head + table(targets, results) + [""] + ratios(targets, results)
                      + ([""] + errors if errors else [])) + "\n"
 
 
@@ -224,6 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--rounds", type=int, default=2, help="rounds; odd ones reverse the order")
     p.add_argument("--dtypes", default="bfloat16", help="comma-separated tandem dtypes")
+    p.add_argument("--quants", default=",".join(QUANTS),
+                   help="comma-separated: none, int8, int4, each optionally +compile")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per answer")
     p.add_argument("--requests-c1", type=int, default=8, help="requests at concurrency 1")
     p.add_argument("--requests-c16", type=int, default=32, help="requests at concurrency 16")
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     dtypes = args.dtypes.split(",")
-    targets = [LLAMACPP] + [f"tandem-{d}-{q}" for d in dtypes for q in QUANTS]
+    targets = [LLAMACPP] + [f"tandem-{d}-{q}" for d in dtypes for q in args.quants.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-quant-serving-"))
     meta = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "model": DEFAULT_MODEL, "dtypes": dtypes, "rounds": args.rounds,

@@ -1,7 +1,7 @@
 """Batch-1 decode step time of the engine alone, at several context lengths.
 
     .venv/bin/python scripts/bench_step.py [--dtype bfloat16] [--quantization none]
-        [--contexts 300,1000,3000] [--steps 40] [--checkout DIR]
+        [--contexts 300,1000,3000] [--steps 40] [--rows 1] [--compile-decode] [--checkout DIR]
 
 For each context: a fresh engine, one sequence of that many prompt tokens, 10 warm-up decode
 steps, then the median wall time of --steps `engine.step()` calls. --checkout DIR imports the
@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--contexts", default="300,1000,3000")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rows", type=int, default=1, help="sequences decoding together")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="EngineConfig.compile_decode (engine/compiled_step.py)")
     ap.add_argument("--checkout", type=Path, default=Path(__file__).resolve().parents[1])
     args = ap.parse_args()
     sys.path.insert(0, str(args.checkout.resolve()))
@@ -52,11 +55,15 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.steps + 12, temperature=0.0, ignore_eos=True)
     cells = []
     for context in map(int, args.contexts.split(",")):
-        engine = Engine(lm, EngineConfig(max_slots=1))
-        ids = [100 + (i * 37) % 20000 for i in range(context)]
-        engine.add(SeqRequest("a", ids, len(ids), params))
+        compiled = {"compile_decode": True} if args.compile_decode else {}
+        engine = Engine(lm, EngineConfig(max_slots=args.rows, **compiled))
+        for row in range(args.rows):
+            ids = [100 + (i * 37 + row) % 20000 for i in range(context)]
+            engine.add(SeqRequest(f"r{row}", ids, len(ids), params))
         cells.append(f"{context}: {median_step_ms(engine, args.steps):.1f} ms")
-    print(f"{args.checkout.resolve().name} {args.dtype} {args.quantization}: " + ", ".join(cells),
+    mode = " compiled" if args.compile_decode else ""
+    print(f"{args.checkout.resolve().name} {args.dtype} {args.quantization}{mode}, "
+          f"{args.rows} rows: " + ", ".join(cells),
           flush=True)
 
 

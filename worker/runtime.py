@@ -194,6 +194,7 @@ def build_worker(settings: WorkerSettings, after_step=None) -> Worker:
         kv_window=settings.kv_window,
         kv_dtype=settings.kv_dtype,
         cold_prefetch=settings.cold_prefetch,
+        compile_decode=settings.compile_decode,
     )
     cold = None if not settings.cold_kv else StoreColdTier.under(
         settings.disk_cache_dir, settings.cold_memory_bytes, settings.cold_disk_bytes)

@@ -83,6 +83,11 @@ class WorkerSettings(StoreSettings):
         "groups of 32 (a GGUF's own Q4_1 blocks when the model is one); lossy, measured in "
         "docs/BENCHMARKS.md. The KV namespace includes it"
     )
+    compile_decode: bool = Field(
+        False, description="run decode-only steps through torch.compile: faster at small "
+        "batches, compiled as the worker starts (~1.5 min on 2 cores); not bit-exact (vLLM's "
+        "top-5 rule, measured in docs/BENCHMARKS.md)"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads for the forward (default: torch's, one "
         "per core; fewer leaves cores to the router and other workers on a shared host)"

@@ -1,7 +1,7 @@
 """Greedy agreement of the engine with HF generate() at one dtype, by vLLM's top-5 rule.
 
     .venv/bin/python scripts/bench_top5.py [--dtype bfloat16] [--tokens 64] [--batch 16]
-        [--prompts 50]
+        [--prompts 50] [--quantization none] [--compile-decode]
 
 On bench_kv_quant's 50 chat prompts, --tokens greedy tokens each (ignore_eos), the engine runs
 every prompt alone (batch 1) and then --batch at a time, against transformers' own generate()
@@ -15,7 +15,8 @@ engine run it prints:
 
 In fp32 "same text" must be 100% at batch 1 (the parity tests hold the engine to that); in
 bf16 the engine's kernels differ from generate()'s (docs/ARCHITECTURE.md), and the rule is
-what it keeps.
+what it keeps. --compile-decode adds the same two rows for the compiled decode step
+(engine/compiled_step.py) against the same references.
 """
 
 from __future__ import annotations
@@ -49,10 +50,11 @@ def reference(lm, ids: list[int], n: int) -> tuple[list[int], list[set[int]]]:
     return out.sequences[0, len(ids):].tolist(), tops
 
 
-def engine_runs(lm, ids: list[list[int]], n: int, batch: int
+def engine_runs(lm, ids: list[list[int]], n: int, batch: int, compiled: bool = False
                 ) -> list[tuple[list[int], list[set[int]]]]:
     """The engine's greedy tokens and top-5 ids per step, `batch` prompts at a time."""
-    engine = Engine(lm, EngineConfig(max_slots=batch, prefix_caching=False))
+    engine = Engine(lm, EngineConfig(max_slots=batch, prefix_caching=False,
+                                     compile_decode=compiled))
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=TOP)
     out: dict[str, tuple[list[int], list[set[int]]]] = {}
     for lo in range(0, len(ids), batch):
@@ -86,17 +88,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=50, help="the first N of the fixed 50")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8", "int4"])
+    ap.add_argument("--compile-decode", action="store_true")
     args = ap.parse_args()
-    lm = load_model(resolve_model(DEFAULT_MODEL), dtype=args.dtype, device="cpu")
+    lm = load_model(resolve_model(DEFAULT_MODEL), dtype=args.dtype, device="cpu",
+                    quantization=args.quantization)
     ids = prompts(lm)[: args.prompts]
     refs = [reference(lm, p, args.tokens) for p in ids]
-    print(f"{DEFAULT_MODEL}, {args.dtype}, torch {torch.__version__} ({', '.join(cpu_flags())});"
-          f" {len(ids)} prompts x {args.tokens} tokens against generate()")
+    print(f"{DEFAULT_MODEL}, {args.dtype}, {args.quantization} weights, torch "
+          f"{torch.__version__} ({', '.join(cpu_flags())}); {len(ids)} prompts x "
+          f"{args.tokens} tokens against generate()")
     print("| engine | same text | leading | top-5 kept |")
     print("|---|---:|---:|---:|")
-    for batch in (1, args.batch):
-        same, lead, kept = compare(engine_runs(lm, ids, args.tokens, batch), refs)
-        print(f"| batch {batch} | {same:.0%} | {lead:.1%} | {kept:.0%} |", flush=True)
+    for compiled in (False, True) if args.compile_decode else (False,):
+        for batch in (1, args.batch):
+            runs = engine_runs(lm, ids, args.tokens, batch, compiled)
+            same, lead, kept = compare(runs, refs)
+            name = f"batch {batch}{', compiled' if compiled else ''}"
+            print(f"| {name} | {same:.0%} | {lead:.1%} | {kept:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

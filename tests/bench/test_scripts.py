@@ -29,7 +29,7 @@ def test_bench_engine_repeats(tmp_path):
 def test_bench_step_times_every_context():
     out = run_script("scripts/bench_step.py", "--dtype", "float32", "--contexts", "8,40",
                      "--steps", "2")
-    assert "float32 none: 8: " in out and ", 40: " in out
+    assert "float32 none, 1 rows: 8: " in out and ", 40: " in out
 
 
 def test_bench_reload_loads_the_shared_blocks_and_computes_the_rest():

@@ -1,13 +1,14 @@
-"""Batch-1 decode step time of the engine alone, at several context lengths.
+"""Decode step time of the engine alone (batch 1 unless --rows), at several context lengths.
 
     .venv/bin/python scripts/bench_step.py [--dtype bfloat16] [--quantization none]
         [--contexts 300,1000,3000] [--steps 40] [--rows 1] [--compile-decode] [--checkout DIR]
 
-For each context: a fresh engine, one sequence of that many prompt tokens, 10 warm-up decode
+For each context: a fresh engine, --rows sequences of that many prompt tokens, 10 warm-up decode
 steps, then the median wall time of --steps `engine.step()` calls. --checkout DIR imports the
 engine from another checkout of tandem (`git worktree add DIR REV`), so a before/after pair is
 two runs of this script on one machine, alternated; a checkout older than --quantization
-(before issue 19) takes the default.
+(before issue 19) takes the default. --compile-decode: EngineConfig.compile_decode (its compile
+runs once, as the first engine starts; not timed).
 """
 
 from __future__ import annotations

@@ -83,8 +83,9 @@ def run_wave(stack: Stack, body: dict, n: int, started=None) -> list[str]:
         return list(pool.map(one, range(n)))
 
 
-def complete(stack: Stack, body: dict) -> httpx.Response:
-    return httpx.post(f"{stack.url}/v1/completions", json={"model": MODEL, **body}, timeout=180)
+def complete(stack: Stack, body: dict, timeout_s: float = 180) -> httpx.Response:
+    return httpx.post(f"{stack.url}/v1/completions", json={"model": MODEL, **body},
+                      timeout=timeout_s)
 
 
 def health(url: str) -> dict:

@@ -28,11 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from engine.page_pool import NULL_PAGE, PagePool
-from engine.step_plan import decode_mask
+from engine.page_pool import PagePool
+from engine.step_plan import decode_attention, decode_mask, page_table
 
 
 @torch.library.custom_op("tandem::write_kv", mutates_args={"kv"})
@@ -66,30 +66,23 @@ class DecodeBatch:
         # At least 2: Dynamo specialises a dim of size 1, so a 1-page context would compile
         # graphs of its own; the null page pads (masked).
         pages = max(2, -(-(max(positions) + 1) // P))
-        ids = [[t[i] if i < len(t) else NULL_PAGE for i in range(pages)] for t in tables]
-        batch = cls(
-            pool.kv,
-            torch.tensor([t[p // P] * P + p % P for t, p in zip(tables, positions, strict=True)],
-                         device=dev),
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            decode_mask([p + 1 for p in positions], pages * P, pool.layout.dtype, dev))
-        for t, dim in ((batch.table, 1), (batch.mask, 3)):  # the context grows every step
-            torch._dynamo.maybe_mark_dynamic(t, dim)
-        return batch
+        slots = [t[p // P] * P + p % P for t, p in zip(tables, positions, strict=True)]
+        return cls(pool.kv, torch.tensor(slots, device=dev),
+                   page_table(tables, pages, dev).view(len(tables), pages),
+                   decode_mask([p + 1 for p in positions], pages * P, pool.layout.dtype, dev))
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, scaling: float | None
                ) -> torch.Tensor:
-        """[1, n, Hq, D] for the step's queries [1, Hq, n, D]: each row over its pages, the
-        Hq / H query heads of a key head packed as its rows (engine/step_plan.py,
-        `_decode_attention`, says why)."""
+        """[1, n, Hq, D] for the step's queries [1, Hq, n, D], each row over its pages: the
+        eager engine's packed decode attention (engine/step_plan.py) over one padded group."""
         kv = self.kv[module.layer_idx]  # [2, N, P, H, D]
         n, pages = self.table.shape
         _, _, P, H, D = kv.shape
         k, v = (kv[i][self.table].reshape(n, pages * P, H, D).transpose(1, 2) for i in (0, 1))
-        Hq = query.shape[1]
-        q = query[0].transpose(0, 1).reshape(n, H, Hq // H, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scaling)
-        return out.reshape(1, n, Hq, D)
+        q = query[0].transpose(0, 1).unsqueeze(2)  # [n, Hq, 1, D]
+        out = decode_attention(sdpa_attention_forward, module, q, k, v, self.mask,
+                               {"scaling": scaling})  # [n, 1, Hq, D]
+        return out.transpose(0, 1)
 
 
 class _BatchCache(Cache):

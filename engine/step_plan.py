@@ -270,7 +270,7 @@ class StepPlan:
         pooled = self._rotate(query)  # what attends over keys read from the pool
         if self.n == 1 and not self.chunks and self.stream is None:  # [1, Hq, 1, D] as is
             k, v = self._read(self.groups[0].keys, query.dtype)
-            out = _decode_attention(base, module, pooled, k, v, None, kwargs)  # [1, 1, Hq, D]
+            out = decode_attention(base, module, pooled, k, v, None, kwargs)  # [1, 1, Hq, D]
             return self._rotate(out)
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
         outs = []
@@ -281,7 +281,7 @@ class StepPlan:
                 out = attend_with_cold(self.stream, g.cold, q, [attend_part(q, k, v, scale)],
                                        scale)
             else:
-                out = _decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1)
+                out = decode_attention(base, module, q, k, v, g.mask, kwargs).transpose(0, 1)
             outs.append(self._rotate(out))
         for c, off, mask, keys in zip(self.chunks, self.offsets, self.masks, self.keys,
                                       strict=True):
@@ -314,7 +314,7 @@ def _decode_group(rows: list[tuple[list[int], int]], lengths: list[int], lo: int
                        decode_mask(lengths, pages * P, dtype, device))
 
 
-def _decode_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def decode_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
     """[g, 1, Hq, D] for decode queries q [g, Hq, 1, D] over k, v [g, H, width, D].
 

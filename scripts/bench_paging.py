@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.step_plan import (  # noqa: E402
     Keys,
     Workspace,
-    _decode_attention,
+    decode_attention,
     decode_mask,
 )
 from scripts.serving_targets import cpu_flags  # noqa: E402
@@ -74,7 +74,7 @@ def dense(c: dict) -> torch.Tensor:
 
 def _paged(c: dict, keys: Keys) -> torch.Tensor:
     k, v = keys.read(c["kv"], c["ws"])
-    return _decode_attention(sdpa_attention_forward, _Attn(), c["q"], k, v, c["mask"],
+    return decode_attention(sdpa_attention_forward, _Attn(), c["q"], k, v, c["mask"],
                              {"scaling": D ** -0.5})
 
 

@@ -17,8 +17,8 @@ from engine.step_plan import (
     Keys,
     StepPlan,
     Workspace,
-    _decode_attention,
     chunk_mask,
+    decode_attention,
     decode_mask,
     group_rows,
 )
@@ -242,8 +242,8 @@ def test_decode_attention_keeps_generates_call_in_fp32_and_packs_query_heads_in_
     k, v = (torch.randn(1, 3, 40, 64, generator=g) for _ in range(2))  # [g, H, width, D]
     kw = {"scaling": 0.125}
     want, _ = sdpa_attention_forward(_GQA(), q, k, v, None, **kw)  # [1, 1, Hq, D]
-    assert torch.equal(_decode_attention(sdpa_attention_forward, _GQA(), q, k, v, None, kw), want)
+    assert torch.equal(decode_attention(sdpa_attention_forward, _GQA(), q, k, v, None, kw), want)
     bf = [x.bfloat16() for x in (q, k, v)]
-    got = _decode_attention(sdpa_attention_forward, _GQA(), *bf, None, kw)
+    got = decode_attention(sdpa_attention_forward, _GQA(), *bf, None, kw)
     assert got.shape == (1, 1, 9, 64) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)

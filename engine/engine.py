@@ -78,8 +78,10 @@ class Engine:
         self.grammars = Grammars(loaded.tokenizer, loaded.config.vocab_size, self.eos_token_ids)
         self._masks = GuideMasks(self.grammars.vocab_size, overlap=loaded.device.type == "cuda")
         prefetch, segment, reserve = self._stream_plan(cold_tier is not None)
+        # One longest prompt's pages are touched at start (see PagePool's docstring).
         self.pool = PagePool(self.layout, pool_pages(config, self.layout, loaded.device, reserve),
-                             config.page_size, loaded.device)
+                             config.page_size, loaded.device,
+                             prefault=-(-self.max_model_len // config.page_size))
         self._page_bytes = PagePool.page_bytes(self.layout, config.page_size)
         self.cold = None if cold_tier is None else ColdKV(
             cold_tier, self.pool, self._window_pages(), prefetch, segment)

@@ -22,6 +22,12 @@ The tensor is allocated with torch.empty and a page is zeroed when first handed 
 pool costs resident memory only as far as it has been used. Zeroing matters: attention masks
 stale positions to weight 0, and 0 * NaN from uninitialised memory would poison the whole row.
 Page 0 is the null page: zeros, never handed out, it pads gathers.
+
+`prefault` pages are zeroed up front instead, at construction: the first touch of fresh memory
+is the slow part of handing out a page on a CPU (a VM faults it in at ~1 ms per MB, several
+times that while another process holds most of the host's memory; docs/BENCHMARKS.md, "Store
+block size and the after-restart TTFT"), and the first prompt after a restart, whose prefix is
+imported from the store, should not pay it on its TTFT.
 """
 
 from __future__ import annotations
@@ -38,14 +44,17 @@ class PagePool:
     """Owns the page tensor and each page's refcount and digest. Not thread-safe (the engine's
     thread only), except `lookup`, a lock-free read another thread may do (see there)."""
 
-    def __init__(self, layout: KVLayout, num_pages: int, page_size: int, device: torch.device):
+    def __init__(self, layout: KVLayout, num_pages: int, page_size: int, device: torch.device,
+                 prefault: int = 0):
         assert num_pages >= 2, num_pages
         self.layout = layout
         self.page_size = page_size
         shape = (layout.num_layers, 2, num_pages, page_size, layout.num_kv_heads,
                  layout.row)
         self.kv = torch.empty(shape, dtype=layout.store_dtype, device=device)
-        self.kv[:, :, NULL_PAGE].zero_()
+        # Pages [0, _zeroed) are zero until handed out: the null page and the prefaulted ones.
+        self._zeroed = min(1 + max(prefault, 0), num_pages)
+        self.kv[:, :, : self._zeroed].zero_()
         self.ref = [0] * num_pages
         self.digest: list[bytes | None] = [None] * num_pages
         # Free pages by kind; dicts keep insertion order, so the first key is the oldest free.
@@ -95,7 +104,8 @@ class PagePool:
             del self._plain[page]
         elif self._fresh < len(self.ref):
             page, self._fresh = self._fresh, self._fresh + 1
-            self.kv[:, :, page].zero_()
+            if page >= self._zeroed:
+                self.kv[:, :, page].zero_()
         elif self._cached:
             page = next(iter(self._cached))
             del self._cached[page], self._by_digest[self.digest[page]]

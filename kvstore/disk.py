@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import secrets
 import stat
@@ -60,10 +61,30 @@ RESCAN_FRACTION = 16
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
+def map_file(fd: int) -> memoryview:
+    """The file's bytes, mapped copy-on-write rather than read into a new buffer.
+
+    A read costs fresh memory for every byte (a VM faults it in at ~1 ms per MB, and far more
+    while other processes hold most of the host's memory: docs/BENCHMARKS.md, "Store block
+    size and the after-restart TTFT"); a private mapping of a file in the page cache only maps
+    the cached pages, 16 per fault. It is writable (decode may view it, as it viewed a read
+    buffer) and a write copies just that page. Safe because a block's file is never truncated
+    or rewritten in place: writers rename a new file over it (a shorter file under a live
+    mapping would fault the process with SIGBUS) and eviction unlinks it, which a mapping
+    outlives. Callers must not keep a mapping per block for long (TieredStore copies one it
+    promotes into memory): a process has ~65k mappings (vm.max_map_count).
+    """
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return memoryview(bytearray())  # the codec reports it as corrupt
+    return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
+
+
 class DiskTier:
     name = "disk"
     verify = True
     retains = False
+    maps = True
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, breaker: Breaker,
                  rescan_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -202,12 +223,11 @@ class DiskTier:
         self.breaker.succeeded()
         return out
 
-    def _read(self, key: str) -> bytearray | None:
+    def _read(self, key: str) -> memoryview | None:
         path = self._file(key)
         try:
             with open(path, "rb", buffering=0) as f:
-                buf = bytearray(os.fstat(f.fileno()).st_size)
-                n = f.readinto(buf)
+                buf = map_file(f.fileno())
         except FileNotFoundError:
             self._forget(key)
             return None
@@ -215,8 +235,8 @@ class DiskTier:
         # FileNotFoundError: evicted by another process since; the bytes we hold are whole.
         with contextlib.suppress(FileNotFoundError):
             os.utime(path, ns=(stamp, stamp))
-        self._unlink(self._note(key, len(buf)))
-        return buf if n == len(buf) else buf[:n]  # short: the codec reports it as corrupt
+        self._unlink(self._note(key, buf.nbytes))
+        return buf
 
     def put_many(self, blobs: dict[str, Blob], ttl_s: float | None = None) -> int:
         """ttl_s is not used here: a blob's expiry is in its header and checked on decode."""

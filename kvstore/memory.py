@@ -28,6 +28,7 @@ class MemoryTier:
     name = "memory"
     verify = False
     retains = True
+    maps = False
 
     def __init__(self, capacity_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.capacity_bytes = capacity_bytes

@@ -65,6 +65,7 @@ class RedisTier:
     name = "redis"
     verify = True
     retains = False
+    maps = False
 
     def __init__(self, url: str, breaker: Breaker, ttl_s: float = 3600.0,
                  timeout_s: float = 0.5, window: int = 4, cluster_id: str = "default") -> None:

@@ -16,6 +16,7 @@ class Tier(Protocol):
     name: str      # "memory" | "disk" | "redis": the label in stats and metrics
     verify: bool   # blobs read back must have their checksum verified (they left the process)
     retains: bool  # get_many returns the stored buffer itself: decode must copy
+    maps: bool     # get_many's blobs map files (disk.map_file): never retained as they are
 
     @property
     def up(self) -> bool: ...

@@ -88,32 +88,40 @@ class TieredStore:
                 found[i] = hit
         return found.index(False) if False in found else len(found)
 
-    def get_many(self, keys: Sequence[str], borrow: bool = False) -> list[torch.Tensor | None]:
+    def get_many(self, keys: Sequence[str], borrow: bool = False,
+                 retain: bool = True) -> list[torch.Tensor | None]:
         """The block per key (a tensor the caller owns), None where no tier has a good copy.
 
         borrow=True: the caller only reads the tensors and drops them soon (the engine copies
         them into its cache), so a memory-tier hit may view the tier's buffer instead of
         copying it: one memcpy of the whole prefix less per request.
+        retain=False: a hit from a lower tier is not promoted into the memory tier, because the
+        caller keeps it (the engine's pool, whose prefix cache finds it again). On a CPU worker
+        that copy would be a second one in the same RAM, made on the request's TTFT path, in
+        fresh memory (docs/BENCHMARKS.md, "Store block size and the after-restart TTFT").
+        Promotion into other tiers (a Redis hit into the disk tier) still happens.
         """
         out: list[torch.Tensor | None] = [None] * len(keys)
         missing = list(range(len(keys)))
         for depth, tier in enumerate(self.tiers):
             if not missing:
                 break
-            missing = self._read_tier(depth, tier, keys, missing, out, borrow)
+            upper = [t for t in self.tiers[:depth] if retain or not t.retains]
+            missing = self._read_tier(tier, upper, keys, missing, out, borrow)
         with self._lock:
             self._blocks_hit += len(keys) - len(missing)
             self._blocks_missed += len(missing)
         return out
 
-    def _read_tier(self, depth: int, tier: Tier, keys: Sequence[str], missing: list[int],
-                   out: list[torch.Tensor | None], borrow: bool) -> list[int]:
-        """Fill `out` from one tier; returns the indices still missing."""
+    def _read_tier(self, tier: Tier, upper: Sequence[Tier], keys: Sequence[str],
+                   missing: list[int], out: list[torch.Tensor | None], borrow: bool
+                   ) -> list[int]:
+        """Fill `out` from one tier, promoting its hits into `upper`; returns the indices
+        still missing."""
         want = [keys[i] for i in missing]
         start = time.perf_counter()
         blobs = self._safe(tier, lambda: tier.get_many(want), [None] * len(want))
         seconds = time.perf_counter() - start
-        upper = self.tiers[:depth]
         # The returned tensor must not alias a buffer a tier keeps (memory, or a promotion).
         copy = not borrow and (tier.retains or any(t.retains for t in upper))
         still, promote, nbytes = [], {}, 0
@@ -127,7 +135,7 @@ class TieredStore:
             promote[keys[i]] = blob
         self._record_get(tier.name, seconds, nbytes, len(missing) - len(still), len(still))
         if upper and promote:
-            self._promote(upper, promote)
+            self._promote(upper, promote, mapped=tier.maps)
         return still
 
     def _decode(self, tier: Tier, key: str, blob: Blob, copy: bool) -> torch.Tensor | None:
@@ -146,8 +154,9 @@ class TieredStore:
         self._safe(tier, lambda: tier.delete([key]), None)  # clean up for every reader
         return None
 
-    def _promote(self, upper: Sequence[Tier], blobs: dict[str, Blob]) -> None:
-        """Copy hit blobs into the faster tiers, keeping what is left of their TTL."""
+    def _promote(self, upper: Sequence[Tier], blobs: dict[str, Blob], mapped: bool) -> None:
+        """Copy hit blobs into the faster tiers, keeping what is left of their TTL. A tier
+        that retains blobs gets its own copy of mapped ones (disk.map_file: not kept)."""
         now = time.time()
         groups: dict[float | None, dict[str, Blob]] = {}
         for key, blob in blobs.items():
@@ -156,6 +165,8 @@ class TieredStore:
             groups.setdefault(ttl, {})[key] = blob
         for tier in upper:
             for ttl, group in groups.items():
+                if mapped and tier.retains:
+                    group = {key: bytearray(blob) for key, blob in group.items()}
                 self._write_tier(tier, group, ttl)
 
     # --- writes ------------------------------------------------------------------------------

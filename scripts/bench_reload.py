@@ -58,7 +58,7 @@ def reload_once(lm, folder: str, keys: list[str], ids: list[int], B: int) -> dic
     times = timers(engine)
     start = time.perf_counter()
     blocks = build_store(StoreConfig(tiers="memory+disk", disk_path=folder)).get_many(
-        keys, borrow=True)
+        keys, borrow=True, retain=False)  # as worker/sequence.py's load_prefix
     times["load"] = time.perf_counter() - start
     assert all(b is not None for b in blocks), "a block is missing from the disk tier"
     engine.add(SeqRequest("b", ids, len(ids), SamplingParams(max_tokens=1, temperature=0.0),

@@ -174,14 +174,15 @@ def load_prefix(
     keys = keys[: store.lookup_prefix(keys)]
     skip = min(resident // B, limit // B, len(keys))
     blocks = []
-    for t in store.get_many(keys[skip:], borrow=True) if keys[skip:] else []:
+    # retain=False: the engine's pool keeps what it loads (TieredStore.get_many)
+    for t in store.get_many(keys[skip:], borrow=True, retain=False) if keys[skip:] else []:
         if not _fits(worker, t, full=True):
             break
         blocks.append(t)
     length = (skip + len(blocks)) * B
     tail = None
     if tail_key and tail_start == length and length < limit:
-        tail = store.get_many([tail_key], borrow=True)[0]
+        tail = store.get_many([tail_key], borrow=True, retain=False)[0]
         tail = tail if _fits(worker, tail, full=False) else None
         length += 0 if tail is None else tail.shape[3]
     loaded = blocks + ([tail] if tail is not None else [])

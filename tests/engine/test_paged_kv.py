@@ -55,6 +55,19 @@ def test_pages_are_zeroed_on_first_use_and_the_null_page_is_never_handed_out():
     assert not torch.isnan(pool.kv[:, :, pages]).any()
 
 
+def test_prefaulted_pages_are_zeroed_at_start_and_later_fresh_ones_on_first_use():
+    pool = PagePool(LAYOUT, 6, P, torch.device("cpu"), prefault=2)
+    assert torch.count_nonzero(pool.kv[:, :, :3]) == 0  # the null page and pages 1, 2
+    pool.kv[:, :, 3:].fill_(float("nan"))  # not prefaulted: still uninitialised memory
+    pool.kv[:, :, 1, 0, 0, 0] = 5.0  # a prefaulted page is not zeroed again when handed out
+    pages = [pool.allocate() for _ in range(5)]
+    assert pages == [1, 2, 3, 4, 5]
+    assert pool.kv[0, 0, 1, 0, 0, 0] == 5.0
+    assert not torch.isnan(pool.kv).any()
+    small = PagePool(LAYOUT, 3, P, torch.device("cpu"), prefault=99)  # capped at the pool
+    assert torch.count_nonzero(small.kv) == 0 and small.num_free == 2
+
+
 def test_eviction_takes_plain_then_fresh_then_the_oldest_cached_page():
     pool = _pool(5)  # pages 1..4
     a, b, c = pool.allocate(), pool.allocate(), pool.allocate()

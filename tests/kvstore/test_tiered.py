@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 import torch
 
@@ -96,6 +98,31 @@ def test_borrowed_memory_hits_view_the_tier_without_a_copy(disk_dir):
     assert a.data_ptr() == b.data_ptr()  # both view the memory tier's one buffer
     owned = store.get_many(["k"])[0]
     assert owned.data_ptr() != a.data_ptr() and bit_equal(owned, a)
+
+
+def test_a_load_the_caller_keeps_is_promoted_into_disk_but_not_into_memory(disk_dir, redis_url):
+    blocks = make_blocks(3)
+    keys = list(blocks)
+    TieredStore([disk_tier(disk_dir)]).put_many({k: blocks[k] for k in keys[:2]})
+    TieredStore([redis_tier(redis_url)]).put_many({keys[2]: blocks[keys[2]]})
+    store = _three_tier(disk_dir, redis_url)  # a new process: empty memory
+    assert all_bit_equal(store.get_many(keys, borrow=True, retain=False), blocks)
+    assert store.tiers[0].keys_lru() == []  # the engine's pool keeps them, not the memory tier
+    assert (disk_dir / f"{keys[2]}.kv").exists()  # a Redis hit still lands on the local disk
+
+
+def test_disk_hits_map_their_file_and_memory_keeps_its_own_copy(disk_dir):
+    key, other = "k", make_block(seed=8)
+    memory, disk = MemoryTier(1 << 30), disk_tier(disk_dir)
+    TieredStore([disk]).put_many({key: make_block(seed=7)})
+    borrowed = TieredStore([memory, disk]).get_many([key], borrow=True)[0]
+    kept = memory.get_many([key])[0]
+    assert not isinstance(memoryview(kept).obj, mmap.mmap)  # promoted as a copy, not the map
+    TieredStore([disk]).put_many({key: other})  # the file replaced under the mapping
+    assert bit_equal(borrowed, make_block(seed=7))
+    borrowed.zero_()  # a private mapping: the write stays in this process
+    assert bit_equal(TieredStore([disk_tier(disk_dir)]).get_many([key])[0], other)
+    assert bit_equal(TieredStore([memory]).get_many([key])[0], make_block(seed=7))
 
 
 def test_tail_keys_get_the_tail_ttl(disk_dir, redis_url):

@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.attention import use_step_attention
+from engine.batched_linear import BATCHED_ROWS, batch_scope
 from engine.cold_kv import ColdKV
 from engine.cold_stream import ColdStream
 from engine.compiled_step import CompiledDecode
@@ -115,6 +116,7 @@ class Forward:
         # runs eager first, so the seam check below has vetted the model before any of them.
         self.compiled = None if not compile_decode else CompiledDecode(
             model, pool, self.cache_kwarg, self.cache.layers, self._no_mask)
+        self.batch_scope = batch_scope(model)  # engine/batched_linear.py
 
     def step(self, decode_ids: list[int], positions: list[int], tables: list[list[int]],
              chunks: list[Chunk], shifts: list[int] | None = None,
@@ -138,7 +140,12 @@ class Forward:
         items = plan.cold_items()
         if items:
             plan.stream = ColdStream(self.cold, items, self.pool.layout.num_layers, dev)
+        batched = (self.batch_scope is not None and not chunks
+                   and len(decode_ids) in BATCHED_ROWS)
         try:
+            if batched:
+                with self.batch_scope.batched():
+                    return self._run(plan, ids, pos, keep)
             return self._run(plan, ids, pos, keep)
         finally:
             if plan.stream is not None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from engine.batched_linear import can_transpose, transpose_linears
 from engine.derived import build_once, derive
 from engine.device import dtype_name, pick_device, resolve_dtype
 from engine.packed_linear import can_pack, pack_linears
@@ -150,6 +151,9 @@ def load_model(
     fp = fingerprint(model, torch_dtype, quantization)
     if can_pack(torch_dtype, dev):
         log.info("packed %d bf16 Linear weights for oneDNN", pack_linears(model))
+    elif can_transpose(torch_dtype, dev):
+        log.info("transposed %d fp32 Linear weights for batched decode",
+                 transpose_linears(model))
     log.info("loaded %s (%s, %s) from %s", spec.name, dtype_name(torch_dtype), dev, folder)
     return LoadedModel(
         name=spec.name,

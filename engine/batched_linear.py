@@ -9,11 +9,12 @@ mean per call; docs/BENCHMARKS.md, "Batched fp32 decode against a transposed wei
     [16, 576] x [576, 49152]   23.0 -> 10.8 ms    (the lm_head)           (2 rows: no gain)
 
 The bits differ from F.linear's. F.linear's own rows already depend on how many rows it is
-given (row 0 of a batch is not bit-equal to row 0 alone, same CPU), so batched decode rows were
-never bit-identical to a batch-1 forward; a batch-1 decode step and every prefill keep F.linear,
-the calls generate() makes, so fp32 greedy stays equal to generate(). The copy is used only
-inside `BatchScope.batched()`, which engine/forward.py enters for a decode-only step of
-BATCHED_ROWS rows. Cost: +1x the Linear weights' memory (a non-persistent buffer: state_dict,
+given (row 0 of a batch is not bit-equal to row 0 alone, same CPU), so a forward of several
+sequences, or of a prompt's continuation over its cached prefix, was never bit-identical to any
+forward generate() makes. The forwards generate() does make, a lone decode row and a whole
+prompt from position 0, keep F.linear, so fp32 greedy stays equal to generate(); every other
+one runs inside `BatchScope.batched()` (engine/forward.py), where a layer given BATCHED_ROWS
+rows takes the copy. Cost: +1x the Linear weights' memory (a non-persistent buffer: state_dict,
 tied embeddings and the fingerprint see the original weight).
 """
 
@@ -26,12 +27,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-BATCHED_ROWS = range(4, 33)  # rows of a decode-only step that take the transposed copy
+BATCHED_ROWS = range(4, 33)  # rows of a product that take the transposed copy (measured)
 
 
 class BatchScope:
-    """Whether the forward running on this thread is a batched decode step. Per thread: two
-    engines may share one model, each on its own thread."""
+    """Whether the forward running on this thread may leave F.linear's bits (it is not one
+    generate() makes). Per thread: two engines may share one model, each on its own thread."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -50,7 +51,8 @@ class BatchScope:
 
 
 class BatchedLinear(nn.Module):
-    """F.linear, except inside scope.batched(): the same product against weight_t [in, out]."""
+    """F.linear, except inside scope.batched() for BATCHED_ROWS rows: the same product
+    against weight_t [in, out]."""
 
     def __init__(self, linear: nn.Linear, scope: BatchScope):
         super().__init__()
@@ -62,9 +64,10 @@ class BatchedLinear(nn.Module):
                              persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.scope.active or torch.compiler.is_compiling():
-            return nn.functional.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, self.in_features)
+        if (torch.compiler.is_compiling() or not self.scope.active
+                or x2.shape[0] not in BATCHED_ROWS):
+            return nn.functional.linear(x, self.weight, self.bias)
         y = x2 @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.attention import use_step_attention
-from engine.batched_linear import BATCHED_ROWS, batch_scope
+from engine.batched_linear import batch_scope
 from engine.cold_kv import ColdKV
 from engine.cold_stream import ColdStream
 from engine.compiled_step import CompiledDecode
@@ -92,6 +92,14 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     )
 
 
+def generate_twin(decode_ids: list[int], chunks: list[Chunk]) -> bool:
+    """Is this forward one generate() makes itself, with the same rows: a lone decode row, or
+    a whole prompt from position 0? Those keep F.linear's bits (engine/batched_linear.py)."""
+    if not chunks:
+        return len(decode_ids) == 1
+    return not decode_ids and len(chunks) == 1 and chunks[0].start == 0
+
+
 class Forward:
     """Runs the model over the page pool. Returns float32 logits."""
 
@@ -140,10 +148,8 @@ class Forward:
         items = plan.cold_items()
         if items:
             plan.stream = ColdStream(self.cold, items, self.pool.layout.num_layers, dev)
-        batched = (self.batch_scope is not None and not chunks
-                   and len(decode_ids) in BATCHED_ROWS)
         try:
-            if batched:
+            if self.batch_scope is not None and not generate_twin(decode_ids, chunks):
                 with self.batch_scope.batched():
                     return self._run(plan, ids, pos, keep)
             return self._run(plan, ids, pos, keep)

@@ -7,9 +7,10 @@ import threading
 import torch
 from torch import nn
 
-from engine.batched_linear import BATCHED_ROWS, batch_scope, transpose_linears
+from engine.batched_linear import batch_scope, transpose_linears
 from engine.engine import Engine, EngineConfig
-from engine.forward import Forward
+from engine.forward import Forward, generate_twin
+from engine.step_plan import Chunk
 from tests.engine.helpers import greedy, make_request, run
 
 
@@ -45,21 +46,37 @@ def test_the_scope_is_per_thread():
     assert torch.allclose(seen[0], x @ layer.weight.t() + layer.bias)  # the other thread
 
 
-def test_only_decode_only_steps_of_batched_rows_enter_the_scope(smollm_fp32, prompt_ids,
-                                                              monkeypatch):
-    rows_seen = []
+def test_generate_s_own_forwards_are_its_twins_and_nothing_else():
+    whole, later = Chunk([1], 0, [5, 6, 7]), Chunk([1], 3, [8, 9])
+    assert generate_twin([4], []) and generate_twin([], [whole])
+    assert not generate_twin([4, 5], [])  # several sequences
+    assert not generate_twin([], [later])  # a prompt's continuation over its cached prefix
+    assert not generate_twin([4], [whole]) and not generate_twin([], [whole, whole])
+
+
+def test_every_other_forward_runs_in_the_scope_and_keeps_generate_s_tokens(
+        smollm_fp32, prompt_ids, hf_refs_fp32, monkeypatch):
     scope = batch_scope(smollm_fp32.model)
     assert scope is not None  # the loader transposed the fp32 model's layers
-    original = Forward._run
+    twins, active = [], []
+    step, run_ = Forward.step, Forward._run
 
-    def spy(self, plan, ids, pos, keep):
-        rows_seen.append((len(ids), scope.active))
-        return original(self, plan, ids, pos, keep)
+    def spy_step(self, decode_ids, positions, tables, chunks, *args, **kwargs):
+        twins.append(generate_twin(decode_ids, chunks))
+        return step(self, decode_ids, positions, tables, chunks, *args, **kwargs)
 
-    monkeypatch.setattr(Forward, "_run", spy)
-    engine = Engine(smollm_fp32, EngineConfig(max_slots=8))
-    run(engine, [make_request(str(i), ids, greedy(4)) for i, ids in enumerate(prompt_ids[:5])])
-    decode_only = [(n, on) for n, on in rows_seen if n <= len(prompt_ids)]
-    assert (5, True) in decode_only  # five rows decoding together
-    assert all(on == (n in BATCHED_ROWS) for n, on in decode_only)
-    assert not any(on for n, on in rows_seen if n > 8)  # the prefill forward
+    def spy_run(self, *args):
+        active.append(scope.active)
+        return run_(self, *args)
+
+    monkeypatch.setattr(Forward, "step", spy_step)
+    monkeypatch.setattr(Forward, "_run", spy_run)
+    engine = Engine(smollm_fp32, EngineConfig(max_slots=8, prefill_chunk=24))
+    reqs = [make_request(str(i), ids, greedy(16)) for i, ids in enumerate(prompt_ids[:5])]
+    out = run(engine, reqs)
+    alone = run(Engine(smollm_fp32, EngineConfig()), [make_request("a", prompt_ids[0], greedy(4))])
+    assert active == [not t for t in twins] and any(active) and not all(active)
+    assert alone["a"].tokens == hf_refs_fp32[0][0][:4]
+    assert not scope.active  # left on the way out
+    for i, (ref, _, _) in enumerate(hf_refs_fp32[:5]):
+        assert out[str(i)].tokens == ref[:16], f"prompt {i}"

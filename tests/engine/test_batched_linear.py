@@ -28,7 +28,7 @@ def test_outside_a_batched_step_the_layers_compute_f_linear_bit_for_bit():
         got = model(x)
     assert got.shape == (3, 7, 32) and torch.allclose(got, ref(x), atol=1e-5)
     layer = model[0]
-    assert torch.equal(layer(x[0]), x[0] @ layer.weight.t() + layer.bias)  # plain again
+    assert torch.equal(layer(x[0]), nn.functional.linear(x[0], layer.weight, layer.bias))
     assert set(model.state_dict()) == set(ref.state_dict())  # the copy is not saved
 
 
@@ -43,6 +43,8 @@ def test_the_scope_is_per_thread():
         thread.start()
         thread.join()
         assert torch.equal(layer(x), layer.bias.expand(5, 96))
+        two = x[:2]  # below BATCHED_ROWS: F.linear even inside the scope
+        assert torch.equal(layer(two), nn.functional.linear(two, layer.weight, layer.bias))
     assert torch.allclose(seen[0], x @ layer.weight.t() + layer.bias)  # the other thread
 
 

@@ -25,9 +25,9 @@ def _reads(worker, monkeypatch) -> list[str]:
     seen: list[str] = []
     get_many = worker.store.get_many
 
-    def spy(keys, borrow=False):
+    def spy(keys, **kwargs):
         seen.extend(keys)
-        return get_many(keys, borrow=borrow)
+        return get_many(keys, **kwargs)
 
     monkeypatch.setattr(worker.store, "get_many", spy)
     return seen

@@ -76,10 +76,13 @@ class DagRun:
                         yield self._ended(skipped, "skipped", f"not run: node {ev.id!r} failed")
                     if schedule.stopped:
                         for nid in list(tasks):
-                            tasks.pop(nid).cancel()
+                            tasks[nid].cancel()
                             schedule.cancel(nid)
                             yield self._ended(nid, "cancelled", f"cancelled: node {ev.id!r} "
                                               "failed (on_error is fail_fast)")
+                        # Their backend streams are closed before the response ends.
+                        await asyncio.gather(*tasks.values(), return_exceptions=True)
+                        tasks.clear()
         finally:
             for task in tasks.values():
                 task.cancel()

@@ -335,10 +335,7 @@ def decode_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         out, _ = base(module, q, k, v, mask, **kwargs)
         return out
     g, Hq, _, D = q.shape
-    H = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(g, H, Hq // H, D), k, v, attn_mask=mask,
-                                         scale=kwargs.get("scaling"))  # [g, H, Hq / H, D]
-    return out.reshape(g, 1, Hq, D)
+    return _packed_sdpa(q, k, v, mask, kwargs.get("scaling")).reshape(g, 1, Hq, D)
 
 
 def chunk_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -354,10 +351,18 @@ def chunk_attention(base, module, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if base is not sdpa_attention_forward:
         out, _ = base(module, q, k, v, mask, **kwargs)
         return out
-    _, Hq, t, D = q.shape
-    H = k.shape[1]
-    r = Hq // H
-    out = F.scaled_dot_product_attention(q.reshape(1, H, r * t, D), k, v,
-                                         attn_mask=mask.repeat(1, 1, r, 1),
-                                         scale=kwargs.get("scaling"))  # [1, H, r * t, D]
-    return out.reshape(1, Hq, t, D).transpose(1, 2)
+    return _packed_sdpa(q, k, v, mask, kwargs.get("scaling")).transpose(1, 2)
+
+
+def _packed_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float | None) -> torch.Tensor:
+    """[g, Hq, t, D] for queries q [g, Hq, t, D] over k, v [g, H, W, D] under an additive
+    mask [g, 1, t, W] (or None): one SDPA over [g, H, Hq / H * t, D], the query heads of a key
+    head stacked as its rows and the mask repeated for each (broadcast when t is 1)."""
+    g, Hq, t, D = q.shape
+    r = Hq // k.shape[1]
+    if mask is not None and t > 1:
+        mask = mask.repeat(1, 1, r, 1)
+    out = F.scaled_dot_product_attention(q.reshape(g, k.shape[1], r * t, D), k, v,
+                                         attn_mask=mask, scale=scale)  # [g, H, r * t, D]
+    return out.reshape(g, Hq, t, D)

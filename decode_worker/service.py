@@ -13,7 +13,9 @@ engine can end the stream early.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Response
@@ -26,6 +28,7 @@ from worker.app import WorkerDep
 from worker.runtime import Worker
 from worker.sequence import Started, check_sequence, count_reuse, fork_specs, start_sequence
 
+log = logging.getLogger(__name__)
 routes = APIRouter()
 
 
@@ -39,13 +42,24 @@ class BlockWriter:
     written: int  # leading blocks already in the store
 
     def on_event(self, engine: Engine, ev: TokenEvent) -> TokenEvent:
-        if ev.finish_reason is None:
-            self._flush(engine, ev.seq_id)
+        seq_id = ev.seq_id
+        if ev.finish_reason is None and self._complete(engine, seq_id) > self.written:
+            # Copied out after this step's tokens are delivered, before the next step: a
+            # prompt's blocks are tens of MB (~130 MB for 2,900 tokens in fp32), and copying
+            # them here held back the first token of this request and of every other one in
+            # the step (docs/BENCHMARKS.md, "Serving speed, session 14").
+            self.worker.runner.call(lambda e: self._flush(e, seq_id)).add_done_callback(
+                _log_failure)
         self.tokens.append(ev.token_id)
         return ev
 
+    def _complete(self, engine: Engine, seq_id: str) -> int:
+        return engine.kv_len(seq_id) // engine.layout.block_size
+
     def _flush(self, engine: Engine, seq_id: str) -> None:
-        full = engine.kv_len(seq_id) // engine.layout.block_size
+        if not engine.has(seq_id):
+            return  # aborted since its event: nothing more of it is stored
+        full = self._complete(engine, seq_id)
         if full <= self.written:
             return
         kv = engine.export_blocks(seq_id, self.written, full - self.written)  # [n, L, 2, H, B, D]
@@ -53,6 +67,12 @@ class BlockWriter:
         keys = self.keys.keys[self.written : full]
         self.worker.write_blocks(dict(zip(keys, kv.unbind(0), strict=True)))
         self.written = full
+
+
+def _log_failure(done: Future) -> None:
+    """A block that fails to export is only a miss later; the request itself goes on."""
+    if done.exception() is not None:
+        log.warning("storing a sequence's blocks failed: %r", done.exception())
 
 
 def block_writers(worker: Worker, started: Started, body: DecodeRequest) -> dict[str, BlockWriter]:

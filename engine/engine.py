@@ -277,6 +277,10 @@ class Engine:
     def kv_len(self, seq_id: str) -> int:
         return self._seqs[seq_id].kv_len
 
+    def has(self, seq_id: str) -> bool:
+        """Whether the sequence is still here (not finished, aborted or failed)."""
+        return seq_id in self._seqs
+
     @torch.no_grad()  # not inference_mode: callers get ordinary tensors they may modify
     def export_kv(self, seq_id: str, start: int, end: int) -> torch.Tensor:
         """Tokens [start, end) as a new tensor [L, 2, H, end - start, D] on the engine device."""
